@@ -1,0 +1,61 @@
+"""The one place that knows about distributed backends and precision: it builds the Accelerator.
+
+Everything else talks to the returned `Accelerator` only (prepare, backward, clip_grad_norm_, save_state...), so it
+never branches on the backend. Rank and world size come from whatever launcher started us (torchrun,
+`accelerate launch`, or a single plain process); Accelerate reads them from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from yoloscale.config import TrainConfig
+from yoloscale.errors import UserError
+
+
+def resolve_precision(cfg: TrainConfig, use_cuda: bool) -> str:
+    """'auto' -> bf16 on a CUDA GPU that supports it, fp32 on the CPU (CPU autocast is slower than fp32)."""
+    if cfg.precision == "auto":
+        return "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if cfg.precision == "fp16" and not use_cuda:
+        raise UserError("precision=fp16 needs a CUDA GPU (loss scaling is CUDA-only); use bf16 or fp32 on the CPU.")
+    return cfg.precision
+
+
+def build_accelerator(cfg: TrainConfig, accumulate: int):
+    """An Accelerator for DDP (or a single device) with our precision and gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    use_cuda = torch.cuda.is_available() and not cfg.cpu
+    precision = resolve_precision(cfg, use_cuda)
+    kwargs = [
+        # YOLO uses every parameter in every step. Buffers (BN running stats) are broadcast from rank 0 at each
+        # forward, as in Ultralytics' DDP, so every rank's EMA sees the same statistics.
+        DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True),
+        # A dead rank must stop the others, not hang them for NCCL's default 10 minutes x retries.
+        InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("YOLOSCALE_DIST_TIMEOUT", 1800)))),
+    ]
+    # sync_with_dataloader=False: we count micro-steps ourselves and accumulate across epoch boundaries like
+    # Ultralytics; Accelerate skips the DDP all-reduce on every non-final micro-step (no_sync).
+    plugin = GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False)
+    return Accelerator(
+        cpu=not use_cuda,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        gradient_accumulation_plugin=plugin,
+        kwargs_handlers=kwargs,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def prepare_model(accelerator, model: nn.Module, sync_bn: bool) -> nn.Module:
+    """SyncBatchNorm (multi-GPU CUDA only), then wrap for the backend."""
+    if sync_bn and accelerator.num_processes > 1:
+        if accelerator.device.type != "cuda":
+            raise UserError("sync_bn=True needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU).")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

@@ -1,0 +1,120 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint is a folder `RUN/checkpoints/step-NNNNNNNN/` holding Accelerate's state (model as safetensors,
+optimizer, loss scaler, every rank's RNG states), our EMA (`ema.safetensors`) and `trainer_state.json`
+(epoch, data position, counters). It is written as `.tmp-step-NNNNNNNN/`, completed by a `COMPLETE` marker, then
+renamed into place in one `os.replace`; only after that are older checkpoints removed. A folder without the marker
+or with the temporary prefix is never resumed from, so a run killed at any instant resumes from its last complete
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from yoloscale.errors import UserError
+
+MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainerState:
+    """The trainer's own counters: everything besides tensors that a resumed run needs."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed by each rank (the data position)
+    micro_step: int = 0  # micro-batches consumed since the start of training (Ultralytics' `ni`)
+    optimizer_steps: int = 0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    ema_updates: int = 0
+    best_fitness: float = -1.0
+    world_size: int = 1
+    batch: int = 0
+    accumulate: int = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Atomically write a state dict as safetensors (tmp file + rename)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, ema_state: dict | None, keep: int = 1) -> Path:
+    """Collective: every rank must call it. Returns the final checkpoint folder."""
+    root = run_dir / "checkpoints"
+    final = root / f"step-{state.optimizer_steps:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, scaler, per-rank RNG states
+    if accelerator.is_main_process:
+        if ema_state is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / MARKER, "w") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # same step saved twice (e.g. periodic save right before an epoch end)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or the latest complete one of a run directory; a clear error when there is none."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    if path.name.startswith(".tmp-") or (path.parent.name == "checkpoints" and path.is_dir()):
+        raise UserError(f"checkpoint '{path}' is incomplete (no {MARKER} marker): the save was interrupted.")
+    if not path.is_dir():
+        raise UserError(f"resume: '{path}' does not exist.")
+    found = complete_checkpoints(path)
+    if not found:
+        raise UserError(f"resume: run directory '{path}' holds no complete checkpoint under checkpoints/.")
+    return found[-1]
+
+
+def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainerState, dict | None]:
+    """Restore Accelerate's state in place; return our counters and the EMA state dict (if saved)."""
+    try:
+        state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        accelerator.load_state(str(ckpt))
+        ema_file = ckpt / "ema.safetensors"
+        ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
+    except Exception as e:
+        raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    return state, ema_state

@@ -1,0 +1,85 @@
+"""Command line: `yoloscale train [cfg.yaml] [key=value ...]`, `yoloscale data synth --out DIR`, `yoloscale export RUN`.
+
+Bad input ends with one line `yoloscale: error: ...` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from yoloscale.errors import UserError
+
+
+def _train_help() -> str:
+    from yoloscale.config import field_help
+
+    lines = ["configuration keys (key=value; defaults train the embedded synthetic quick start):", ""]
+    for name, default, doc in field_help():
+        lines.append(f"  {name} (default {default})")
+        lines.extend(textwrap.wrap(doc, 100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="yoloscale", description="Train Ultralytics YOLO detectors at scale.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a detector", epilog=_train_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       usage="yoloscale train [config.yaml] [key=value ...]")  # fmt: skip
+    t.add_argument("args", nargs="*", help="an optional YAML config file, then key=value overrides")
+    # DeepSpeed's launcher appends --local_rank=N; the rank is also in the environment, so it is only accepted.
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    d = sub.add_parser("data", help="data utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the synthetic shapes detection set (data.yaml + YOLO labels)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--train", type=int, default=256, help="number of train images")
+    s.add_argument("--val", type=int, default=64, help="number of val images")
+    s.add_argument("--size", type=int, default=160, help="image size in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("export", help="write best.pt/last.pt (Ultralytics) from a run's EMA weights")
+    e.add_argument("run", help="run directory")
+    return p
+
+
+def train(args: list[str]) -> None:
+    from yoloscale.config import load_config
+    from yoloscale.run_dir import resolve_resume
+    from yoloscale.trainer import Trainer
+
+    cfg_file = args[0] if args and "=" not in args[0] else None
+    overrides = args[1:] if cfg_file else args
+    if cfg_file and not cfg_file.endswith((".yaml", ".yml")):
+        raise UserError(f"'{cfg_file}' is neither a YAML config file nor key=value.")
+    cfg = load_config(cfg_file, overrides)
+    if cfg.resume:
+        cfg, _, _ = resolve_resume(cfg, overrides)
+    Trainer(cfg).train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics: no online checks or downloads, ever
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "train":
+            train(ns.args)
+        elif ns.command == "data":
+            from yoloscale.synth import write_synthetic_dataset
+
+            path = write_synthetic_dataset(ns.out, ns.train, ns.val, ns.size, ns.seed)
+            print(f"wrote {path}")
+        elif ns.command == "export":
+            from yoloscale.export import export_run
+
+            for path in export_run(ns.run):
+                print(f"wrote {path}")
+    except UserError as e:
+        print(f"yoloscale: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("yoloscale: interrupted", file=sys.stderr)
+        return 130
+    return 0

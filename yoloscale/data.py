@@ -1,0 +1,145 @@
+"""Data: resolve a data.yaml, and build Ultralytics' datasets (its augmentation, unchanged) behind resumable loaders.
+
+We reuse Ultralytics' `check_det_dataset`, `build_yolo_dataset` (mosaic, mixup, HSV, flips, letterbox...) and its
+collate function. The loader itself is a plain torch DataLoader over `ShardSampler`, which gives each rank a
+disjoint shard, reshuffles per epoch from the seed alone, and can start an epoch part-way through (resume).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from yoloscale.config import TrainConfig
+from yoloscale.errors import UserError
+
+# Our fields that Ultralytics' dataset, augmentation and loss read under the same names.
+_ULTRALYTICS_KEYS = (
+    "imgsz", "cache", "close_mosaic", "mosaic", "mixup", "cutmix", "copy_paste", "hsv_h", "hsv_s", "hsv_v", "degrees",
+    "translate", "scale", "shear", "perspective", "flipud", "fliplr", "box", "cls", "dfl", "batch", "epochs",
+    "optimizer", "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
+    "nbs", "cos_lr", "seed", "workers",
+)  # fmt: skip
+
+
+def ultralytics_args(cfg: TrainConfig, data_yaml: str | Path, **extra: Any) -> SimpleNamespace:
+    """Ultralytics' full argument namespace (its defaults) with our values filled in.
+
+    Datasets read augmentation from it, the loss reads box/cls/dfl gains from `model.args`, and exported
+    checkpoints store it as `train_args`, so `YOLO(best.pt)` sees a consistent record of the run.
+    """
+    from ultralytics.cfg import get_cfg
+
+    overrides = {k: getattr(cfg, k) for k in _ULTRALYTICS_KEYS}
+    overrides.update(cache=cfg.cache or False, task="detect", mode="train", model=cfg.model, data=str(data_yaml))
+    overrides.update(extra)
+    return get_cfg(overrides=overrides)
+
+
+def synthetic_dataset(root: Path, is_main: bool, barrier) -> Path:
+    """The built-in synthetic set under root/datasets/synthetic-shapes, generated once (by the main process)."""
+    from yoloscale.synth import write_synthetic_dataset
+
+    out = root / "datasets" / "synthetic-shapes"
+    data_yaml = out / "data.yaml"  # written last, so its presence means the set is complete
+    if is_main and not data_yaml.exists():
+        write_synthetic_dataset(out)
+    barrier()
+    return data_yaml
+
+
+def check_dataset(data_yaml: str | Path) -> dict[str, Any]:
+    """Ultralytics' data.yaml check without any download; every failure becomes a UserError naming the file."""
+    from ultralytics.data.utils import check_det_dataset
+
+    path = Path(data_yaml)
+    if not path.is_file():
+        raise UserError(f"data file '{data_yaml}' not found.")
+    try:
+        data = check_det_dataset(str(path), autodownload=False)
+    except Exception as e:  # Ultralytics raises FileNotFoundError/SyntaxError/TypeError with a useful message
+        raise UserError(f"data file '{data_yaml}': {str(e).strip()}") from None
+    for split in ("train", "val"):
+        if not data.get(split):
+            raise UserError(f"data file '{data_yaml}': key '{split}' is missing.")
+    return data
+
+
+class ShardSampler(Sampler[int]):
+    """A rank's disjoint shard of a (per-epoch shuffled) permutation, padded like DistributedSampler.
+
+    `set_epoch(epoch, skip)` fixes the permutation for `epoch` and drops the first `skip` samples of this rank's
+    shard, so a resumed run continues from the exact data position it stopped at.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world: int, shuffle: bool, seed: int):
+        self.n, self.rank, self.world, self.shuffle, self.seed = len(dataset), rank, world, shuffle, seed
+        self.per_rank = math.ceil(self.n / world)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.per_rank * self.world - self.n]  # pad so every rank gets the same count
+        shard = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]  # contiguous: val order is kept
+        return iter(shard[self.skip :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+
+def build_dataset(args: SimpleNamespace, data: dict, split: str, batch: int, stride: int) -> Dataset:
+    from ultralytics.data.build import build_yolo_dataset
+
+    mode = "train" if split == "train" else "val"
+    try:
+        dataset = build_yolo_dataset(args, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride)
+    except Exception as e:  # e.g. "No images found in ...", "No valid images found ..."
+        raise UserError(f"{split} split '{data[split]}': {str(e).strip()}") from None
+    if len(dataset) == 0:
+        raise UserError(f"{split} split '{data[split]}': no usable images.")
+    return dataset
+
+
+def build_train_loader(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, use_cuda: bool) -> DataLoader:
+    """A DataLoader over a ShardSampler with Ultralytics' collate and worker seeding."""
+    from ultralytics.data.build import seed_worker
+
+    sampler = ShardSampler(dataset, rank, world, shuffle=True, seed=cfg.seed)
+    workers = min(cfg.workers, os.cpu_count() or 1)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cfg.pin_memory and use_cuda,
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        collate_fn=dataset.collate_fn,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(cfg.seed + rank),
+        drop_last=False,
+    )
+
+
+def build_val_loader(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, use_cuda: bool) -> DataLoader:
+    """Ultralytics' own validation loader: rectangular batches, and under several processes its contiguous,
+    batch-aligned shards that its validator gathers back together."""
+    from ultralytics.data.build import build_dataloader
+
+    batch = cfg.val_batch or 2 * cfg.batch
+    device = "cuda" if use_cuda else "cpu"
+    return build_dataloader(dataset, batch, cfg.workers, shuffle=False, rank=rank if world > 1 else -1,
+                            pin_memory=cfg.pin_memory, device=device)  # fmt: skip

@@ -1,0 +1,73 @@
+"""Run directories: where a fresh run goes (never onto an existing one) and what `resume=` points at.
+
+    RUN/config.yaml          the resolved configuration (a resumed run starts from it)
+    RUN/run_info.json        model YAML, class names and data.yaml path (what export needs)
+    RUN/checkpoints/step-*/  resumable checkpoints (see checkpoint.py)
+    RUN/weights/             best/last EMA weights: .safetensors and Ultralytics .pt
+    RUN/metrics.csv, RUN/results.png
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from yoloscale.checkpoint import complete_checkpoints, find_checkpoint
+from yoloscale.config import TrainConfig, load_config, parse_override
+from yoloscale.errors import UserError
+
+
+def _holds_results(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    """project/name, or the first free project/train, train2, ... when name is empty."""
+    root = Path(cfg.project)
+    if cfg.name:
+        run = root / cfg.name
+        if _holds_results(run):
+            raise UserError(f"run directory '{run}' already exists and holds results; it is never overwritten. "
+                            "Continue it with resume=auto, or choose another name=.")  # fmt: skip
+        return run
+    for i in itertools.count(1):
+        run = root / ("train" if i == 1 else f"train{i}")
+        if not _holds_results(run):
+            return run
+    raise AssertionError("unreachable")
+
+
+def resolve_resume(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, Path, Path]:
+    """For resume=auto|PATH: (the run's saved config + command-line overrides, run dir, checkpoint folder)."""
+    if cfg.resume == "auto":
+        if cfg.name:
+            target = Path(cfg.project) / cfg.name
+        else:  # the most recently written run of the project that can be resumed
+            runs = [p for p in Path(cfg.project).glob("*") if complete_checkpoints(p)]
+            if not runs:
+                raise UserError(f"resume=auto: no run under '{cfg.project}' holds a complete checkpoint.")
+            target = max(runs, key=lambda p: complete_checkpoints(p)[-1].stat().st_mtime)
+    else:
+        target = Path(cfg.resume)
+    ckpt = find_checkpoint(target)
+    run = ckpt.parent.parent
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"resume: '{saved}' is missing, so the run's configuration is unknown.")
+    keep = [o for o in overrides if parse_override(o)[0] not in ("resume", "name", "project")]
+    resumed = load_config(saved, keep)
+    resumed.resume, resumed.project, resumed.name = str(ckpt), str(run.parent), run.name
+    return resumed, run, ckpt
+
+
+def write_run_info(run: Path, info: dict[str, Any]) -> None:
+    (run / "run_info.json").write_text(json.dumps(info, indent=1))
+
+
+def read_run_info(run: Path) -> dict[str, Any]:
+    path = Path(run) / "run_info.json"
+    if not path.is_file():
+        raise UserError(f"'{run}' is not a yoloscale run directory (no run_info.json).")
+    return json.loads(path.read_text())

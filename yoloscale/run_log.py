@@ -1,0 +1,127 @@
+"""What a run reports: a progress bar (rank 0), metrics.csv, results.png at the end, and optional wandb.
+
+Only the main process writes. wandb is optional: 'offline' needs no account or key; whatever the mode, only our
+own configuration is sent (never the environment, the command line or the code).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from yoloscale.config import TrainConfig
+
+
+class RunLog:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.csv_path = run_dir / "metrics.csv"
+        self.png_path = run_dir / "results.png"
+        self.run_dir = run_dir
+        self.bar = None
+        self.wandb = None
+        if enabled and cfg.wandb != "off":
+            self.wandb = _start_wandb(cfg, run_dir)
+
+    # --- progress bar ---------------------------------------------------------------------------------------------
+    def epoch_bar(self, iterable: Iterable, total: int, epoch: int, epochs: int) -> Iterable:
+        if not self.enabled:
+            return iterable
+        from tqdm import tqdm
+
+        self.bar = tqdm(iterable, total=total, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar:20}{r_bar}", mininterval=0.5)  # fmt: skip
+        return self.bar
+
+    def step(self, values: dict[str, float], step: int) -> None:
+        """Progress-bar postfix and (if enabled) a wandb point, at the logging interval."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({k: _fmt(v) for k, v in values.items()}, refresh=False)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+    # --- per-epoch table ------------------------------------------------------------------------------------------
+    def epoch_end(self, row: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        shown = {k: v for k, v in row.items() if k.startswith(("val/mAP", "train/", "img_s"))}
+        self.message("  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def finish(self, plots: bool) -> None:
+        if not self.enabled:
+            return
+        if plots and self.csv_path.exists():
+            plot_metrics(self.csv_path, self.png_path)
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _start_wandb(cfg: TrainConfig, run_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        from yoloscale.errors import UserError
+
+        raise UserError("wandb=... needs the wandb package: pip install 'yoloscale[wandb]'.") from None
+    settings = wandb.Settings(save_code=False, disable_git=True, x_disable_meta=True, console="off")
+    return wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), mode=cfg.wandb,
+                      config=cfg.to_dict(), settings=settings)  # fmt: skip
+
+
+def plot_metrics(csv_path: Path, png_path: Path) -> None:
+    """One small panel per numeric column of metrics.csv, against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k != "epoch" and _is_number(rows[0][k])]
+    epochs = [int(r["epoch"]) for r in rows]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(keys) / cols)))
+    for ax, key in zip(getattr(axes, "flat", [axes]), keys):
+        ax.plot(epochs, [float(r[key]) if _is_number(r[key]) else math.nan for r in rows], marker=".")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+    for ax in list(getattr(axes, "flat", [axes]))[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except (TypeError, ValueError):
+        return False

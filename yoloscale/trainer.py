@@ -1,0 +1,297 @@
+"""The training loop. Read top to bottom: `__init__` builds everything, `train()` runs epochs, `train_step()` is one
+micro-batch. Ultralytics supplies the model, loss, data and metrics; Accelerate supplies devices, DDP and precision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from yoloscale import backend
+from yoloscale.checkpoint import TrainerState, load_checkpoint, save_checkpoint, save_weights
+from yoloscale.config import TrainConfig
+from yoloscale.data import (build_dataset, build_train_loader, build_val_loader, check_dataset, synthetic_dataset,
+                            ultralytics_args)  # fmt: skip
+from yoloscale.errors import UserError
+from yoloscale.export import write_ultralytics_pt
+from yoloscale.model import build_model, load_weights
+from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, lr_scale
+from yoloscale.run_dir import new_run_dir, write_run_info
+from yoloscale.run_log import RunLog
+from yoloscale.validate import Validator
+
+
+class LossMeter:
+    """Running mean of Ultralytics' loss items, kept on the device until read."""
+
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] = ()
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, loss_items: dict[str, torch.Tensor]) -> None:
+        self.names = self.names or tuple(loss_items)
+        items = torch.stack([loss_items[k].detach().float() for k in self.names])
+        self.total = items if self.total is None else self.total + items
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read (rank-local: Ultralytics shows rank 0's losses too); a host sync."""
+        if self.total is None:
+            return {}
+        means = (self.total / self.count).tolist()
+        self.total, self.count = None, 0
+        return dict(zip(self.names, means))
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient norm."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate.utils import broadcast_object_list, set_seed
+        from ultralytics.utils.torch_utils import ModelEMA
+
+        self.cfg = cfg
+        # --- devices, precision, accumulation ---------------------------------------------------------------
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; Accelerate reads the same variable
+        self.accumulate = auto_accumulate(cfg, world)
+        self.accelerator = acc = backend.build_accelerator(cfg, self.accumulate)
+        self.world, self.is_main = acc.num_processes, acc.is_main_process
+        self.device = acc.device
+        set_seed(cfg.seed)
+
+        # --- run directory (decided on rank 0, shared with the others) ---------------------------------------
+        run = [Path(cfg.project) / cfg.name if cfg.resume else None]
+        if self.is_main and not cfg.resume:
+            run[0] = new_run_dir(cfg)
+            run[0].mkdir(parents=True, exist_ok=True)
+        self.run_dir: Path = broadcast_object_list(run)[0] if self.world > 1 else run[0]
+
+        # --- data description and Ultralytics' argument namespace --------------------------------------------
+        if cfg.data == "synthetic":
+            data_yaml = synthetic_dataset(Path(cfg.project), self.is_main, acc.wait_for_everyone)
+        else:
+            data_yaml = Path(cfg.data).resolve()
+        self.data = check_dataset(data_yaml)
+        self.args = ultralytics_args(cfg, data_yaml)
+
+        # --- model, loss, EMA --------------------------------------------------------------------------------
+        model = build_model(cfg.model, self.data["nc"], self.data["names"], self.args, verbose=self.is_main)
+        if cfg.weights and not cfg.resume:
+            load_weights(model, cfg.weights)
+        stride = max(int(model.stride.max()), 32)
+
+        # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
+        with acc.main_process_first():
+            train_set = build_dataset(self.args, self.data, "train", cfg.batch, stride)
+            val_set = build_dataset(self.args, self.data, "val", cfg.val_batch or 2 * cfg.batch, stride)
+        use_cuda = self.device.type == "cuda"
+        self.train_loader = build_train_loader(train_set, cfg, acc.process_index, self.world, use_cuda)
+        self.validator = Validator(self.args, self.data, build_val_loader(val_set, cfg, acc.process_index,
+                                                                          self.world, use_cuda), self.run_dir, self.world)  # fmt: skip
+
+        # --- optimizer, LR rule, schedule -------------------------------------------------------------------
+        self.global_batch = cfg.batch * self.world * self.accumulate
+        scale = lr_scale(cfg, self.global_batch)
+        optimizer = build_optimizer(cfg, model, lr=cfg.lr0 * scale)
+        model = backend.prepare_model(acc, model, cfg.sync_bn)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.raw_model = acc.unwrap_model(self.model)
+        # Built after the model is on its device: Ultralytics' criterion captures the parameters' device.
+        self.criterion = self.raw_model.init_criterion()
+        self.ema = ModelEMA(self.raw_model, decay=cfg.ema_decay, tau=cfg.ema_tau) if cfg.ema else None
+        self.schedule = Schedule.create(cfg, batches_per_epoch=len(self.train_loader), scale=scale)
+        # Each micro-step back-propagates loss_sum x nbs / (batch x accumulate); Accelerate divides by accumulate.
+        self.loss_factor = cfg.nbs / cfg.batch
+        self.channels_last = cfg.channels_last and use_cuda
+
+        # --- counters, on-device accumulators (read only at the logging interval) ------------------------------
+        self.state = TrainerState(world_size=self.world, batch=cfg.batch, accumulate=self.accumulate)
+        self.bad_run = torch.zeros((), device=self.device)  # current streak of non-finite steps
+        self.bad_max = torch.zeros((), device=self.device)  # longest streak since the last check
+        self.bad_total = torch.zeros((), device=self.device)
+        self.interval_losses, self.epoch_losses = LossMeter(), LossMeter()
+        self.log = RunLog(cfg, self.run_dir, enabled=self.is_main)
+        if cfg.resume:
+            self._resume(Path(cfg.resume))
+        elif self.is_main:
+            cfg.save(self.run_dir / "config.yaml")
+            model_yaml = Path(cfg.model).resolve() if Path(cfg.model).is_file() else cfg.model
+            write_run_info(self.run_dir, {"model": str(model_yaml), "data": str(data_yaml),
+                                          "names": self.data["names"], "imgsz": cfg.imgsz})  # fmt: skip
+        self.log.message(
+            f"yoloscale: {self.world} process(es) on {self.device.type}, precision={acc.mixed_precision}, "
+            f"batch {cfg.batch}/device x {self.world} device(s) x accumulate {self.accumulate} = global batch "
+            f"{self.global_batch}; lr_scaling={cfg.lr_scaling}: lr = lr0 {cfg.lr0} x {scale:.3g} = {cfg.lr0 * scale:.4g}; "
+            f"run directory {self.run_dir}"
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Run the remaining epochs; returns the last validation metrics."""
+        cfg, st = self.cfg, self.state
+        metrics: dict[str, float] = {}
+        while st.epoch < cfg.epochs:
+            start, images = time.perf_counter(), self.train_epoch()
+            img_s = images / max(time.perf_counter() - start, 1e-9)
+            if hasattr(self.criterion, "update"):  # YOLO26's E2ELoss: once per epoch
+                self.criterion.update()
+            self._check_bad_steps()
+            final = st.epoch + 1 == cfg.epochs
+            if cfg.val or final:
+                metrics = self.validator(self._eval_model(), self.device, self.epoch_losses.names)
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            self._save_best(metrics)
+            self.log.epoch_end(self._epoch_row(metrics, img_s), step=st.optimizer_steps)
+            save_checkpoint(self.accelerator, self.run_dir, st, self._ema_state())
+        self._finish(metrics)
+        return metrics
+
+    def train_epoch(self) -> int:
+        """One epoch (or what is left of it after a resume); returns the number of images processed."""
+        cfg, st = self.cfg, self.state
+        if cfg.close_mosaic and st.epoch >= cfg.epochs - cfg.close_mosaic and self.args.mosaic > 0:
+            self.log.message(f"closing mosaic for the last {cfg.close_mosaic} epochs")
+            self.train_loader.dataset.close_mosaic(self.args)  # Ultralytics' own switch (zeroes mosaic/mixup/...)
+            self.train_loader = build_train_loader(self.train_loader.dataset, cfg, self.accelerator.process_index,
+                                                   self.world, self.device.type == "cuda")  # fmt: skip
+        self.train_loader.sampler.set_epoch(st.epoch, skip=st.batch_in_epoch * cfg.batch)
+        self.model.train()
+        images, t_log, n_log = 0, time.perf_counter(), 0
+        bar = self.log.epoch_bar(self.train_loader, len(self.train_loader), st.epoch, cfg.epochs)
+        for batch in bar:
+            stepped = self.train_step(batch)
+            st.batch_in_epoch += 1
+            st.micro_step += 1
+            n = batch["img"].shape[0] * self.world
+            images, n_log = images + n, n_log + n
+            if stepped and st.optimizer_steps % cfg.log_interval == 0:
+                values = self.interval_losses.read()  # the one host sync of the logging interval
+                values["lr"] = self.optimizer.param_groups[0]["lr"]
+                self._check_bad_steps()
+                now = time.perf_counter()
+                values["img_s"] = n_log / (now - t_log)
+                t_log, n_log = now, 0
+                self.log.step(values, st.optimizer_steps)
+            if stepped and cfg.save_period and st.optimizer_steps % cfg.save_period == 0:
+                save_checkpoint(self.accelerator, self.run_dir, st, self._ema_state())
+        return images
+
+    def train_step(self, batch: dict) -> bool:
+        """Forward, loss and backward of one micro-batch; on the last micro-step of an accumulation window also
+        clip, step (skipped on the device if the gradient norm is not finite) and update the EMA. Returns whether
+        the optimizer stepped. No host synchronisation."""
+        acc, cfg, st = self.accelerator, self.cfg, self.state
+        batch = self._to_device(batch)
+        with acc.accumulate(self.model):  # no DDP all-reduce on non-final micro-steps
+            preds = self.model(batch["img"])  # Accelerate applies autocast inside forward
+            loss, loss_items = self.criterion(preds, batch)
+            acc.backward(loss.sum() * self.loss_factor)
+            self.interval_losses.add(loss_items)
+            self.epoch_losses.add(loss_items)
+            if not acc.sync_gradients:
+                return False
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+            bad = (~torch.isfinite(grad_norm)).float()
+            # Fused optimizers read `found_inf` and skip the whole update on the device when it is 1. Under fp16
+            # the GradScaler passes its own found_inf (non-finite gradients after unscaling) the same way.
+            self.optimizer.optimizer.found_inf = bad
+            self.schedule.apply(self.optimizer, st.micro_step, st.epoch)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.raw_model)
+        self.bad_run = (self.bad_run + 1) * bad
+        self.bad_max = torch.maximum(self.bad_max, self.bad_run)
+        self.bad_total += bad
+        st.optimizer_steps += 1
+        return True
+
+    # --- helpers of the loop ---------------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        non_blocking = self.device.type == "cuda"
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                batch[k] = v.to(self.device, non_blocking=non_blocking)
+        img = batch["img"].float() / 255
+        batch["img"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
+        return batch
+
+    def _check_bad_steps(self) -> None:
+        """Every rank sees the same all-reduced gradient norm, so every rank raises here together."""
+        worst, total = int(self.bad_max.item()), int(self.bad_total.item())
+        self.bad_max.zero_()
+        self.state.skipped_steps = total
+        if worst >= self.cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"training stopped: {worst} consecutive optimizer steps had a non-finite loss or gradient norm "
+                f"(max_bad_steps={self.cfg.max_bad_steps}; {total} skipped in all). Lower lr0, check the data, "
+                f"or try precision=fp32. The last complete checkpoint is in {self.run_dir / 'checkpoints'}."
+            )
+
+    def _eval_model(self) -> torch.nn.Module:
+        return self.ema.ema if self.ema is not None else self.raw_model
+
+    def _ema_state(self) -> dict | None:
+        self.state.ema_updates = self.ema.updates if self.ema is not None else 0
+        return self.ema.ema.state_dict() if self.ema is not None else None
+
+    def _epoch_row(self, metrics: dict[str, float], img_s: float) -> dict:
+        row = {"epoch": self.state.epoch, "optimizer_steps": self.state.optimizer_steps}
+        row.update({f"train/{k}": v for k, v in self.epoch_losses.read().items()})
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row.update({f"val/{k}": v for k, v in metrics.items()})
+        row.update(img_s=img_s, skipped_steps=self.state.skipped_steps)
+        return row
+
+    def _save_best(self, metrics: dict[str, float]) -> None:
+        fitness = metrics.get("fitness")
+        if fitness is None or fitness <= self.state.best_fitness:
+            return
+        self.state.best_fitness = fitness
+        if self.is_main:
+            (self.run_dir / "weights").mkdir(exist_ok=True)
+            save_weights(self._eval_model().state_dict(), self.run_dir / "weights" / "best.safetensors")
+
+    def _finish(self, metrics: dict[str, float]) -> None:
+        """Final EMA weights as safetensors, best/last as Ultralytics .pt, and the plots."""
+        if self.is_main:
+            weights = self.run_dir / "weights"
+            weights.mkdir(exist_ok=True)
+            model = self._eval_model()
+            save_weights(model.state_dict(), weights / "last.safetensors")
+            write_ultralytics_pt(model, self.args, weights / "last.pt", metrics)
+            best = weights / "best.safetensors"
+            if best.is_file():
+                from safetensors.torch import load_file
+
+                best_model = build_model(self.cfg.model, self.data["nc"], self.data["names"], self.args)
+                best_model.load_state_dict(load_file(str(best)))
+                write_ultralytics_pt(best_model.eval(), self.args, weights / "best.pt")
+            self.log.message(f"done: weights in {weights}")
+        self.log.finish(self.cfg.plots)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self, ckpt: Path) -> None:
+        state, ema_state = load_checkpoint(self.accelerator, ckpt)
+        if state.batch_in_epoch and (state.world_size, state.batch) != (self.world, self.cfg.batch):
+            raise UserError(
+                f"checkpoint '{ckpt}' was saved mid-epoch with {state.world_size} process(es) x batch {state.batch}; "
+                f"resume it with the same, or from an epoch-end checkpoint (now {self.world} x {self.cfg.batch})."
+            )
+        if self.ema is not None and ema_state is not None:
+            self.ema.ema.load_state_dict(ema_state)
+            self.ema.updates = state.ema_updates
+        if hasattr(self.criterion, "update"):
+            for _ in range(state.epoch):  # replay E2ELoss's per-epoch schedule
+                self.criterion.update()
+        self.bad_total.fill_(state.skipped_steps)
+        state.world_size, state.batch, state.accumulate = self.world, self.cfg.batch, self.accumulate
+        self.state = state
+        self.log.message(f"resumed from {ckpt}: epoch {state.epoch + 1}, optimizer step {state.optimizer_steps}")
