@@ -16,7 +16,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -133,6 +133,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     typ = _TYPES[key]
     if value is None and typ is str:
         value = ""
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

@@ -37,8 +37,6 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     groups: dict[str, list[nn.Parameter]] = {"weight": [], "bn": [], "bias": []}
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
             if "bias" in name:
                 groups["bias"].append(param)
             elif isinstance(module, norm_types) or "logit_scale" in name:

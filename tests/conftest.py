@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics: no online checks
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from yoloscale.synth import write_synthetic_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic set (96 train / 24 val images of 128 px), shared by the tests that train."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", n_train=96, n_val=24, size=128)
+
+
+# Small, fast settings for end-to-end runs on a 2-core CPU.
+TINY = ["model=yolov8n.yaml", "imgsz=96", "batch=8", "nbs=8", "workers=0", "epochs=2", "warmup_epochs=0.5",
+        "close_mosaic=0", "plots=False"]

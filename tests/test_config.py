@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from yoloscale.config import TrainConfig, field_help, load_config
+from yoloscale.errors import UserError
+
+
+def test_defaults_are_the_synthetic_quick_start():
+    cfg = load_config()
+    assert cfg.data == "synthetic" and cfg.model.endswith(".yaml") and cfg.epochs > 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["imgsz=640", "batch=64", "precision=bf16", "cos_lr=true", "lr0=1e-3", "name=exp"])
+    assert (cfg.imgsz, cfg.batch, cfg.precision, cfg.cos_lr, cfg.lr0, cfg.name) == (640, 64, "bf16", True, 1e-3, "exp")
+    assert isinstance(load_config(None, ["lr0=1"]).lr0, float)  # an int is a fine float
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("imgsz: 320\nepochs: 3\n")
+    cfg = load_config(f, ["epochs=5"])
+    assert (cfg.imgsz, cfg.epochs) == (320, 5)
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(UserError, match="unknown key 'imgz'.*Did you mean 'imgsz'"):
+        load_config(None, ["imgz=640"])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(UserError, match=r"cfg.yaml.*unknown key 'learning_rate'"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("batch=big", "key 'batch' expects int"),
+    ("cos_lr=maybe", "key 'cos_lr' expects bool"),
+    ("precision=bf61", "must be one of.*Did you mean 'bf16'"),
+    ("optimizer=adamw", "must be one of.*Did you mean 'AdamW'"),
+    ("imgsz=100", "multiple of 32"),
+    ("epochs=0", "'epochs' must be > 0"),
+    ("imgsz", "not key=value"),
+])
+def test_bad_values_are_rejected(arg, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [arg])
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("epochs: 3\nimgsz: [640\n")
+    with pytest.raises(UserError, match=r"cfg.yaml' line \d+: not valid YAML"):
+        load_config(f)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["imgsz=320", "name=x", "optimizer=AdamW", "cache=ram"])
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["imgsz"] == 320
+
+
+def test_every_field_is_documented():
+    rows = field_help()
+    assert len(rows) == len(TrainConfig.__dataclass_fields__)
+    assert all(len(doc) > 10 for _, _, doc in rows)

@@ -1,0 +1,35 @@
+import cv2
+import numpy as np
+import yaml
+
+from yoloscale.synth import _HUES, NAMES, make_image, write_synthetic_dataset
+
+
+def test_boxes_are_inside_and_tight_around_the_drawn_shape():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        img, labels = make_image(160, rng)
+        assert labels
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        for cls, cx, cy, w, h in labels:
+            x1, y1, x2, y2 = (round(v * 160) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+            assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 160
+            bright = hsv[y1:y2, x1:x2, 2] >= 100  # shapes have value >= 150, the background < 60
+            ys, xs = np.nonzero(bright)
+            # the shape touches every side of its box (exact boxes, not loose ones)
+            assert ys.min() <= 1 and ys.max() >= (y2 - y1) - 2 and xs.min() <= 1 and xs.max() >= (x2 - x1) - 2
+            hue = np.median(hsv[y1:y2, x1:x2, 0][bright])
+            lo, hi = _HUES[cls]
+            assert lo <= hue < hi  # the label's class is the drawn shape's class
+
+
+def test_dataset_layout_is_ultralytics(tmp_path):
+    data_yaml = write_synthetic_dataset(tmp_path / "s", n_train=5, n_val=3, size=64)
+    data = yaml.safe_load(data_yaml.read_text())
+    assert data["names"] == dict(enumerate(NAMES))
+    assert len(list((tmp_path / "s/images/train").glob("*.png"))) == 5
+    assert len(list((tmp_path / "s/labels/val").glob("*.txt"))) == 3
+    for line in (tmp_path / "s/labels/train/000000.txt").read_text().split("\n"):
+        if line:
+            c, *box = line.split()
+            assert int(c) < len(NAMES) and all(0 <= float(v) <= 1 for v in box)
