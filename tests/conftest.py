@@ -18,3 +18,13 @@ def tiny_data(tmp_path_factory) -> Path:
 # Small, fast settings for end-to-end runs on a 2-core CPU.
 TINY = ["model=yolov8n.yaml", "imgsz=96", "batch=8", "nbs=8", "workers=0", "epochs=2", "warmup_epochs=0.5",
         "close_mosaic=0", "plots=False"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> Path:
+    """An 8-epoch run of yolov8n on the tiny set (about 20 s on 2 cores), shared by the end-to-end tests."""
+    from yoloscale.cli import main
+
+    project = tmp_path_factory.mktemp("runs")
+    assert main(["train", f"data={tiny_data}", *TINY, "epochs=8", f"project={project}", "name=r"]) == 0
+    return project / "r"

@@ -17,11 +17,9 @@ from yoloscale.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    project = tmp_path_factory.mktemp("runs")
-    assert main(["train", f"data={tiny_data}", *TINY, "epochs=8", f"project={project}", "name=r"]) == 0
-    return project / "r"
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 def _rows(run):

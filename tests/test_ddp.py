@@ -1,0 +1,51 @@
+"""Two-process DDP on CPU (gloo): one step with 2 x B/2 equals one process with B."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+WORKER = Path(__file__).with_name("ddp_step_worker.py")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent.parent))
+    return env
+
+
+def test_two_process_step_equals_single_process(tiny_data, trained_run, tmp_path):
+    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
+    args = [str(tiny_data), None, str(tmp_path), str(trained_run / "weights/last.safetensors")]
+    args[1] = str(single)
+    subprocess.run([sys.executable, str(WORKER), *args], check=True, env=_env())
+    args[1] = str(double)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                    str(WORKER), *args], check=True, env=_env())
+    a, b = torch.load(single), torch.load(double)
+    for k, v in a["before"].items():
+        torch.testing.assert_close(v, b["before"][k], rtol=0, atol=0, msg=k)  # same initial weights
+    moved = [k for k, v in a["after"].items() if not torch.equal(v, a["before"][k])]
+    assert len(moved) > 100  # the step changed the weights...
+    for k in moved:  # ...by the same update in both set-ups (compared on the update, not the weights)
+        da, db = a["after"][k] - a["before"][k], b["after"][k] - b["before"][k]
+        assert db.norm() / da.norm() == pytest.approx(1.0, abs=1e-4), k
+        # element-wise, the update is a small difference of large weights: allow its fp32 rounding
+        torch.testing.assert_close(da, db, rtol=0, atol=1e-2 * da.abs().max().item(), msg=k)
+
+
+def test_two_process_training_run(tiny_data, tmp_path):
+    """The whole loop under torchrun: sharded data, distributed validation, one checkpoint, rank 0 writes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           "-m", "yoloscale", "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=8", "nbs=16",
+           "workers=0", "epochs=1", f"project={tmp_path}", "name=ddp", "plots=False"]
+    subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL)
+    run = tmp_path / "ddp"
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and "val/mAP50" in rows[0]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000006"]  # 96 images / (2 x 8)
+    assert (run / "checkpoints/step-00000006/random_states_1.pkl").exists()  # every rank's RNG is saved
+    assert (run / "weights/last.pt").exists()
