@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,8 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("runs")
     assert main(["train", f"data={tiny_data}", *TINY, "epochs=8", f"project={project}", "name=r"]) == 0
     return project / "r"
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m yoloscale ARGV` in a fresh process: the exit code and stderr a user would see."""
+    return subprocess.run([sys.executable, "-m", "yoloscale", *argv], capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, run_cli
 from yoloscale.cli import main
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def test_resume_after_sigkill_continues_exactly(tiny_data, tmp_path):
     assert last_a == last_b == "step-00000024"
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert main(["train", "resume=auto", f"project={tmp_path}", "name=empty"]) == 2
-    assert "holds no complete checkpoint" in capsys.readouterr().err
+    proc = run_cli("train", "resume=auto", f"project={tmp_path}", "name=empty")
+    assert proc.returncode == 2 and "holds no complete checkpoint" in proc.stderr

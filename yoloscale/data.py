@@ -64,11 +64,16 @@ def check_dataset(data_yaml: str | Path) -> dict[str, Any]:
     try:
         data = check_det_dataset(str(path), autodownload=False)
     except Exception as e:  # Ultralytics raises FileNotFoundError/SyntaxError/TypeError with a useful message
-        raise UserError(f"data file '{data_yaml}': {str(e).strip()}") from None
+        raise UserError(f"data file '{data_yaml}': {_one_line(e)}") from None
     for split in ("train", "val"):
         if not data.get(split):
             raise UserError(f"data file '{data_yaml}': key '{split}' is missing.")
     return data
+
+
+def _one_line(e: Exception) -> str:
+    """Ultralytics' messages span lines and carry emojis; keep the words on one line."""
+    return " ".join(str(e).replace("❌", "").split())
 
 
 class ShardSampler(Sampler[int]):
@@ -107,7 +112,7 @@ def build_dataset(args: SimpleNamespace, data: dict, split: str, batch: int, str
     try:
         dataset = build_yolo_dataset(args, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride)
     except Exception as e:  # e.g. "No images found in ...", "No valid images found ..."
-        raise UserError(f"{split} split '{data[split]}': {str(e).strip()}") from None
+        raise UserError(f"{split} split '{data[split]}': {_one_line(e)}") from None
     if len(dataset) == 0:
         raise UserError(f"{split} split '{data[split]}': no usable images.")
     return dataset
