@@ -96,3 +96,16 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("train", "resume=auto", f"project={tmp_path}", "name=empty")
     assert proc.returncode == 2 and "holds no complete checkpoint" in proc.stderr
+
+
+def test_wandb_offline_needs_no_key_and_records_no_environment(tiny_data, tmp_path):
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(MY_SECRET_TOKEN="hunter2-do-not-log")
+    proc = subprocess.run([sys.executable, "-m", "yoloscale", "train", f"data={tiny_data}", *TINY, "epochs=1",
+                           "wandb=offline", f"project={tmp_path}", "name=w"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = [p for p in (tmp_path / "w" / "wandb").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)  # the offline run was recorded
+    for p in files:
+        assert b"hunter2-do-not-log" not in p.read_bytes(), p

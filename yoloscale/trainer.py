@@ -177,6 +177,8 @@ class Trainer:
                 self._check_bad_steps()
                 now = time.perf_counter()
                 values["img_s"] = n_log / (now - t_log)
+                if self.device.type == "cuda":
+                    values["mem_GiB"] = torch.cuda.max_memory_reserved(self.device) / 2**30
                 t_log, n_log = now, 0
                 self.log.step(values, st.optimizer_steps)
             if stepped and cfg.save_period and st.optimizer_steps % cfg.save_period == 0:
