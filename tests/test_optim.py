@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from yoloscale.config import load_config
-from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, lr_scale, param_groups
+from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, init_momentum_buffers, lr_scale, param_groups
 
 
 @pytest.mark.parametrize("batch, world, accumulate, expected", [(16, 1, 0, 4), (16, 2, 0, 2), (32, 8, 0, 1),
@@ -80,3 +80,28 @@ def test_linear_scaling_reproduces_ultralytics_sgd():
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+def test_a_skipped_first_step_leaves_sgd_exactly_as_if_it_never_happened():
+    """Fused SGD allocates momentum buffers uninitialised on its first step, even a skipped one; ours are zeroed
+    up front, so skip-then-step equals a single step."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 64), nn.Linear(64, 64)
+    b.load_state_dict(a.state_dict())
+    cfg = load_config()
+    opt_a, opt_b = build_optimizer(cfg, a, lr=0.1), build_optimizer(cfg, b, lr=0.1)
+    for opt in (opt_a, opt_b):
+        init_momentum_buffers(opt)
+        assert all(torch.count_nonzero(opt.state[p]["momentum_buffer"]) == 0 for p in opt.param_groups[0]["params"])
+    grad = [torch.randn_like(p) for p in a.parameters()]
+    for p, g in zip(a.parameters(), grad):
+        p.grad = torch.full_like(p, float("nan"))
+    opt_a.found_inf = torch.ones(())  # skipped (as the trainer does for a non-finite gradient norm)
+    opt_a.step()
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for p, g in zip(model.parameters(), grad):
+            p.grad = g.clone()
+        opt.found_inf = torch.zeros(())
+        opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)

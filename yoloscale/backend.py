@@ -18,7 +18,8 @@ from yoloscale.errors import UserError
 
 
 def resolve_precision(cfg: TrainConfig, use_cuda: bool) -> str:
-    """'auto' -> bf16 on a CUDA GPU that supports it, fp32 on the CPU (CPU autocast is slower than fp32)."""
+    """'auto' -> bf16 on a CUDA GPU that supports it (no loss scaling to go wrong), fp32 on the CPU (CPU autocast is
+    slower than fp32). fp16 may be faster on some GPUs: see docs/benchmarks.md."""
     if cfg.precision == "auto":
         return "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "fp32"
     if cfg.precision == "fp16" and not use_cuda:
@@ -29,16 +30,23 @@ def resolve_precision(cfg: TrainConfig, use_cuda: bool) -> str:
 def build_accelerator(cfg: TrainConfig, accumulate: int):
     """An Accelerator for DDP (or a single device) with our precision and gradient accumulation."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, GradScalerKwargs,
+                                  InitProcessGroupKwargs)  # fmt: skip
 
     use_cuda = torch.cuda.is_available() and not cfg.cpu
     precision = resolve_precision(cfg, use_cuda)
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed (imgsz x imgsz): autotune convolutions once
     kwargs = [
         # YOLO uses every parameter in every step. Buffers (BN running stats) are broadcast from rank 0 at each
         # forward, as in Ultralytics' DDP, so every rank's EMA sees the same statistics.
         DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True),
         # A dead rank must stop the others, not hang them for NCCL's default 10 minutes x retries.
         InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("YOLOSCALE_DIST_TIMEOUT", 1800)))),
+        # fp16 only. Ultralytics' loss is summed over the batch, so at torch's default initial scale (2^16) the first
+        # steps overflow and are skipped one after another while the scale halves (7 in a row seen for yolo11n on an
+        # H100, close to max_bad_steps). Start at 2^10; the scaler still grows it after 2000 clean steps.
+        GradScalerKwargs(init_scale=2.0**10),
     ]
     # sync_with_dataloader=False: we count micro-steps ourselves and accumulate across epoch boundaries like
     # Ultralytics; Accelerate skips the DDP all-reduce on every non-final micro-step (no_sync).

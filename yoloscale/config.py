@@ -60,7 +60,7 @@ class TrainConfig:
     ema_decay: float = _f(0.9999, "EMA maximum decay.")
     ema_tau: float = _f(2000.0, "EMA decay ramp time constant, in optimizer steps.")
     # --- precision and devices
-    precision: str = _f("auto", "Mixed precision: auto (bf16 on a CUDA GPU that supports it, else fp32), bf16, fp16 (loss scaling) or fp32.", ("auto", "bf16", "fp16", "fp32"))
+    precision: str = _f("auto", "Mixed precision: auto (bf16 on a CUDA GPU that supports it, else fp32), bf16, fp16 (dynamic loss scaling) or fp32.", ("auto", "bf16", "fp16", "fp32"))
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under multi-GPU (CUDA) training.")
     channels_last: bool = _f(True, "Feed the input batch as channels_last on CUDA (parameters stay contiguous).")

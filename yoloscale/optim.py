@@ -64,6 +64,20 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.opti
     return opt_cls(param_list, fused=True, **kw)
 
 
+def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Zero SGD's momentum buffers before the first step (call once the parameters are on their device).
+
+    NOTE: torch's fused SGD allocates the buffers with `empty_like` on its first step and keeps them even when that
+    step is skipped through `found_inf`. A skipped first step (an fp16 overflow at the GradScaler's initial scale,
+    routine at the start of training) therefore left uninitialised memory in them, and the first real step wrote
+    NaN into every weight (seen on an H100: every later step was skipped). Zeros give exactly torch's own first
+    update (buffer = gradient)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0):
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
 @dataclass
 class Schedule:
     """Ultralytics' schedule as a pure function of (batch index, epoch): nothing to checkpoint but the counters.

@@ -19,7 +19,7 @@ from yoloscale.data import (build_dataset, build_train_loader, build_val_loader,
 from yoloscale.errors import UserError
 from yoloscale.export import write_ultralytics_pt
 from yoloscale.model import build_model, load_weights
-from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, lr_scale
+from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, init_momentum_buffers, lr_scale
 from yoloscale.run_dir import new_run_dir, write_run_info
 from yoloscale.run_log import RunLog
 from yoloscale.validate import Validator
@@ -102,6 +102,7 @@ class Trainer:
         optimizer = build_optimizer(cfg, model, lr=cfg.lr0 * scale)
         model = backend.prepare_model(acc, model, cfg.sync_bn)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        init_momentum_buffers(self.optimizer.optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         # Built after the model is on its device: Ultralytics' criterion captures the parameters' device.
         self.criterion = self.raw_model.init_criterion()
