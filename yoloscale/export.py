@@ -47,13 +47,24 @@ def write_ultralytics_pt(model: torch.nn.Module, args: SimpleNamespace, path: Pa
     return path
 
 
+def pt_from_safetensors(src: Path, dst: Path, model_yaml: str, names: dict, args: SimpleNamespace) -> Path:
+    """Rebuild the model from its YAML, load EMA weights saved as safetensors, write an Ultralytics .pt."""
+    from yoloscale.model import build_model
+
+    model = build_model(model_yaml, len(names), {int(k): v for k, v in names.items()}, args)
+    try:
+        model.load_state_dict(load_file(str(src)))
+    except Exception as e:
+        raise UserError(f"'{src}' does not hold this run's weights: {e}") from None
+    return write_ultralytics_pt(model.eval(), args, dst)
+
+
 def export_run(run: Path) -> list[Path]:
     """`yoloscale export RUN`: write weights/last.pt from the latest checkpoint's EMA (or weights/last.safetensors)
     and weights/best.pt from weights/best.safetensors, without needing the training data."""
     from yoloscale.checkpoint import complete_checkpoints
     from yoloscale.config import load_config
     from yoloscale.data import ultralytics_args
-    from yoloscale.model import build_model
     from yoloscale.run_dir import read_run_info
 
     run = Path(run)
@@ -66,16 +77,8 @@ def export_run(run: Path) -> list[Path]:
     ckpts = complete_checkpoints(run)
     if ckpts and (ckpts[-1] / "ema.safetensors").is_file():
         sources["last"] = ckpts[-1] / "ema.safetensors"
-    written = []
-    for kind, src in sources.items():
-        if not src.is_file():
-            continue
-        model = build_model(info["model"], len(info["names"]), {int(k): v for k, v in info["names"].items()}, args)
-        try:
-            model.load_state_dict(load_file(str(src)))
-        except Exception as e:
-            raise UserError(f"'{src}' does not hold this run's weights: {e}") from None
-        written.append(write_ultralytics_pt(model.eval(), args, weights / f"{kind}.pt"))
+    written = [pt_from_safetensors(src, weights / f"{kind}.pt", info["model"], info["names"], args)
+               for kind, src in sources.items() if src.is_file()]  # fmt: skip
     if not written:
         raise UserError(f"'{run}' has no EMA weights to export (no checkpoint and no weights/*.safetensors).")
     return written

@@ -4,6 +4,7 @@ micro-batch. Ultralytics supplies the model, loss, data and metrics; Accelerate 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -17,7 +18,7 @@ from yoloscale.config import TrainConfig
 from yoloscale.data import (build_dataset, build_train_loader, build_val_loader, check_dataset, synthetic_dataset,
                             ultralytics_args)  # fmt: skip
 from yoloscale.errors import UserError
-from yoloscale.export import write_ultralytics_pt
+from yoloscale.export import pt_from_safetensors, write_ultralytics_pt
 from yoloscale.model import build_model, load_weights
 from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, init_momentum_buffers, lr_scale
 from yoloscale.run_dir import new_run_dir, write_run_info
@@ -272,11 +273,7 @@ class Trainer:
             write_ultralytics_pt(model, self.args, weights / "last.pt", metrics)
             best = weights / "best.safetensors"
             if best.is_file():
-                from safetensors.torch import load_file
-
-                best_model = build_model(self.cfg.model, self.data["nc"], self.data["names"], self.args)
-                best_model.load_state_dict(load_file(str(best)))
-                write_ultralytics_pt(best_model.eval(), self.args, weights / "best.pt")
+                pt_from_safetensors(best, weights / "best.pt", self.cfg.model, self.data["names"], self.args)
             self.log.message(f"done: weights in {weights}")
         self.log.finish(self.cfg.plots)
         self.accelerator.wait_for_everyone()
@@ -295,6 +292,8 @@ class Trainer:
             for _ in range(state.epoch):  # replay E2ELoss's per-epoch schedule
                 self.criterion.update()
         self.bad_total.fill_(state.skipped_steps)
+        if self.is_main:  # the continuing run's settings (overrides such as epochs= included) for the next resume
+            dataclasses.replace(self.cfg, resume="").save(self.run_dir / "config.yaml")
         state.world_size, state.batch, state.accumulate = self.world, self.cfg.batch, self.accumulate
         self.state = state
         self.log.message(f"resumed from {ckpt}: epoch {state.epoch + 1}, optimizer step {state.optimizer_steps}")
