@@ -40,6 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=int, default=64, help="number of val images")
     s.add_argument("--size", type=int, default=160, help="image size in pixels")
     s.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bench", help="throughput, memory and MFU beside Ultralytics' own trainer",
+                       usage="yoloscale bench [config.yaml] [key=value ...] [options]")  # fmt: skip
+    b.add_argument("args", nargs="*", help="an optional YAML config file, then key=value settings (model, imgsz, ...)")
+    b.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.png, logs)")
+    b.add_argument("--precisions", default="bf16,fp16", help="precisions of our loop to measure")
+    b.add_argument("--gpus", default="1", help="device counts, e.g. 1,2,8 (several: launched with torchrun)")
+    b.add_argument("--loader-workers", default="4,8,16", help="worker counts for the loader-alone measurement")
+    b.add_argument("--skip", default="", help="comma list of parts to skip: ultralytics, loader")
+    b.add_argument("--warmup", type=int, default=14, help="micro-batches dropped before timing")
+    b.add_argument("--window", type=int, default=10, help="micro-batches per timing window")
+    b.add_argument("--only", help=argparse.SUPPRESS)  # internal: one measurement in this process
+    b.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("export", help="write best.pt/last.pt (Ultralytics) from a run's EMA weights")
     e.add_argument("run", help="run directory")
     return p
@@ -71,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
             path = write_synthetic_dataset(ns.out, ns.train, ns.val, ns.size, ns.seed)
             print(f"wrote {path}")
+        elif ns.command == "bench":
+            from yoloscale import bench
+
+            bench.run(ns)
         elif ns.command == "export":
             from yoloscale.export import export_run
 

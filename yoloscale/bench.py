@@ -1,0 +1,304 @@
+"""`yoloscale bench`: Ultralytics' trainer, our loop, the bare-step ceiling and the data loader, side by side.
+
+    yoloscale bench [config.yaml] [key=value ...] [--out DIR] [--precisions bf16,fp16] [--gpus 1,2]
+                    [--loader-workers 4,8,16] [--skip ultralytics,loader]
+
+Settings (model, imgsz, batch, data, workers...) are the training configuration's; `data=synthetic` writes a
+synthetic set of the right size at `imgsz`. Every measurement runs in a fresh process (torchrun for several GPUs),
+so peak memory is its own. Method, also written into the JSON:
+  * steady state: the first `--warmup` micro-batches are dropped; img/s is the median over windows of `--window`
+    micro-batches, each closed by a device synchronisation. Several GPUs: global img/s (timed on rank 0).
+  * ultralytics: `YOLO(model).train(...)`, default AMP (fp16 + GradScaler), timed per batch from its
+    `on_train_batch_end` callback (its loop reads the losses on the host every batch). Its online AMP check, which
+    downloads weights, is replaced by `True`, the answer it gives on a healthy GPU.
+  * loop: our Trainer's loader + train_step(); bare: the same train_step() on one batch kept on the device.
+  * loader: our train loader alone (Ultralytics' dataset and augmentation), img/s per worker count.
+  * MFU = img/s x 3 x forward FLOPs per image (Ultralytics' count at imgsz) / (GPUs x peak), peak measured in the
+    same run with an 8192^3 bf16 matmul on CUDA (a 2048^3 fp32 matmul on the CPU).
+Outputs: a table on the terminal, OUT/bench.json and OUT/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from yoloscale.errors import UserError
+
+
+# --- arithmetic (unit-tested) ------------------------------------------------------------------------------------
+def steady_img_s(times: list[float], images_per_step: int, warmup: int, window: int) -> dict:
+    """times[i]: clock after micro-step i. Median img/s over whole windows after the warm-up."""
+    marks = times[warmup::window]
+    rates = [window * images_per_step / (b - a) for a, b in zip(marks, marks[1:])]
+    if not rates:
+        raise UserError(f"bench: {len(times)} steps are too few for warmup={warmup} and window={window}.")
+    return {"img_s": statistics.median(rates), "windows": rates}
+
+
+def mfu(img_s: float, forward_gflops: float, peak_tflops: float, devices: int) -> float:
+    """Model FLOPs utilisation: training counted as 3 x the forward pass."""
+    return img_s * 3 * forward_gflops * 1e9 / (devices * peak_tflops * 1e12)
+
+
+def scaling_efficiency(img_s_n: float, img_s_1: float, n: int) -> float:
+    return img_s_n / (n * img_s_1)
+
+
+# --- measurements (each runs in its own process) ------------------------------------------------------------------
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_mem_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
+def matmul_peak_tflops() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n, dtype, device = (8192, torch.bfloat16, "cuda") if cuda else (2048, torch.float32, "cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    _sync()
+    reps, t = 10 if cuda else 3, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync()
+    return {"tflops": 2 * n**3 * reps / (time.perf_counter() - t) / 1e12, "how": f"{n}^3 {dtype} matmul on {device}"}
+
+
+def measure_loop(cfg, warmup: int, window: int) -> dict:
+    from yoloscale.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.model.train()
+    trainer.train_loader.sampler.set_epoch(0)
+    times, batch = [], None
+    for i, batch in enumerate(trainer.train_loader):
+        trainer.train_step(batch)
+        if i < warmup or (i - warmup) % window == 0:
+            _sync()
+        times.append(time.perf_counter())
+    images = cfg.batch * trainer.world
+    loop = {**steady_img_s(times, images, warmup, window), "peak_GiB": _peak_mem_gib()}
+    resident = trainer._to_device(batch)  # once: the bare step has no host-to-device copy or uint8->float
+    to_device, trainer._to_device = trainer._to_device, lambda b: b
+    times = []
+    for i in range(warmup + 3 * window + 1):
+        trainer.train_step(dict(resident))
+        if i < warmup or (i - warmup) % window == 0:
+            _sync()
+        times.append(time.perf_counter())
+    trainer._to_device = to_device
+    bare = steady_img_s(times, images, warmup, window)
+    from ultralytics.utils.torch_utils import get_flops
+
+    return {"loop": loop, "bare": bare, "devices": trainer.world, "precision": trainer.accelerator.mixed_precision,
+            "skipped_steps": int(trainer.bad_total.item()), "accumulate": trainer.accumulate,
+            "forward_gflops": get_flops(trainer.raw_model, cfg.imgsz), "is_main": trainer.is_main}  # fmt: skip
+
+
+def measure_loader(cfg, workers: int, warmup: int, window: int) -> dict:
+    from yoloscale.data import build_dataset, build_train_loader, check_dataset, ultralytics_args
+
+    data = check_dataset(cfg.data)
+    dataset = build_dataset(ultralytics_args(cfg, cfg.data), data, "train", cfg.batch, 32)
+    loader = build_train_loader(dataset, cfg, rank=0, world=1, use_cuda=False)
+    times = []
+    for _ in loader:
+        times.append(time.perf_counter())
+    return {"workers": workers, **steady_img_s(times, cfg.batch, warmup, window)}
+
+
+def measure_ultralytics(cfg, out: Path, warmup: int, window: int) -> dict:
+    import torch
+    import ultralytics.engine.trainer as ul_trainer
+    from ultralytics import YOLO
+
+    ul_trainer.check_amp = lambda model: True  # offline: its check would download yolo26n.pt
+    times: list[float] = []
+    model = YOLO(cfg.model)
+    model.add_callback("on_train_batch_end", lambda trainer: times.append(time.perf_counter()))
+    model.train(data=cfg.data, imgsz=cfg.imgsz, batch=cfg.batch, epochs=1, workers=cfg.workers, cache=cfg.cache or False,
+                val=False, plots=False, close_mosaic=0, device=0 if torch.cuda.is_available() else "cpu",
+                project=str(out), name="ultralytics", exist_ok=True, amp=True, verbose=False)  # fmt: skip
+    return {**steady_img_s(times, cfg.batch, warmup, window), "peak_GiB": _peak_mem_gib()}
+
+
+# --- orchestration ---------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _measure_one(kind: str, cfg, opts) -> None:
+    """Child process: run one measurement and write OUT/KIND.json (rank 0 only)."""
+    import dataclasses
+
+    if kind == "peak":
+        result = matmul_peak_tflops()
+    elif kind == "ultralytics":
+        result = measure_ultralytics(cfg, opts.out, opts.warmup, opts.window)
+    elif kind.startswith("loader-"):
+        workers = int(kind.split("-")[1])
+        result = measure_loader(dataclasses.replace(cfg, workers=workers), workers, opts.warmup, opts.window)
+    else:  # loop-<precision>-<devices>
+        result = measure_loop(dataclasses.replace(cfg, precision=kind.split("-")[1]), opts.warmup, opts.window)
+        if not result.pop("is_main"):
+            return
+    (opts.out / f"{kind}.json").write_text(json.dumps(result))
+
+
+def _kinds(opts) -> list[str]:
+    kinds = ["peak"]
+    kinds += [] if "ultralytics" in opts.skip else ["ultralytics"]
+    kinds += [f"loop-{p}-{n}" for p in opts.precisions for n in opts.gpus]
+    kinds += [] if "loader" in opts.skip else [f"loader-{w}" for w in opts.loader_workers]
+    return kinds
+
+
+def summarise(results: dict, opts, cfg) -> dict:
+    """Ratios, MFU and scaling efficiency from the raw measurements."""
+    peak = results.get("peak", {}).get("tflops")
+    ul = results.get("ultralytics", {}).get("img_s")
+    rows = []
+    if ul:
+        rows.append({"what": "ultralytics (fp16 AMP)", "devices": 1, "img_s": ul, "x_ultralytics": 1.0,
+                     "peak_GiB": results["ultralytics"].get("peak_GiB")})  # fmt: skip
+    for p in opts.precisions:
+        for n in opts.gpus:
+            r = results.get(f"loop-{p}-{n}")
+            if not r:
+                continue
+            one = results.get(f"loop-{p}-1")
+            for part in ("loop", "bare"):
+                row = {"what": f"yoloscale {part} {p}", "devices": n, "img_s": r[part]["img_s"],
+                       "peak_GiB": r[part].get("peak_GiB"), "skipped_steps": r["skipped_steps"]}  # fmt: skip
+                row["x_ultralytics"] = row["img_s"] / ul if ul else None
+                row["x_ceiling"] = r["loop"]["img_s"] / r["bare"]["img_s"] if part == "loop" else None
+                row["mfu"] = mfu(row["img_s"], r["forward_gflops"], peak, n) if peak and r["forward_gflops"] else None
+                row["scaling"] = scaling_efficiency(row["img_s"], one[part]["img_s"], n) if one and n > 1 else None
+                rows.append(row)
+    for w in opts.loader_workers:
+        r = results.get(f"loader-{w}")
+        if r:
+            rows.append({"what": f"loader alone, {w} workers", "devices": 1, "img_s": r["img_s"]})
+    return {"config": cfg.to_dict(), "peak": results.get("peak"), "rows": rows, "raw": results, "method": __doc__,
+            "date": time.strftime("%Y-%m-%d"), "device": _device_name(), "versions": _versions()}
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _versions() -> dict:
+    import accelerate
+    import torch
+    import ultralytics
+
+    return {"torch": torch.__version__, "ultralytics": ultralytics.__version__, "accelerate": accelerate.__version__}
+
+
+def table(summary: dict) -> str:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"{summary['device']}, {summary['config']['model']}, imgsz {summary['config']['imgsz']}, "
+             f"batch {summary['config']['batch']}/device; peak {fmt((summary['peak'] or {}).get('tflops'), '.1f')} "
+             f"TFLOP/s ({(summary['peak'] or {}).get('how', '-')})",
+             f"{'what':<30}{'dev':>4}{'img/s':>9}{'peak GiB':>9}{'x UL':>7}{'x ceil':>7}{'MFU':>7}{'scaling':>8}"]  # fmt: skip
+    for r in summary["rows"]:
+        lines.append(f"{r['what']:<30}{r['devices']:>4}{r['img_s']:>9.1f}{fmt(r.get('peak_GiB'), '.1f'):>9}"
+                     f"{fmt(r.get('x_ultralytics'), '.2f'):>7}{fmt(r.get('x_ceiling'), '.2f'):>7}"
+                     f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r.get('scaling'), '.2f'):>8}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def chart(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    labels = [f"{r['what']} x{r['devices']}" for r in rows]
+    ax.barh(labels[::-1], [r["img_s"] for r in rows][::-1], color="tab:blue")
+    ax.set_xlabel("images / s (steady state, median of windows)")
+    ax.set_title(f"{summary['device']}: {summary['config']['model']} @ {summary['config']['imgsz']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench(cfg, opts) -> dict:
+    """Parent process: data, one child per measurement, then the summary."""
+    from yoloscale.synth import write_synthetic_dataset
+
+    import shutil
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(opts.out / "runs", ignore_errors=True)  # the children's scratch run directories
+    steps = opts.warmup + 3 * opts.window + 1
+    if cfg.data == "synthetic":
+        cfg.data = str(write_synthetic_dataset(opts.out / "data", n_train=steps * cfg.batch * max(opts.gpus),
+                                               n_val=8, size=cfg.imgsz))  # fmt: skip
+    results = {}
+    for kind in _kinds(opts):
+        n = int(kind.rsplit("-", 1)[1]) if kind.startswith("loop-") else 1
+        launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                    str(n), "--master_port", str(_free_port())]  # fmt: skip
+        cmd = [*launcher, "-m", "yoloscale", "bench", *opts.settings, f"data={cfg.data}", *opts.flags, "--only", kind]
+        t = time.time()
+        with open(opts.out / f"{kind}.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "YOLO_OFFLINE": "1"}).returncode
+        print(f"{kind}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {kind}.log)'} in {time.time() - t:.0f}s", flush=True)
+        if rc == 0:
+            results[kind] = json.loads((opts.out / f"{kind}.json").read_text())
+    summary = summarise(results, opts, cfg)
+    (opts.out / "bench.json").write_text(json.dumps(summary, indent=1))
+    chart(summary, opts.out / "bench.png")
+    print(table(summary))
+    return summary
+
+
+def run(args: argparse.Namespace) -> None:
+    """Entry point of `yoloscale bench` (see cli.py for the flags)."""
+    import dataclasses
+
+    from yoloscale.config import load_config
+
+    cfg_file = args.args[0] if args.args and "=" not in args.args[0] else None
+    overrides = args.args[1:] if cfg_file else args.args
+    opts = argparse.Namespace(out=Path(args.out), warmup=args.warmup, window=args.window,
+                              precisions=[p for p in args.precisions.split(",") if p],
+                              gpus=[int(n) for n in args.gpus.split(",")],
+                              loader_workers=[int(w) for w in args.loader_workers.split(",") if w],
+                              skip=set(args.skip.split(",")) - {""})  # fmt: skip
+    # what each child process is given: the same settings (data replaced by the prepared set) and timing flags
+    opts.settings = [a for a in args.args if not a.startswith("data=")]
+    opts.flags = [f"--out={opts.out}", f"--warmup={opts.warmup}", f"--window={opts.window}"]
+    cfg = load_config(cfg_file, overrides)
+    if args.only:
+        cfg = dataclasses.replace(cfg, epochs=1, val=False, plots=False, close_mosaic=0, project=str(opts.out / "runs"),
+                                  name=args.only)  # fmt: skip
+        _measure_one(args.only, cfg, opts)
+    else:
+        bench(cfg, opts)
