@@ -174,7 +174,7 @@ class Trainer:
             n = batch["img"].shape[0] * self.world
             images, n_log = images + n, n_log + n
             if stepped and st.optimizer_steps % cfg.log_interval == 0:
-                values = self.interval_losses.read()  # the one host sync of the logging interval
+                values = {"step": st.optimizer_steps, **self.interval_losses.read()}  # the interval's one host sync
                 values["lr"] = self.optimizer.param_groups[0]["lr"]
                 self._check_bad_steps()
                 now = time.perf_counter()
