@@ -95,15 +95,15 @@ def measure_loop(cfg, warmup: int, window: int) -> dict:
         times.append(time.perf_counter())
     images = cfg.batch * trainer.world
     loop = {**steady_img_s(times, images, warmup, window), "peak_GiB": _peak_mem_gib()}
-    resident = trainer._to_device(batch)  # once: the bare step has no host-to-device copy or uint8->float
-    to_device, trainer._to_device = trainer._to_device, lambda b: b
+    resident = trainer.prepare_batch(batch)  # once: the bare step has no host-to-device copy or uint8->float
+    prepare, trainer.prepare_batch = trainer.prepare_batch, lambda b: b
     times = []
     for i in range(warmup + 3 * window + 1):
         trainer.train_step(dict(resident))
         if i < warmup or (i - warmup) % window == 0:
             _sync()
         times.append(time.perf_counter())
-    trainer._to_device = to_device
+    trainer.prepare_batch = prepare
     bare = steady_img_s(times, images, warmup, window)
     from ultralytics.utils.torch_utils import get_flops
 

@@ -192,7 +192,7 @@ class Trainer:
         clip, step (skipped on the device if the gradient norm is not finite) and update the EMA. Returns whether
         the optimizer stepped. No host synchronisation."""
         acc, cfg, st = self.accelerator, self.cfg, self.state
-        batch = self._to_device(batch)
+        batch = self.prepare_batch(batch)
         with acc.accumulate(self.model):  # no DDP all-reduce on non-final micro-steps
             preds = self.model(batch["img"])  # Accelerate applies autocast inside forward
             loss, loss_items = self.criterion(preds, batch)
@@ -218,7 +218,8 @@ class Trainer:
         return True
 
     # --- helpers of the loop ---------------------------------------------------------------------------------------
-    def _to_device(self, batch: dict) -> dict:
+    def prepare_batch(self, batch: dict) -> dict:
+        """Move a collated batch to the device (non-blocking from pinned memory); images to float in [0, 1]."""
         non_blocking = self.device.type == "cuda"
         for k, v in batch.items():
             if isinstance(v, torch.Tensor):
@@ -229,7 +230,7 @@ class Trainer:
 
     def _check_bad_steps(self) -> None:
         """Every rank sees the same all-reduced gradient norm, so every rank raises here together."""
-        worst, total = int(self.bad_max.item()), int(self.bad_total.item())
+        worst, total = (int(v) for v in torch.stack([self.bad_max, self.bad_total]).tolist())  # one host sync
         self.bad_max.zero_()
         self.state.skipped_steps = total
         if worst >= self.cfg.max_bad_steps:
