@@ -49,3 +49,28 @@ def test_two_process_training_run(tiny_data, tmp_path):
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000006"]  # 96 images / (2 x 8)
     assert (run / "checkpoints/step-00000006/random_states_1.pkl").exists()  # every rank's RNG is saved
     assert (run / "weights/last.pt").exists()
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_data, tmp_path):
+    """SIGUSR1 reaches one worker only: the max all-reduce at the logging interval makes both ranks save the same
+    checkpoint and exit cleanly."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+           "-m", "yoloscale", "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8",
+           "workers=0", "epochs=5", "log_interval=1", "val=False", f"project={tmp_path}", "name=sig", "plots=False"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "sig"
+    deadline = time.time() + 120
+    while not (run / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    (ckpt,) = sorted((run / "checkpoints").glob("step-*"))
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    assert not (run / "weights" / "last.pt").exists()

@@ -109,3 +109,28 @@ def test_wandb_offline_needs_no_key_and_records_no_environment(tiny_data, tmp_pa
     assert any(p.suffix == ".wandb" for p in files)  # the offline run was recorded
     for p in files:
         assert b"hunter2-do-not-log" not in p.read_bytes(), p
+
+
+def test_sigusr1_saves_a_checkpoint_and_stops_then_the_run_resumes(tiny_data, tmp_path):
+    """Slurm's pre-timeout signal: the run checkpoints at its next logging interval, exits 0, and resumes."""
+    args = [f"data={tiny_data}", *TINY, "epochs=3", "log_interval=1", "val=False", f"project={tmp_path}", "name=p"]
+    proc = subprocess.Popen([sys.executable, "-m", "yoloscale", "train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "p"
+    deadline = time.time() + 120
+    while not (run / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # into the first epoch
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stop signal received: checkpoint" in err
+    import json
+
+    (ckpt,) = sorted((run / "checkpoints").glob("step-*"))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["optimizer_steps"] > 0 and state["epoch"] < 3
+    assert not (run / "weights" / "last.pt").exists()  # stopped, not finished
+    assert main(["train", f"resume={run}"]) == 0
+    assert (run / "weights" / "last.pt").exists()
+    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036"  # 3 epochs x 12 steps

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from yoloscale.errors import UserError
+from yoloscale.preemption import Preempted
 
 
 def _train_help() -> str:
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"yoloscale: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"yoloscale: {e}", file=sys.stderr)
+        return 0  # the work is saved; under Slurm the job was requeued
     except KeyboardInterrupt:
         print("yoloscale: interrupted", file=sys.stderr)
         return 130

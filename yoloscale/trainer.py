@@ -21,6 +21,7 @@ from yoloscale.errors import UserError
 from yoloscale.export import pt_from_safetensors, write_ultralytics_pt
 from yoloscale.model import build_model, load_weights
 from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, init_momentum_buffers, lr_scale
+from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
 from yoloscale.run_dir import new_run_dir, write_run_info
 from yoloscale.run_log import RunLog
 from yoloscale.validate import Validator
@@ -120,6 +121,7 @@ class Trainer:
         self.bad_total = torch.zeros((), device=self.device)
         self.interval_losses, self.epoch_losses = LossMeter(), LossMeter()
         self.log = RunLog(cfg, self.run_dir, enabled=self.is_main)
+        self.stop_signal = StopSignal()
         if cfg.resume:
             self._resume(Path(cfg.resume))
         elif self.is_main:
@@ -137,22 +139,29 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         """Run the remaining epochs; returns the last validation metrics."""
-        cfg, st = self.cfg, self.state
         metrics: dict[str, float] = {}
-        while st.epoch < cfg.epochs:
-            start, images = time.perf_counter(), self.train_epoch()
-            img_s = images / max(time.perf_counter() - start, 1e-9)
-            if hasattr(self.criterion, "update"):  # YOLO26's E2ELoss: once per epoch
-                self.criterion.update()
-            self._check_bad_steps()
-            final = st.epoch + 1 == cfg.epochs
-            if cfg.val or final:
-                metrics = self.validator(self._eval_model(), self.device, self.epoch_losses.names)
-            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-            self._save_best(metrics)
-            self.log.epoch_end(self._epoch_row(metrics, img_s), step=st.optimizer_steps)
-            save_checkpoint(self.accelerator, self.run_dir, st, self._ema_state())
+        self.stop_signal.install()  # SIGUSR1/SIGTERM: checkpoint at the next logging interval, then stop
+        try:
+            while self.state.epoch < self.cfg.epochs:
+                start, images = time.perf_counter(), self.train_epoch()
+                metrics = self.end_epoch(images / max(time.perf_counter() - start, 1e-9), metrics)
+        finally:
+            self.stop_signal.uninstall()
         self._finish(metrics)
+        return metrics
+
+    def end_epoch(self, img_s: float, metrics: dict[str, float]) -> dict[str, float]:
+        """E2E loss update, validation, best weights, the metrics row and the epoch-end checkpoint."""
+        cfg, st = self.cfg, self.state
+        if hasattr(self.criterion, "update"):  # YOLO26's E2ELoss: once per epoch
+            self.criterion.update()
+        self._check_bad_steps()
+        if cfg.val or st.epoch + 1 == cfg.epochs:
+            metrics = self.validator(self._eval_model(), self.device, self.epoch_losses.names)
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        self._save_best(metrics)
+        self.log.epoch_end(self._epoch_row(metrics, img_s), step=st.optimizer_steps)
+        save_checkpoint(self.accelerator, self.run_dir, st, self._ema_state())
         return metrics
 
     def train_epoch(self) -> int:
@@ -183,6 +192,7 @@ class Trainer:
                     values["mem_GiB"] = torch.cuda.max_memory_reserved(self.device) / 2**30
                 t_log, n_log = now, 0
                 self.log.step(values, st.optimizer_steps)
+                self._stop_if_signalled()
             if stepped and cfg.save_period and st.optimizer_steps % cfg.save_period == 0:
                 save_checkpoint(self.accelerator, self.run_dir, st, self._ema_state())
         return images
@@ -227,6 +237,16 @@ class Trainer:
         img = batch["img"].float() / 255
         batch["img"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
         return batch
+
+    def _stop_if_signalled(self) -> None:
+        """At a logging interval: if any rank got SIGUSR1/SIGTERM, all save a checkpoint here and stop together."""
+        got = torch.tensor(float(self.stop_signal.received is not None), device=self.device)
+        if self.accelerator.reduce(got, reduction="max").item() == 0:
+            return
+        ckpt = save_checkpoint(self.accelerator, self.run_dir, self.state, self._ema_state())
+        requeued = requeue_slurm_job() if self.is_main else None
+        raise Preempted(f"stop signal received: checkpoint {ckpt} written"
+                        + (f"; {requeued}" if requeued else "") + f". Continue with resume={self.run_dir}")
 
     def _check_bad_steps(self) -> None:
         """Every rank sees the same all-reduced gradient norm, so every rank raises here together."""
