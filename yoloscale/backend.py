@@ -17,6 +17,25 @@ from yoloscale.config import TrainConfig
 from yoloscale.errors import UserError
 
 
+def distributed_env_from_slurm() -> None:
+    """Inside an `srun` step of several tasks, give torch/Accelerate their variables from Slurm's (one task per
+    device): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR/PORT (first node, port from the job id)
+    unless already set. Does nothing under torchrun/accelerate/deepspeed (they set RANK) or outside Slurm."""
+    env = os.environ
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    if "MASTER_ADDR" not in env:
+        import subprocess
+
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                               text=True, check=True).stdout.split()  # fmt: skip
+        env["MASTER_ADDR"] = hosts[0]
+    env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
+
+
 def resolve_precision(cfg: TrainConfig, use_cuda: bool) -> str:
     """'auto' -> bf16 on a CUDA GPU that supports it (no loss scaling to go wrong), fp32 on the CPU (CPU autocast is
     slower than fp32). fp16 may be faster on some GPUs: see docs/benchmarks.md."""

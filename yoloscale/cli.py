@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=int, default=10, help="micro-batches per timing window")
     b.add_argument("--only", help=argparse.SUPPRESS)  # internal: one measurement in this process
     b.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    la = sub.add_parser("launch", help="launch recipes")
+    lsub = la.add_subparsers(dest="launch_command", required=True)
+    sl = lsub.add_parser("slurm", help="write (and optionally submit) an sbatch script for a training run",
+                         usage="yoloscale launch slurm [config.yaml] [key=value ...] [options]")  # fmt: skip
+    sl.add_argument("args", nargs="*", help="an optional YAML config file, then key=value training settings")
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one task each (0: CPU nodes)")
+    sl.add_argument("--tasks-per-node", type=int, default=1, help="processes per node when --gpus-per-node 0")
+    sl.add_argument("--cpus-per-task", type=int, default=8)
+    sl.add_argument("--time", default="24:00:00", help="Slurm time limit")
+    sl.add_argument("--partition", default="")
+    sl.add_argument("--account", default="")
+    sl.add_argument("--signal-lead", type=int, default=90, help="seconds of warning (SIGUSR1) before the limit")
+    sl.add_argument("--submit", action="store_true", help="run sbatch on the written script")
     e = sub.add_parser("export", help="write best.pt/last.pt (Ultralytics) from a run's EMA weights")
     e.add_argument("run", help="run directory")
     return p
@@ -88,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             from yoloscale import bench
 
             bench.run(ns)
+        elif ns.command == "launch":
+            from yoloscale.launch import launch_slurm
+
+            launch_slurm(ns)
         elif ns.command == "export":
             from yoloscale.export import export_run
 

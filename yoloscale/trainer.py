@@ -61,6 +61,7 @@ class Trainer:
 
         self.cfg = cfg
         # --- devices, precision, accumulation ---------------------------------------------------------------
+        backend.distributed_env_from_slurm()
         world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; Accelerate reads the same variable
         self.accumulate = auto_accumulate(cfg, world)
         self.accelerator = acc = backend.build_accelerator(cfg, self.accumulate)

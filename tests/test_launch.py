@@ -1,0 +1,87 @@
+"""`yoloscale launch slurm`: rendering, validation, quoting of hostile values; Slurm -> torch environment mapping."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from yoloscale.errors import UserError
+from yoloscale.launch import render_sbatch
+
+HOSTILE = "$(touch CANARY); `touch CANARY2` 'single' \"double\" ; rm -rf ~\nsecond line"
+
+
+def _render(tmp_path, *extra, **kw):
+    opts = dict(nodes=2, gpus_per_node=8, tasks_per_node=1, cpus_per_task=12, time_limit="24:00:00",
+                partition="gpu", account="cv-team")
+    opts.update(kw)
+    return render_sbatch(None, [f"project={tmp_path}", "name=exp1", "model=yolo11x.yaml", *extra], **opts)
+
+
+def test_render_has_the_sbatch_lines_and_rendezvous(tmp_path):
+    script, run_dir = _render(tmp_path)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --time=24:00:00", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=cv-team", "#SBATCH --signal=USR1@90", "#SBATCH --requeue",
+                 f"#SBATCH --output={tmp_path}/exp1-slurm-%j.out", "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"):
+        assert line in script, line
+    assert run_dir == tmp_path / "exp1"
+
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
+def test_rendered_script_is_shellcheck_clean(tmp_path):
+    script, _ = _render(tmp_path)
+    (tmp_path / "s.sbatch").write_text(script)
+    proc = subprocess.run(["shellcheck", str(tmp_path / "s.sbatch")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_hostile_values_stay_literal(tmp_path):
+    """Run the script with stand-in srun/scontrol that record their arguments: the value arrives byte for byte
+    and nothing in it runs."""
+    script, _ = _render(tmp_path, f"wandb_project={HOSTILE}", gpus_per_node=0, tasks_per_node=2)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "s.sbatch").write_text(script)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1",
+               SLURM_CPUS_PER_TASK="1", ARGS_OUT=str(tmp_path / "args"))
+    subprocess.run(["bash", str(tmp_path / "s.sbatch")], check=True, cwd=tmp_path, env=env)
+    args = (tmp_path / "args").read_bytes().decode().split("\0")[:-1]
+    assert f"wandb_project={HOSTILE}" in args
+    assert not list(tmp_path.glob("CANARY*"))
+
+
+@pytest.mark.parametrize("kw, message", [(dict(partition="gpu;rm -rf /"), "--partition"),
+                                         (dict(time_limit="1 day"), "--time"),
+                                         (dict(nodes=0), "--nodes")])
+def test_bad_launch_values_are_rejected(tmp_path, kw, message):
+    with pytest.raises(UserError, match=message):
+        _render(tmp_path, **kw)
+
+
+def test_bad_training_config_is_rejected_before_writing(tmp_path):
+    with pytest.raises(UserError, match="unknown key 'epoch'"):
+        _render(tmp_path, "epoch=3")
+
+
+def test_slurm_environment_maps_to_torch(monkeypatch):
+    from yoloscale.backend import distributed_env_from_slurm
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "node7")
+    for k, v in dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_NTASKS_PER_NODE="8(x2)",
+                     SLURM_JOB_ID="123456", SLURM_JOB_NODELIST="node[7-8]").items():
+        monkeypatch.setenv(k, v)
+    distributed_env_from_slurm()
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
+        ["5", "16", "1", "8", str(20000 + 123456 % 20000)]
+    monkeypatch.setenv("RANK", "0")  # a launcher (torchrun, accelerate) already set it: left alone
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    distributed_env_from_slurm()
+    assert os.environ["RANK"] == "0"
