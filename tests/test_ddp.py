@@ -74,3 +74,16 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_data, tmp_path):
     (ckpt,) = sorted((run / "checkpoints").glob("step-*"))
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     assert not (run / "weights" / "last.pt").exists()
+
+
+def test_accelerate_launch_runs_two_gloo_processes(tiny_data, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=1: the CPU form that yields two
+    processes (`--cpu --num_processes 2` starts only one)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29536", "-m", "yoloscale",
+           "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8", "workers=0", "epochs=1",
+           "val=False", f"project={tmp_path}", "name=acc", "plots=False"]
+    proc = subprocess.run(cmd, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout + proc.stderr
+    assert (tmp_path / "acc" / "weights" / "last.pt").exists()
