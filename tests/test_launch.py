@@ -69,19 +69,17 @@ def test_bad_training_config_is_rejected_before_writing(tmp_path):
         _render(tmp_path, "epoch=3")
 
 
-def test_slurm_environment_maps_to_torch(monkeypatch):
+def test_slurm_environment_maps_to_torch():
     from yoloscale.backend import distributed_env_from_slurm
 
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("MASTER_ADDR", "node7")
-    for k, v in dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_NTASKS_PER_NODE="8(x2)",
-                     SLURM_JOB_ID="123456", SLURM_JOB_NODELIST="node[7-8]").items():
-        monkeypatch.setenv(k, v)
-    distributed_env_from_slurm()
-    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
+    env = dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_NTASKS_PER_NODE="8(x2)",
+               SLURM_JOB_ID="123456", SLURM_JOB_NODELIST="node[7-8]", MASTER_ADDR="node7")
+    distributed_env_from_slurm(env)
+    assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
         ["5", "16", "1", "8", str(20000 + 123456 % 20000)]
-    monkeypatch.setenv("RANK", "0")  # a launcher (torchrun, accelerate) already set it: left alone
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    distributed_env_from_slurm()
-    assert os.environ["RANK"] == "0"
+    env.update(RANK="0", SLURM_PROCID="3")  # a launcher (torchrun, accelerate) already set RANK: left alone
+    distributed_env_from_slurm(env)
+    assert env["RANK"] == "0"
+    outside = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}  # a single task: nothing to do
+    distributed_env_from_slurm(outside)
+    assert "RANK" not in outside

@@ -19,12 +19,26 @@ def _slurm_up() -> bool:
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _slurm_up(), reason="no Slurm cluster (.ci/slurm-up.sh)")]
 
 
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A failed test must not leave its job running (or queued) for the next one."""
+    yield
+    for job in _submitted:
+        subprocess.run(["scancel", job], capture_output=True)
+    _submitted.clear()
+
+
+_submitted: list[str] = []
+
+
 def _submit(tmp_path, tiny_data, name, *extra):
     proc = run_cli("launch", "slurm", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8",
                    "workers=0", "plots=False", "close_mosaic=0", f"project={tmp_path}", f"name={name}", *extra,
                    "--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--time=20", "--submit")
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.split()[-1]  # "Submitted batch job N"
+    job = proc.stdout.split()[-1]  # "Submitted batch job N"
+    _submitted.append(job)
+    return job
 
 
 def _in_queue(job: str) -> bool:

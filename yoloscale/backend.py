@@ -17,11 +17,11 @@ from yoloscale.config import TrainConfig
 from yoloscale.errors import UserError
 
 
-def distributed_env_from_slurm() -> None:
+def distributed_env_from_slurm(env: dict | None = None) -> None:
     """Inside an `srun` step of several tasks, give torch/Accelerate their variables from Slurm's (one task per
     device): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR/PORT (first node, port from the job id)
     unless already set. Does nothing under torchrun/accelerate/deepspeed (they set RANK) or outside Slurm."""
-    env = os.environ
+    env = os.environ if env is None else env
     if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
         return
     env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]

@@ -45,6 +45,8 @@ set -euo pipefail
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT
+# sbatch passes the submitting shell's environment on: drop launcher variables that would override Slurm's ranks.
+unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 # Fail fast instead of hanging when a rank dies; values already set in the environment win.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}}"
 export YOLOSCALE_DIST_TIMEOUT="${{YOLOSCALE_DIST_TIMEOUT:-1800}}"
