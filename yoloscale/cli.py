@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--account", default="")
     sl.add_argument("--signal-lead", type=int, default=90, help="seconds of warning (SIGUSR1) before the limit")
     sl.add_argument("--submit", action="store_true", help="run sbatch on the written script")
+    dr = sub.add_parser("doctor", help="this node's GPU/network topology and the NCCL settings we recommend")
+    dr.add_argument("--bench", action="store_true", help="also measure all-reduce bus bandwidth over the local GPUs")
     e = sub.add_parser("export", help="write best.pt/last.pt (Ultralytics) from a run's EMA weights")
     e.add_argument("run", help="run directory")
     return p
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             from yoloscale.launch import launch_slurm
 
             launch_slurm(ns)
+        elif ns.command == "doctor":
+            from yoloscale import doctor
+
+            doctor.run(ns)
         elif ns.command == "export":
             from yoloscale.export import export_run
 
