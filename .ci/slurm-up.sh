@@ -15,7 +15,16 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown munge:munge /etc/munge/munge.key
 chmod 400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+# A machine reused after its daemons were killed keeps munged's stale socket and pid file: --force takes them over.
+if ! (munge -n | unmunge) >/dev/null 2>&1; then
+  pkill -x munged || true
+  runuser -u munge -- /usr/sbin/munged --force
+  for _ in $(seq 40); do (munge -n | unmunge) >/dev/null 2>&1 && break; sleep 0.25; done
+  (munge -n | unmunge) >/dev/null || { echo "munged did not start" >&2; exit 1; }
+fi
+pkill -x slurmctld || true  # leftovers that do not answer (the ping above failed)
+pkill -x slurmd || true
+sleep 1
 
 state=/var/tmp/yoloscale-slurm
 mkdir -p "$state/ctld" "$state/d" /etc/slurm
@@ -49,5 +58,5 @@ for _ in $(seq 60); do
   sleep 1
 done
 echo "slurm did not come up" >&2
-tail -20 "$state/slurmctld.log" "$state/slurmd.log" >&2 || true
+tail -n 20 "$state/slurmctld.log" "$state/slurmd.log" >&2 || true
 exit 1
