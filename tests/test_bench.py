@@ -42,3 +42,11 @@ def test_bench_on_cpu_writes_table_json_and_chart(tmp_path):
     assert summary["peak"]["tflops"] > 0 and "matmul" in summary["peak"]["how"]
     assert "steady state" in summary["method"] and summary["versions"]["ultralytics"]
     assert (out / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flag, message", [("--gpus=abc", "--gpus takes a comma list of integers"),
+                                           ("--gpus=0", "--gpus values must be >= 1"),
+                                           ("--precisions=bf61", "bad value")])
+def test_bad_bench_flags_are_clear_errors(flag, message, tmp_path):
+    proc = run_cli("bench", f"--out={tmp_path}", flag)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -112,7 +112,7 @@ def measure_loop(cfg, warmup: int, window: int) -> dict:
             "forward_gflops": get_flops(trainer.raw_model, cfg.imgsz), "is_main": trainer.is_main}  # fmt: skip
 
 
-def measure_loader(cfg, workers: int, warmup: int, window: int) -> dict:
+def measure_loader(cfg, warmup: int, window: int) -> dict:
     from yoloscale.data import build_dataset, build_train_loader, check_dataset, ultralytics_args
 
     data = check_dataset(cfg.data)
@@ -121,7 +121,7 @@ def measure_loader(cfg, workers: int, warmup: int, window: int) -> dict:
     times = []
     for _ in loader:
         times.append(time.perf_counter())
-    return {"workers": workers, **steady_img_s(times, cfg.batch, warmup, window)}
+    return {"workers": cfg.workers, **steady_img_s(times, cfg.batch, warmup, window)}
 
 
 def measure_ultralytics(cfg, out: Path, warmup: int, window: int) -> dict:
@@ -157,8 +157,7 @@ def _measure_one(kind: str, cfg, opts) -> None:
     elif kind == "ultralytics":
         result = measure_ultralytics(cfg, opts.out, opts.warmup, opts.window)
     elif kind.startswith("loader-"):
-        workers = int(kind.split("-")[1])
-        result = measure_loader(dataclasses.replace(cfg, workers=workers), workers, opts.warmup, opts.window)
+        result = measure_loader(dataclasses.replace(cfg, workers=int(kind.split("-")[1])), opts.warmup, opts.window)
     else:  # loop-<precision>-<devices>
         result = measure_loop(dataclasses.replace(cfg, precision=kind.split("-")[1]), opts.warmup, opts.window)
         if not result.pop("is_main"):
@@ -279,6 +278,16 @@ def bench(cfg, opts) -> dict:
     return summary
 
 
+def _int_list(text: str, flag: str, minimum: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise UserError(f"bench: {flag} takes a comma list of integers, got {text!r}.") from None
+    if any(v < minimum for v in values):
+        raise UserError(f"bench: {flag} values must be >= {minimum}, got {text!r}.")
+    return values
+
+
 def run(args: argparse.Namespace) -> None:
     """Entry point of `yoloscale bench` (see cli.py for the flags)."""
     import dataclasses
@@ -289,9 +298,13 @@ def run(args: argparse.Namespace) -> None:
     overrides = args.args[1:] if cfg_file else args.args
     opts = argparse.Namespace(out=Path(args.out), warmup=args.warmup, window=args.window,
                               precisions=[p for p in args.precisions.split(",") if p],
-                              gpus=[int(n) for n in args.gpus.split(",")],
-                              loader_workers=[int(w) for w in args.loader_workers.split(",") if w],
+                              gpus=_int_list(args.gpus, "--gpus", minimum=1),
+                              loader_workers=_int_list(args.loader_workers, "--loader-workers", minimum=0),
                               skip=set(args.skip.split(",")) - {""})  # fmt: skip
+    bad = [p for p in opts.precisions if p not in ("bf16", "fp16", "fp32")] + sorted(opts.skip - {"ultralytics", "loader"})
+    if bad or not opts.precisions or args.warmup < 0 or args.window < 1:
+        raise UserError(f"bench: bad value(s) {bad or ''}: --precisions takes bf16,fp16,fp32; --skip takes "
+                        "ultralytics,loader; --warmup >= 0 and --window >= 1.")
     # what each child process is given: the same settings (data replaced by the prepared set) and timing flags
     opts.settings = [a for a in args.args if not a.startswith("data=")]
     opts.flags = [f"--out={opts.out}", f"--warmup={opts.warmup}", f"--window={opts.window}"]

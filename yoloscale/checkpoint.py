@@ -67,7 +67,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, ema_state: 
     accelerator.save_state(str(tmp))  # model, optimizer, scaler, per-rank RNG states
     if accelerator.is_main_process:
         if ema_state is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+            save_weights(ema_state, tmp / "ema.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
