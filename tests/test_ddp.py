@@ -32,7 +32,10 @@ def test_two_process_step_equals_single_process(tiny_data, trained_run, tmp_path
     assert len(moved) > 100  # the step changed the weights...
     for k in moved:  # ...by the same update in both set-ups (compared on the update, not the weights)
         da, db = a["after"][k] - a["before"][k], b["after"][k] - b["before"][k]
-        assert db.norm() / da.norm() == pytest.approx(1.0, abs=1e-4), k
+        # fp32 rounding of after - before is up to ~eps x |weight| per element: for a tiny update of a large weight
+        # (a BatchNorm gain near 1 moving by 1e-6) that alone changes the norm ratio by more than 1e-4
+        rounding = 4 * torch.finfo(torch.float32).eps * a["before"][k].abs().max() * da.numel() ** 0.5 / da.norm()
+        assert db.norm() / da.norm() == pytest.approx(1.0, abs=1e-4 + float(rounding)), k
         # element-wise, the update is a small difference of large weights: allow its fp32 rounding
         torch.testing.assert_close(da, db, rtol=0, atol=1e-2 * da.abs().max().item(), msg=k)
 

@@ -262,7 +262,8 @@ def bench(cfg, opts) -> dict:
     results = {}
     for kind in _kinds(opts):
         n = int(kind.rsplit("-", 1)[1]) if kind.startswith("loop-") else 1
-        launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+        # torchrun also for one process of a sharded backend: DeepSpeed wants a process-group environment
+        launcher = [sys.executable] if n == 1 and cfg.backend == "ddp" else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                     str(n), "--master_port", str(_free_port())]  # fmt: skip
         cmd = [*launcher, "-m", "yoloscale", "bench", *opts.settings, f"data={cfg.data}", *opts.flags, "--only", kind]
         t = time.time()

@@ -38,6 +38,7 @@ class TrainerState:
     world_size: int = 1
     batch: int = 0
     accumulate: int = 1
+    backend: str = "ddp"
 
 
 def _fsync_dir(path: Path) -> None:

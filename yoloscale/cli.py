@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("args", nargs="*", help="an optional YAML config file, then key=value overrides")
     # DeepSpeed's launcher appends --local_rank=N; the rank is also in the environment, so it is only accepted.
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("--deepspeed", "--deepspeed_config", metavar="JSON", default=None,
+                   help="DeepSpeed JSON (as `deepspeed ... --deepspeed FILE` passes it): sets ds_config= and, unless "
+                        "backend= is given, backend=zero<stage of the file>")  # fmt: skip
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write the synthetic shapes detection set (data.yaml + YOLO labels)")
@@ -74,7 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def train(args: list[str]) -> None:
+def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: str) -> list[str]:
+    """`--deepspeed FILE` from DeepSpeed's launcher: our ds_config, and the backend the file's ZeRO stage names
+    unless the configuration names one itself (then they must agree)."""
+    import yaml
+
+    from yoloscale.backend.deepspeed import stage_of_file
+    from yoloscale.config import parse_override
+
+    stage = stage_of_file(ds_file)
+    if stage not in (1, 2, 3):
+        raise UserError(f"--deepspeed '{ds_file}': not a readable DeepSpeed JSON with zero_optimization.stage 1, 2 or 3.")
+    given = dict(parse_override(a) for a in overrides)
+    if cfg_file and "backend" not in given and os.path.isfile(cfg_file):
+        try:
+            given.update(yaml.safe_load(open(cfg_file)) or {})
+        except (yaml.YAMLError, ValueError, TypeError):
+            pass  # load_config reports a broken file with its line
+    if "backend" in given and given["backend"] != f"zero{stage}":
+        raise UserError(f"--deepspeed '{ds_file}' asks for ZeRO stage {stage} but our configuration says "
+                        f"backend={given['backend']}; make them agree.")
+    return [*overrides, f"backend=zero{stage}", f"ds_config={ds_file}"]
+
+
+def train(args: list[str], ds_file: str | None = None) -> None:
     from yoloscale.config import load_config
     from yoloscale.run_dir import resolve_resume
     from yoloscale.trainer import Trainer
@@ -83,6 +109,8 @@ def train(args: list[str]) -> None:
     overrides = args[1:] if cfg_file else args
     if cfg_file and not cfg_file.endswith((".yaml", ".yml")):
         raise UserError(f"'{cfg_file}' is neither a YAML config file nor key=value.")
+    if ds_file:
+        overrides = _with_deepspeed_file(cfg_file, overrides, ds_file)
     cfg = load_config(cfg_file, overrides)
     if cfg.resume:
         cfg, _, _ = resolve_resume(cfg, overrides)
@@ -94,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
         if ns.command == "train":
-            train(ns.args)
+            train(ns.args, ns.deepspeed)
         elif ns.command == "data":
             from yoloscale.synth import write_synthetic_dataset
 

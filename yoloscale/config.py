@@ -65,6 +65,12 @@ class TrainConfig:
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under multi-GPU (CUDA) training.")
     channels_last: bool = _f(True, "Feed the input batch as channels_last on CUDA (parameters stay contiguous).")
     seed: int = _f(0, "Random seed (model init, data order).")
+    # --- distributed backend and memory (docs/backends.md says which to pick)
+    backend: str = _f("ddp", "Data-parallel backend: ddp, fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed).", ("ddp", "fsdp", "zero1", "zero2", "zero3"))
+    offload: str = _f("none", "Offload to CPU memory: none, optimizer (zero1/2/3) or params (fsdp, zero3; implies the optimizer too).", ("none", "optimizer", "params"))
+    grad_ckpt: str = _f("off", "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, or layer indices like '2-8,10'.")
+    reshard_after_forward: bool = _f(True, "fsdp: free gathered parameters after each layer's forward (less memory, one more all-gather in backward).")
+    ds_config: str = _f("", "zero1/2/3: a DeepSpeed JSON to start from instead of ds_configs/zero<N>.json; fields we own must agree.")
     # --- data loading
     workers: int = _f(2, "Data loader worker processes per device.")
     pin_memory: bool = _f(True, "Pinned host memory for faster host-to-GPU copies (ignored on CPU).")
@@ -133,6 +139,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     typ = _TYPES[key]
     if value is None and typ is str:
         value = ""
+    if key == "grad_ckpt" and isinstance(value, bool):  # YAML reads off/on/true/false as booleans
+        value = "all" if value else "off"
     if typ is float and isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
         try:
             value = float(value)
@@ -163,6 +171,18 @@ def _validate(cfg: TrainConfig) -> None:
     for key in ("accumulate", "workers", "save_period", "val_batch", "close_mosaic", "grad_clip", "lr0"):
         if getattr(cfg, key) < 0:
             raise UserError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}.")
+    from yoloscale.grad_ckpt import parse_selection
+
+    parse_selection(cfg.grad_ckpt)  # raises UserError naming the key
+    if cfg.offload == "optimizer" and cfg.backend == "fsdp":
+        raise UserError("offload=optimizer is not available with backend=fsdp: FSDP2 offloads parameters, gradients "
+                        "and optimizer state together (offload=params), or use backend=zero2 offload=optimizer.")
+    if cfg.offload == "params" and cfg.backend not in ("fsdp", "zero3"):
+        raise UserError(f"offload=params needs backend=fsdp or zero3 (only they shard parameters); got backend={cfg.backend}.")
+    if cfg.offload != "none" and cfg.backend == "ddp":
+        raise UserError("offload needs a sharded backend (fsdp, zero1, zero2, zero3); got backend=ddp.")
+    if cfg.ds_config and not cfg.backend.startswith("zero"):
+        raise UserError(f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend={cfg.backend}; use backend=zero1/2/3.")
     if cfg.imgsz % 32:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
 

@@ -46,9 +46,10 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW over the three groups. Fused kernels: they also let a non-finite step be skipped on
-    the device (`optimizer.found_inf`) without a host synchronisation."""
+def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float, fused: bool = True) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW over the three groups. Fused kernels where possible: they also let a non-finite step
+    be skipped on the device (`optimizer.found_inf`) without a host synchronisation. `fused=False` gives torch's
+    foreach implementation (torch's fused SGD has no DTensor/FSDP2 support)."""
     groups = param_groups(model)
     if cfg.optimizer == "SGD":
         kw = {"lr": lr, "momentum": cfg.momentum, "nesterov": True}
@@ -61,7 +62,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.opti
         {"params": groups["bn"], "weight_decay": 0.0, "name": "bn", **kw},
         {"params": groups["bias"], "weight_decay": 0.0, "name": "bias", **kw},
     ]
-    return opt_cls(param_list, fused=True, **kw)
+    return opt_cls(param_list, fused=fused, foreach=None if fused else True, **kw)
 
 
 def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:

@@ -4,23 +4,26 @@ micro-batch. Ultralytics supplies the model, loss, data and metrics; Accelerate 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from yoloscale import backend
 from yoloscale.checkpoint import TrainerState, load_checkpoint, save_checkpoint, save_weights
 from yoloscale.config import TrainConfig
 from yoloscale.data import (build_dataset, build_train_loader, build_val_loader, check_dataset, synthetic_dataset,
                             ultralytics_args)  # fmt: skip
+from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
-from yoloscale.export import pt_from_safetensors, write_ultralytics_pt
+from yoloscale.export import write_ultralytics_pt
+from yoloscale.grad_ckpt import apply_grad_ckpt
 from yoloscale.model import build_model, load_weights
-from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, init_momentum_buffers, lr_scale
+from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, lr_scale
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
 from yoloscale.run_dir import new_run_dir, write_run_info
 from yoloscale.run_log import RunLog
@@ -57,7 +60,6 @@ class TrainingDiverged(UserError):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from accelerate.utils import broadcast_object_list, set_seed
-        from ultralytics.utils.torch_utils import ModelEMA
 
         self.cfg = cfg
         # --- devices, precision, accumulation ---------------------------------------------------------------
@@ -89,6 +91,9 @@ class Trainer:
         if cfg.weights and not cfg.resume:
             load_weights(model, cfg.weights)
         stride = max(int(model.stride.max()), 32)
+        # A plain, unsharded copy for validation and export: the (EMA) weights are copied into it when needed.
+        self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
+        ckpt_layers = apply_grad_ckpt(model, cfg.grad_ckpt)
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
         with acc.main_process_first():
@@ -102,21 +107,21 @@ class Trainer:
         # --- optimizer, LR rule, schedule -------------------------------------------------------------------
         self.global_batch = cfg.batch * self.world * self.accumulate
         scale = lr_scale(cfg, self.global_batch)
-        optimizer = build_optimizer(cfg, model, lr=cfg.lr0 * scale)
-        model = backend.prepare_model(acc, model, cfg.sync_bn)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        init_momentum_buffers(self.optimizer.optimizer)
+        model = backend.wrap_model(acc, cfg, model)  # SyncBN; FSDP2 shards here, before the optimizer sees the model
+        optimizer = build_optimizer(cfg, model, lr=cfg.lr0 * scale, fused=backend.fused_optimizer(cfg))
+        self.model, self.optimizer = backend.prepare(acc, model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         # Built after the model is on its device: Ultralytics' criterion captures the parameters' device.
         self.criterion = self.raw_model.init_criterion()
-        self.ema = ModelEMA(self.raw_model, decay=cfg.ema_decay, tau=cfg.ema_tau) if cfg.ema else None
+        self.ema = ShardedEMA(self.raw_model, decay=cfg.ema_decay, tau=cfg.ema_tau) if cfg.ema else None
         self.schedule = Schedule.create(cfg, batches_per_epoch=len(self.train_loader), scale=scale)
         # Each micro-step back-propagates loss_sum x nbs / (batch x accumulate); Accelerate divides by accumulate.
         self.loss_factor = cfg.nbs / cfg.batch
         self.channels_last = cfg.channels_last and use_cuda
 
         # --- counters, on-device accumulators (read only at the logging interval) ------------------------------
-        self.state = TrainerState(world_size=self.world, batch=cfg.batch, accumulate=self.accumulate)
+        self.state = TrainerState(world_size=self.world, batch=cfg.batch, accumulate=self.accumulate,
+                                  backend=cfg.backend)  # fmt: skip
         self.bad_run = torch.zeros((), device=self.device)  # current streak of non-finite steps
         self.bad_max = torch.zeros((), device=self.device)  # longest streak since the last check
         self.bad_total = torch.zeros((), device=self.device)
@@ -131,7 +136,8 @@ class Trainer:
             write_run_info(self.run_dir, {"model": str(model_yaml), "data": str(data_yaml),
                                           "names": self.data["names"], "imgsz": cfg.imgsz})  # fmt: skip
         self.log.message(
-            f"yoloscale: {self.world} process(es) on {self.device.type}, precision={acc.mixed_precision}, "
+            f"yoloscale: {self.world} process(es) on {self.device.type}, backend={cfg.backend}, precision="
+            f"{acc.yoloscale_precision}, gradient checkpointing on {len(ckpt_layers)} of {len(model.model)} layers, "
             f"batch {cfg.batch}/device x {self.world} device(s) x accumulate {self.accumulate} = global batch "
             f"{self.global_batch}; lr_scaling={cfg.lr_scaling}: lr = lr0 {cfg.lr0} x {scale:.3g} = {cfg.lr0 * scale:.4g}; "
             f"run directory {self.run_dir}"
@@ -157,8 +163,9 @@ class Trainer:
         if hasattr(self.criterion, "update"):  # YOLO26's E2ELoss: once per epoch
             self.criterion.update()
         self._check_bad_steps()
+        self._refresh_eval_model()  # collective under sharding
         if cfg.val or st.epoch + 1 == cfg.epochs:
-            metrics = self.validator(self._eval_model(), self.device, self.epoch_losses.names)
+            metrics = self.validator(self.eval_model, self.device, self.epoch_losses.names)
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         self._save_best(metrics)
         self.log.epoch_end(self._epoch_row(metrics, img_s), step=st.optimizer_steps)
@@ -204,22 +211,17 @@ class Trainer:
         the optimizer stepped. No host synchronisation."""
         acc, cfg, st = self.accelerator, self.cfg, self.state
         batch = self.prepare_batch(batch)
-        with acc.accumulate(self.model):  # no DDP all-reduce on non-final micro-steps
-            preds = self.model(batch["img"])  # Accelerate applies autocast inside forward
+        with acc.accumulate(self.model):  # no gradient all-reduce on non-final micro-steps
+            if acc.sync_gradients:  # before backward: DeepSpeed steps inside it
+                self.schedule.apply(self.optimizer, st.micro_step, st.epoch)
+            preds = self.model(batch["img"])  # autocast inside forward (Accelerate's, or DeepSpeed's)
             loss, loss_items = self.criterion(preds, batch)
             acc.backward(loss.sum() * self.loss_factor)
             self.interval_losses.add(loss_items)
             self.epoch_losses.add(loss_items)
             if not acc.sync_gradients:
                 return False
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-            bad = (~torch.isfinite(grad_norm)).float()
-            # Fused optimizers read `found_inf` and skip the whole update on the device when it is 1. Under fp16
-            # the GradScaler passes its own found_inf (non-finite gradients after unscaling) the same way.
-            self.optimizer.optimizer.found_inf = bad
-            self.schedule.apply(self.optimizer, st.micro_step, st.epoch)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            bad = backend.optimizer_step(acc, self.model, self.optimizer, cfg.grad_clip)
         if self.ema is not None:
             self.ema.update(self.raw_model)
         self.bad_run = (self.bad_run + 1) * bad
@@ -261,12 +263,17 @@ class Trainer:
                 f"or try precision=fp32. The last complete checkpoint is in {self.run_dir / 'checkpoints'}."
             )
 
-    def _eval_model(self) -> torch.nn.Module:
-        return self.ema.ema if self.ema is not None else self.raw_model
+    def _refresh_eval_model(self) -> None:
+        """Collective: the EMA (or the model's own weights without EMA) into the plain eval model."""
+        if self.ema is not None:
+            self.ema.load_into(self.eval_model)
+        else:
+            self.eval_model.load_state_dict(full_model_state(self.raw_model), strict=False)
 
     def _ema_state(self) -> dict | None:
+        """Collective: the whole EMA (rank 0 writes it)."""
         self.state.ema_updates = self.ema.updates if self.ema is not None else 0
-        return self.ema.ema.state_dict() if self.ema is not None else None
+        return self.ema.full_state_dict() if self.ema is not None else None
 
     def _epoch_row(self, metrics: dict[str, float], img_s: float) -> dict:
         row = {"epoch": self.state.epoch, "optimizer_steps": self.state.optimizer_steps}
@@ -283,19 +290,24 @@ class Trainer:
         self.state.best_fitness = fitness
         if self.is_main:
             (self.run_dir / "weights").mkdir(exist_ok=True)
-            save_weights(self._eval_model().state_dict(), self.run_dir / "weights" / "best.safetensors")
+            save_weights(self.eval_model.state_dict(), self.run_dir / "weights" / "best.safetensors")
 
     def _finish(self, metrics: dict[str, float]) -> None:
         """Final EMA weights as safetensors, best/last as Ultralytics .pt, and the plots."""
+        self._refresh_eval_model()
         if self.is_main:
             weights = self.run_dir / "weights"
             weights.mkdir(exist_ok=True)
-            model = self._eval_model()
+            model = self.eval_model
             save_weights(model.state_dict(), weights / "last.safetensors")
             write_ultralytics_pt(model, self.args, weights / "last.pt", metrics)
             best = weights / "best.safetensors"
             if best.is_file():
-                pt_from_safetensors(best, weights / "best.pt", self.cfg.model, self.data["names"], self.args)
+                # Into the eval model, not a model built now: under ZeRO-3 DeepSpeed instruments modules created
+                # after its engine, and such a model cannot be pickled ("Can't pickle local object
+                # 'instrument_w_nvtx.<locals>.wrapped_fn'", seen on an H100).
+                model.load_state_dict(load_file(str(best)))
+                write_ultralytics_pt(model, self.args, weights / "best.pt")
             self.log.message(f"done: weights in {weights}")
         self.log.finish(self.cfg.plots)
         self.accelerator.wait_for_everyone()
@@ -307,9 +319,15 @@ class Trainer:
                 f"checkpoint '{ckpt}' was saved mid-epoch with {state.world_size} process(es) x batch {state.batch}; "
                 f"resume it with the same, or from an epoch-end checkpoint (now {self.world} x {self.cfg.batch})."
             )
+        if state.backend != self.cfg.backend:
+            raise UserError(f"checkpoint '{ckpt}' was written by backend={state.backend}; resume it with that backend "
+                            f"(now backend={self.cfg.backend}), or start a new run from its weights with weights=.")
+        if state.backend.startswith("zero") and state.world_size != self.world:
+            raise UserError(f"checkpoint '{ckpt}' holds DeepSpeed ZeRO partitions for {state.world_size} process(es); "
+                            f"resume it on {state.world_size} (now {self.world}), or use backend=ddp/fsdp, whose "
+                            "checkpoints reshard.")
         if self.ema is not None and ema_state is not None:
-            self.ema.ema.load_state_dict(ema_state)
-            self.ema.updates = state.ema_updates
+            self.ema.load_full_state_dict(ema_state, state.ema_updates)
         if hasattr(self.criterion, "update"):
             for _ in range(state.epoch):  # replay E2ELoss's per-epoch schedule
                 self.criterion.update()

@@ -1,0 +1,65 @@
+"""Three training steps of yolov8n on a 2-process gloo group, as DDP or as FSDP2 with our wrap policy, for
+test_backends.py. usage: torchrun --nproc_per_node 2 fsdp_parity_worker.py ddp|fsdp|fsdp_ckpt OUT_FILE
+
+Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD; torch's
+fused SGD has no DTensor kernel, so FSDP uses foreach) and the step is skipped the way backend.optimizer_step does.
+Rank 0 saves the per-step losses (summed over ranks), the final full weights and the sharded EMA's full state.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from yoloscale.backend.fsdp import shard_model
+from yoloscale.config import load_config
+from yoloscale.data import ultralytics_args
+from yoloscale.ema import ShardedEMA, full_model_state
+from yoloscale.grad_ckpt import apply_grad_ckpt
+from yoloscale.model import build_model
+from yoloscale.optim import build_optimizer, init_momentum_buffers
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+mode, out = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=64", "batch=4"])
+model = build_model("yolov8n.yaml", 3, {0: "a", 1: "b", 2: "c"}, ultralytics_args(cfg, "unused.yaml"))
+if mode.endswith("ckpt"):
+    apply_grad_ckpt(model, "all")
+if mode.startswith("fsdp"):
+    wrapped = shard_model(model)
+else:
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+opt = build_optimizer(cfg, model, lr=0.01, fused=not mode.startswith("fsdp"))
+init_momentum_buffers(opt)
+ema = ShardedEMA(model, tau=2.0)  # a short ramp so three updates move the EMA visibly
+criterion = model.init_criterion()
+g = torch.Generator().manual_seed(1)
+losses = []
+for step in range(3):
+    images = torch.rand(8, 3, 64, 64, generator=g)
+    boxes = torch.rand(8, 4, generator=g) * 0.3 + 0.3
+    mine = slice(4 * rank, 4 * rank + 4)
+    batch = {"img": images[mine], "batch_idx": torch.arange(4).float(), "cls": torch.zeros(4, 1), "bboxes": boxes[mine]}
+    loss, _ = criterion(wrapped(images[mine]), batch)
+    loss.sum().backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    bad = (~torch.isfinite(norm)).float()
+    if opt.defaults["fused"]:
+        opt.found_inf = bad
+        opt.step()
+    elif bad.item() == 0:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update(model)
+    total = loss.detach().sum().clone()
+    dist.all_reduce(total)
+    losses.append(total.item())
+weights, ema_state = full_model_state(model), ema.full_state_dict()  # collectives: every rank
+if rank == 0:
+    torch.save({"losses": losses, "weights": weights, "ema": ema_state}, out)
+dist.destroy_process_group()

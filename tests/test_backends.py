@@ -1,0 +1,132 @@
+"""Backend selection: FSDP2 wrap policy parity with DDP (gloo), DeepSpeed config rendering, launcher agreement."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from yoloscale.backend import check_launcher_agreement
+from yoloscale.backend.deepspeed import render_ds_config
+from yoloscale.config import load_config
+from yoloscale.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+# --- FSDP2 on a 2-process gloo group ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    for i, mode in enumerate(("ddp", "fsdp", "fsdp_ckpt")):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29620 + i), str(ROOT / "tests/fsdp_parity_worker.py"), mode, str(out / f"{mode}.pt")],
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return {m: torch.load(out / f"{m}.pt") for m in ("ddp", "fsdp", "fsdp_ckpt")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp_ckpt"])
+def test_fsdp_wrap_policy_reproduces_ddp(parity, mode):
+    """Losses, weights and the sharded EMA (gathered) agree with DDP after three steps (fp32 reduction order only)."""
+    ddp, other = parity["ddp"], parity[mode]
+    assert other["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
+    assert ddp["losses"][0] != ddp["losses"][2]  # the steps did train
+    for part in ("weights", "ema"):
+        assert ddp[part].keys() == other[part].keys()
+        for k, v in ddp[part].items():
+            torch.testing.assert_close(other[part][k], v, rtol=1e-4, atol=1e-5, msg=f"{part} {k}")
+
+
+# --- DeepSpeed configuration -----------------------------------------------------------------------------------------
+def test_ds_config_fills_the_fields_we_own():
+    ds = render_ds_config(_cfg("backend=zero2", "batch=8", "grad_clip=5"), "bf16", accumulate=4, world=2)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 4, 64)
+    assert ds["gradient_clipping"] == 5.0
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # never the whole-model cast
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
+    assert "\"auto\"" not in json.dumps(ds)
+
+
+def test_ds_config_offload_and_fp32():
+    ds = render_ds_config(_cfg("backend=zero3", "offload=params"), "fp32", accumulate=1, world=1)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["torch_autocast"]["enabled"] is False
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] >= 1e5  # YOLO's many small tensors stay whole
+
+
+def test_ds_config_refuses_a_disagreeing_user_file(tmp_path):
+    user = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    user["gradient_accumulation_steps"] = 8
+    (tmp_path / "ds.json").write_text(json.dumps(user))
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps=8.*accumulate \(2\)"):
+        render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'ds.json'}"), "bf16", accumulate=2, world=1)
+    (tmp_path / "bad.json").write_text('{"zero_optimization": {\n  "stage": 2,,\n}}')
+    with pytest.raises(UserError, match="line 2"):
+        render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bad.json'}"), "bf16", accumulate=1, world=1)
+
+
+def test_deepspeed_fp16_is_refused_with_the_reason():
+    with pytest.raises(UserError, match="misaligned address"):
+        render_ds_config(_cfg("backend=zero1"), "fp16", accumulate=1, world=1)
+
+
+# --- the launcher's configuration against ours -----------------------------------------------------------------------
+def _accelerate_env(config_file: str) -> dict:
+    """The environment `accelerate launch --config_file F` gives the training processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", config_file, "-m", "yoloscale", "train"])
+    args, *_ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = []
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
+def test_shipped_accelerate_configs_agree_only_with_their_backend(name):
+    env = _accelerate_env(str(ROOT / f"launch/accelerate/{name}.yaml"))
+    check_launcher_agreement(_cfg(f"backend={name}"), env)  # the matching backend passes
+    other = "zero2" if name in ("ddp", "fsdp") else "fsdp"
+    if name != "ddp":
+        with pytest.raises(UserError, match=f"backend={other}"):
+            check_launcher_agreement(_cfg(f"backend={other}"), env)
+
+
+def test_launcher_precision_disagreement():
+    check_launcher_agreement(_cfg("precision=bf16"), {"ACCELERATE_MIXED_PRECISION": "no"})  # 'no' is no choice
+    with pytest.raises(UserError, match="mixed_precision=fp16.*precision=bf16"):
+        check_launcher_agreement(_cfg("precision=bf16"), {"ACCELERATE_MIXED_PRECISION": "fp16"})
+
+
+def test_deepspeed_launcher_flag_sets_or_checks_the_backend():
+    from yoloscale.cli import _with_deepspeed_file
+
+    ds = str(ROOT / "ds_configs/zero3.json")
+    assert _with_deepspeed_file(None, ["epochs=1"], ds)[-2:] == ["backend=zero3", f"ds_config={ds}"]
+    r = run_cli("train", "backend=zero1", "--deepspeed", ds, "--local_rank=0")
+    assert r.returncode == 2 and "ZeRO stage 3" in r.stderr and "backend=zero1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_sharded_backends_need_gpus_and_bad_combinations_are_named():
+    r = run_cli("train", "backend=fsdp")
+    assert r.returncode == 2 and "needs CUDA GPUs" in r.stderr and "Traceback" not in r.stderr
+    for bad, words in [("offload=optimizer backend=fsdp", "offload=params"), ("offload=params backend=zero2", "zero3"),
+                       ("offload=optimizer", "sharded backend"), ("ds_config=x.json", "DeepSpeed")]:
+        with pytest.raises(UserError, match=words):
+            _cfg(*bad.split())

@@ -1,0 +1,179 @@
+"""The one place that knows about distributed backends and precision.
+
+`backend=ddp|fsdp|zero1|zero2|zero3` becomes an Accelerator here (with Accelerate's FSDP2 or DeepSpeed plugin built
+from our configuration: fsdp.py, deepspeed.py). The trainer then calls the four functions below and never branches
+on the backend: `build_accelerator`, `wrap_model` (SyncBN, FSDP2 sharding), `prepare`, `optimizer_step`. Rank and
+world size come from whatever launcher started us (torchrun, `accelerate launch`, `deepspeed`, Slurm's srun, or a
+single plain process). tensors.py gives the sharded EMA each rank's piece of every tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from yoloscale.config import TrainConfig
+from yoloscale.errors import UserError
+
+
+def distributed_env_from_slurm(env: dict | None = None) -> None:
+    """Inside an `srun` step of several tasks, give torch/Accelerate their variables from Slurm's (one task per
+    device): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR/PORT (first node, port from the job id)
+    unless already set. Does nothing under torchrun/accelerate/deepspeed (they set RANK) or outside Slurm."""
+    env = os.environ if env is None else env
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    if "MASTER_ADDR" not in env:
+        import subprocess
+
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                               text=True, check=True).stdout.split()  # fmt: skip
+        env["MASTER_ADDR"] = hosts[0]
+    env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
+
+
+def resolve_precision(cfg: TrainConfig, use_cuda: bool) -> str:
+    """'auto' -> bf16 on a CUDA GPU that supports it (no loss scaling to go wrong), fp32 on the CPU (CPU autocast is
+    slower than fp32). fp16 may be faster on some GPUs: see docs/benchmarks.md."""
+    if cfg.precision == "auto":
+        return "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if cfg.precision == "fp16" and not use_cuda:
+        raise UserError("precision=fp16 needs a CUDA GPU (loss scaling is CUDA-only); use bf16 or fp32 on the CPU.")
+    return cfg.precision
+
+
+def check_launcher_agreement(cfg: TrainConfig, env: dict | None = None) -> None:
+    """`accelerate launch --config_file X` exports its choices as environment variables, and Accelerate would quietly
+    build an FSDP or DeepSpeed plugin from them. Our configuration is the source of truth: refuse a disagreement."""
+    env = os.environ if env is None else env
+    flag = lambda name: env.get(name, "false").lower() in ("1", "true")  # noqa: E731
+    launcher = "fsdp" if flag("ACCELERATE_USE_FSDP") else "deepspeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
+    ours = "deepspeed" if cfg.backend.startswith("zero") else cfg.backend
+    if launcher and launcher != ours:
+        raise UserError(f"the launcher's Accelerate configuration selects {launcher} (ACCELERATE_USE_"
+                        f"{launcher.upper()}=true) but our configuration says backend={cfg.backend}; pass "
+                        f"backend=... to match, or launch with launch/accelerate/{cfg.backend}.yaml.")  # fmt: skip
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if launcher == "deepspeed" and stage and f"zero{stage}" != cfg.backend:
+        raise UserError(f"the launcher's Accelerate configuration selects ZeRO stage {stage} "
+                        f"(ACCELERATE_DEEPSPEED_ZERO_STAGE) but our configuration says backend={cfg.backend}.")
+    if launcher == "fsdp" and env.get("FSDP_VERSION", "2") != "2":
+        raise UserError(f"the launcher's Accelerate configuration selects FSDP version {env['FSDP_VERSION']}; "
+                        "yoloscale runs FSDP2 (fsdp_version: 2).")
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")  # "no" is accelerate launch's default: not a choice
+    if mixed != "no" and cfg.precision not in ("auto", mixed):
+        raise UserError(f"the launcher's Accelerate configuration sets mixed_precision={mixed} "
+                        f"(ACCELERATE_MIXED_PRECISION) but our configuration says precision={cfg.precision}.")
+
+
+def build_accelerator(cfg: TrainConfig, accumulate: int):
+    """An Accelerator for the configured backend with our precision and gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, GradScalerKwargs,
+                                  InitProcessGroupKwargs)  # fmt: skip
+
+    check_launcher_agreement(cfg)
+    use_cuda = torch.cuda.is_available() and not cfg.cpu
+    precision = resolve_precision(cfg, use_cuda)
+    if cfg.backend != "ddp" and not use_cuda:
+        raise UserError(f"backend={cfg.backend} needs CUDA GPUs (Accelerate runs FSDP and DeepSpeed on GPUs only); "
+                        "use backend=ddp on the CPU.")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed (imgsz x imgsz): autotune convolutions once
+    kwargs = [
+        # YOLO uses every parameter in every step. Buffers (BN running stats) are broadcast from rank 0 at each
+        # forward, as in Ultralytics' DDP, so every rank's EMA sees the same statistics.
+        DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True),
+        # A dead rank must stop the others, not hang them for NCCL's default 10 minutes x retries.
+        InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("YOLOSCALE_DIST_TIMEOUT", 1800)))),
+        # fp16 only. Ultralytics' loss is summed over the batch, so at torch's default initial scale (2^16) the first
+        # steps overflow and are skipped one after another while the scale halves (7 in a row seen for yolo11n on an
+        # H100, close to max_bad_steps). Start at 2^10; the scaler still grows it after 2000 clean steps.
+        GradScalerKwargs(init_scale=2.0**10),
+    ]
+    plugins = {}
+    if cfg.backend == "fsdp":
+        from yoloscale.backend.fsdp import fsdp_plugin
+
+        plugins["fsdp_plugin"] = fsdp_plugin(cfg)
+    elif cfg.backend.startswith("zero"):
+        from yoloscale.backend.deepspeed import deepspeed_plugin
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        plugins["deepspeed_plugin"] = deepspeed_plugin(cfg, precision, accumulate, world)
+        precision = "fp32"  # for Accelerate: DeepSpeed's torch_autocast section does the mixed precision
+    # sync_with_dataloader=False: we count micro-steps ourselves and accumulate across epoch boundaries like
+    # Ultralytics; Accelerate skips the gradient all-reduce on every non-final micro-step (no_sync).
+    plugin = GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False)
+    acc = Accelerator(
+        cpu=not use_cuda,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        gradient_accumulation_plugin=plugin,
+        kwargs_handlers=kwargs,
+        step_scheduler_with_optimizer=False,
+        **plugins,
+    )
+    acc.yoloscale_precision = resolve_precision(cfg, use_cuda)  # what the run computes in, for the log
+    return acc
+
+
+def wrap_model(accelerator, cfg: TrainConfig, model: nn.Module) -> nn.Module:
+    """Before the optimizer is built: SyncBatchNorm (multi-GPU CUDA only); FSDP2 sharding with our wrap policy."""
+    if cfg.sync_bn and accelerator.num_processes > 1:
+        if accelerator.device.type != "cuda":
+            raise UserError("sync_bn=True needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU).")
+        if cfg.backend == "zero3":
+            raise UserError("sync_bn=True is not supported with backend=zero3 (ZeRO-3 partitions the BatchNorm "
+                            "parameters that SyncBatchNorm reads outside DeepSpeed's hooks); use zero2 or fsdp.")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.backend == "fsdp":
+        from yoloscale.backend.fsdp import shard_model
+
+        model.to(accelerator.device)
+        model = shard_model(model, cfg.reshard_after_forward, offload=cfg.offload == "params")
+    return model
+
+
+def fused_optimizer(cfg: TrainConfig) -> bool:
+    """torch's fused SGD has no DTensor (FSDP2) kernel ("aten._fused_sgd_ has no sharding strategy"); fused AdamW has."""
+    return not (cfg.backend == "fsdp" and cfg.optimizer == "SGD")
+
+
+def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Accelerate's prepare; then zero SGD's momentum buffers where our optimizer steps itself (optim.py says why)."""
+    from yoloscale.optim import init_momentum_buffers
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type != "DEEPSPEED":
+        init_momentum_buffers(optimizer.optimizer)
+    return model, optimizer
+
+
+def optimizer_step(accelerator, model: nn.Module, optimizer, max_norm: float) -> torch.Tensor:
+    """After the last micro-step's backward: clip, step unless the gradient norm is non-finite, zero the gradients.
+    Returns 1.0 (skipped) or 0.0 as a device tensor; no host sync with fused optimizers."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        # The engine already clipped and stepped inside accelerator.backward; it skips a step with a non-finite
+        # gradient norm itself (fp16: its GradScaler) and reports the norm as inf.
+        norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+        return torch.tensor(float(norm is not None and not math.isfinite(float(norm))), device=accelerator.device)
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    bad = (~torch.isfinite(norm)).float()
+    inner = optimizer.optimizer
+    if inner.defaults.get("fused"):
+        # Fused optimizers read `found_inf` and skip the whole update on the device when it is 1. Under fp16 the
+        # GradScaler passes its own found_inf (non-finite gradients after unscaling) the same way.
+        inner.found_inf = bad
+        optimizer.step()
+    elif accelerator.scaler is not None or bad.item() == 0:  # the scaler skips by itself; else one host sync
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return bad

@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO-1/2/3: the JSON configuration rendered from ours, and Accelerate's plugin.
+
+`ds_configs/zero<N>.json` are the templates (or the user's `ds_config=` / `--deepspeed FILE`). Fields we own are
+written "auto" there and filled from TrainConfig; a concrete value that disagrees with ours is an error naming
+both, so the JSON and the YOLO configuration can never silently say two different things.
+
+Precision: DeepSpeed's `bf16`/`fp16` sections cast the whole model (yolo11x with ZeRO-2 then died with "CUDA error:
+misaligned address", ../shared/NOTES.md), so both stay disabled and DeepSpeed's `torch_autocast` section runs the
+model under autocast with fp32 master weights, as DDP does. For fp16 DeepSpeed then scales the loss with torch's
+GradScaler and skips overflowing steps itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from yoloscale.config import TrainConfig
+from yoloscale.errors import UserError
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "ds_configs"
+AUTOCAST_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _template(cfg: TrainConfig, stage: int) -> tuple[dict, str]:
+    path = Path(cfg.ds_config) if cfg.ds_config else TEMPLATES / f"zero{stage}.json"
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config '{path}' not found.")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config '{path}' line {e.lineno}: not valid JSON ({e.msg}).") from None
+
+
+def _own(ds: dict, dotted: str, value: Any, ours: str, source: str) -> None:
+    """Set `dotted` to `value` where the JSON says "auto" or nothing; refuse a different concrete value."""
+    *parents, leaf = dotted.split(".")
+    node = ds
+    for p in parents:
+        node = node.setdefault(p, {})
+    current = node.get(leaf, "auto")
+    if current == "auto":
+        node[leaf] = value
+    elif current != value and not (isinstance(value, float) and current == value):
+        raise UserError(f"DeepSpeed config '{source}' sets {dotted}={current!r} but our configuration says "
+                        f"{ours} ({value!r}); make them agree or write \"auto\" in the JSON.")  # fmt: skip
+
+
+def render_ds_config(cfg: TrainConfig, precision: str, accumulate: int, world: int) -> dict:
+    """The DeepSpeed configuration for this run, every field we own filled in and checked."""
+    if precision == "fp16":
+        raise UserError(f"backend={cfg.backend} with precision=fp16 is not supported: under DeepSpeed 0.19.8's "
+                        "torch_autocast in fp16, yolov8s died in a convolution with 'CUDA error: misaligned address' "
+                        "(ZeRO-1, 2 and 3, one H100, 2026-11-23; bf16 ran). Use precision=bf16 with DeepSpeed, or "
+                        "fp16 with backend=ddp or fsdp.")
+    stage = int(cfg.backend.removeprefix("zero"))
+    ds, source = _template(cfg, stage)
+    ds = copy.deepcopy(ds)
+    _own(ds, "zero_optimization.stage", stage, f"backend={cfg.backend}", source)
+    _own(ds, "train_micro_batch_size_per_gpu", cfg.batch, "batch", source)
+    _own(ds, "gradient_accumulation_steps", accumulate, "accumulate", source)
+    _own(ds, "train_batch_size", cfg.batch * accumulate * world, "batch x accumulate x devices", source)
+    _own(ds, "gradient_clipping", float(cfg.grad_clip), "grad_clip", source)
+    optimizer_device = "cpu" if cfg.offload in ("optimizer", "params") else "none"
+    _own(ds, "zero_optimization.offload_optimizer.device", optimizer_device, f"offload={cfg.offload}", source)
+    if stage == 3:
+        _own(ds, "zero_optimization.offload_param.device", "cpu" if cfg.offload == "params" else "none",
+             f"offload={cfg.offload}", source)  # fmt: skip
+    autocast = precision in AUTOCAST_DTYPE
+    _own(ds, "torch_autocast.enabled", autocast, f"precision={precision}", source)
+    if autocast:
+        _own(ds, "torch_autocast.dtype", AUTOCAST_DTYPE[precision], f"precision={precision}", source)
+    for whole_model_cast in ("bf16", "fp16"):
+        _own(ds, f"{whole_model_cast}.enabled", False, "autocast with fp32 master weights (NOTES: bf16 cast crashed)",
+             source)  # fmt: skip
+    # Our own optimizers (SGD with Ultralytics' groups, fused AdamW) are not on DeepSpeed's tested list.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def deepspeed_plugin(cfg: TrainConfig, precision: str, accumulate: int, world: int):
+    from accelerate.utils import DeepSpeedPlugin
+
+    try:
+        import deepspeed  # noqa: F401
+        import transformers  # noqa: F401  (Accelerate's DeepSpeedPlugin imports it)
+    except ImportError as e:
+        raise UserError(f"backend={cfg.backend} needs DeepSpeed: pip install 'yoloscale[deepspeed]' ({e}).") from None
+    return DeepSpeedPlugin(hf_ds_config=render_ds_config(cfg, precision, accumulate, world))
+
+
+def stage_of_file(path: str) -> int | None:
+    """The ZeRO stage a DeepSpeed JSON names (for `--deepspeed FILE` given by the launcher), if any."""
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stage if isinstance(stage, int) else None

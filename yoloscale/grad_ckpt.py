@@ -1,0 +1,111 @@
+"""BN-safe gradient checkpointing of Ultralytics layers (`grad_ckpt=`).
+
+YOLO's memory is mostly activations, so recomputing a layer's forward in the backward pass instead of keeping its
+activations is what lets large images and batches fit (docs/backends.md has the numbers). The unit is one layer
+of `model.model` (a Conv, C3k2, SPPF, C2PSA, Detect, ...): the same unit FSDP2 shards.
+
+Two things make a plain `torch.utils.checkpoint` wrong for YOLO:
+- the recomputation runs every BatchNorm a second time in training mode, which updates its running statistics
+  twice per step (pytorch#96136). During the recomputation the layer's BatchNorms run with momentum 0, which
+  leaves the running statistics exactly as they are, and `num_batches_tracked` is set back: they are updated
+  exactly once per step. (Switching `track_running_stats` off instead changes which tensors batch_norm saves for
+  backward, and torch's checkpoint then refuses the recomputation.)
+- random ops must replay the same numbers: torch's checkpoint restores the CPU and CUDA RNG states (the default).
+
+We patch the layer instance's `forward` instead of wrapping the module, so parameter names, Ultralytics' layer
+attributes (`f`, `i`) and checkpoints are unchanged. Only training-mode forwards with autograd on are checkpointed:
+validation runs the plain forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+from yoloscale.errors import UserError
+
+_NAMED = ("off", "all", "backbone", "head")
+
+
+def parse_selection(text: str) -> str | list[int]:
+    """'off' | 'all' | 'backbone' | 'head' | '2-8,10' (layer indices, ranges inclusive) -> a name or sorted indices."""
+    text = str(text).strip().lower() or "off"
+    if text in _NAMED:
+        return text
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text.replace(" ", "")):
+        raise UserError(f"key 'grad_ckpt' must be one of {list(_NAMED)} or layer indices like '2-8,10', got {text!r}.")
+    indices: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        lo, _, hi = part.partition("-")
+        if hi and int(hi) < int(lo):
+            raise UserError(f"key 'grad_ckpt': range '{part}' runs backwards.")
+        indices.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(indices)
+
+
+def select_layers(model: nn.Module, text: str) -> list[int]:
+    """Indices into `model.model` chosen by `text` for this model (backbone/head split from its YAML)."""
+    selection, n = parse_selection(text), len(model.model)
+    if selection == "off":
+        return []
+    if selection == "all":
+        return list(range(n))
+    if selection in ("backbone", "head"):
+        n_backbone = len(model.yaml["backbone"])
+        return list(range(n_backbone)) if selection == "backbone" else list(range(n_backbone, n))
+    bad = [i for i in selection if i >= n]
+    if bad:
+        raise UserError(f"key 'grad_ckpt': layer(s) {bad} do not exist; this model has layers 0-{n - 1}.")
+    return selection
+
+
+def apply_grad_ckpt(model: nn.Module, text: str) -> list[int]:
+    """Checkpoint the selected layers of an Ultralytics model in place; returns their indices."""
+    chosen = select_layers(model, text)
+    for i in chosen:
+        layer = model.model[i]
+        if "forward" not in vars(layer):  # not patched already
+            layer.forward = functools.partial(_checkpointed_forward, layer, layer.forward)
+    return chosen
+
+
+def remove_grad_ckpt(model: nn.Module) -> None:
+    """Undo `apply_grad_ckpt` (e.g. before pickling a model for Ultralytics)."""
+    for layer in model.modules():
+        if isinstance(vars(layer).get("forward"), functools.partial):
+            del layer.forward
+
+
+def _checkpointed_forward(layer: nn.Module, forward, *args):
+    if not (layer.training and torch.is_grad_enabled()):
+        return forward(*args)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=functools.partial(_contexts, layer))
+
+
+def _contexts(layer: nn.Module):
+    """(context of the original forward, context of the recomputation)."""
+    return contextlib.nullcontext(), _running_stats_frozen(layer)
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(layer: nn.Module):
+    """BatchNorm momentum 0 during the recomputation: new = 1 x old + 0 x batch, exactly the old statistics, while
+    the op itself (and the tensors it saves for backward) stays the same as in the original forward.
+    `num_batches_tracked`, counted again by the recomputation, is set back."""
+    norms = [m for m in layer.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.sub_(1)
