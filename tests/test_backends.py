@@ -130,3 +130,14 @@ def test_sharded_backends_need_gpus_and_bad_combinations_are_named():
                        ("offload=optimizer", "sharded backend"), ("ds_config=x.json", "DeepSpeed")]:
         with pytest.raises(UserError, match=words):
             _cfg(*bad.split())
+
+
+def test_resume_refuses_another_backend_or_a_zero_world_size_change():
+    from yoloscale.backend import check_resume
+
+    check_resume("c", "fsdp", 2, "fsdp", 1)  # DCP checkpoints reshard
+    check_resume("c", "ddp", 1, "ddp", 2)
+    with pytest.raises(UserError, match="backend=ddp.*now backend=fsdp"):
+        check_resume("c", "ddp", 1, "fsdp", 1)
+    with pytest.raises(UserError, match="ZeRO partitions for 2"):
+        check_resume("c", "zero2", 2, "zero2", 1)

@@ -262,9 +262,10 @@ def bench(cfg, opts) -> dict:
     results = {}
     for kind in _kinds(opts):
         n = int(kind.rsplit("-", 1)[1]) if kind.startswith("loop-") else 1
-        # torchrun also for one process of a sharded backend: DeepSpeed wants a process-group environment
-        launcher = [sys.executable] if n == 1 and cfg.backend == "ddp" else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                    str(n), "--master_port", str(_free_port())]  # fmt: skip
+        # Our loop always under torchrun, one process included: every backend then finds the process-group
+        # environment it expects (DeepSpeed needs one even for a single GPU).
+        launcher = [sys.executable] if not kind.startswith("loop-") else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(_free_port())]
         cmd = [*launcher, "-m", "yoloscale", "bench", *opts.settings, f"data={cfg.data}", *opts.flags, "--only", kind]
         t = time.time()
         with open(opts.out / f"{kind}.log", "w") as log:

@@ -109,10 +109,18 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainerState, dict | None]:
-    """Restore Accelerate's state in place; return our counters and the EMA state dict (if saved)."""
+def load_checkpoint(accelerator, ckpt: Path, check=None) -> tuple[TrainerState, dict | None]:
+    """Restore Accelerate's state in place; return our counters and the EMA state dict (if saved).
+
+    `check(state)` runs before anything is loaded, so a checkpoint this run cannot take (another backend, another
+    world size) is refused with its own message instead of failing inside the loader."""
     try:
         state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    except Exception as e:
+        raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    if check is not None:
+        check(state)
+    try:
         accelerator.load_state(str(ckpt))
         ema_file = ckpt / "ema.safetensors"
         ema_state = load_file(str(ema_file)) if ema_file.is_file() else None

@@ -313,19 +313,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _resume(self, ckpt: Path) -> None:
-        state, ema_state = load_checkpoint(self.accelerator, ckpt)
-        if state.batch_in_epoch and (state.world_size, state.batch) != (self.world, self.cfg.batch):
-            raise UserError(
-                f"checkpoint '{ckpt}' was saved mid-epoch with {state.world_size} process(es) x batch {state.batch}; "
-                f"resume it with the same, or from an epoch-end checkpoint (now {self.world} x {self.cfg.batch})."
-            )
-        if state.backend != self.cfg.backend:
-            raise UserError(f"checkpoint '{ckpt}' was written by backend={state.backend}; resume it with that backend "
-                            f"(now backend={self.cfg.backend}), or start a new run from its weights with weights=.")
-        if state.backend.startswith("zero") and state.world_size != self.world:
-            raise UserError(f"checkpoint '{ckpt}' holds DeepSpeed ZeRO partitions for {state.world_size} process(es); "
-                            f"resume it on {state.world_size} (now {self.world}), or use backend=ddp/fsdp, whose "
-                            "checkpoints reshard.")
+        def check(state: TrainerState) -> None:
+            if state.batch_in_epoch and (state.world_size, state.batch) != (self.world, self.cfg.batch):
+                raise UserError(
+                    f"checkpoint '{ckpt}' was saved mid-epoch with {state.world_size} process(es) x batch "
+                    f"{state.batch}; resume it with the same, or from an epoch-end checkpoint (now {self.world} x "
+                    f"{self.cfg.batch})."
+                )
+            backend.check_resume(ckpt, state.backend, state.world_size, self.cfg.backend, self.world)
+
+        state, ema_state = load_checkpoint(self.accelerator, ckpt, check)
         if self.ema is not None and ema_state is not None:
             self.ema.load_full_state_dict(ema_state, state.ema_updates)
         if hasattr(self.criterion, "update"):

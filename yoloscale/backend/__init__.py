@@ -156,14 +156,27 @@ def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
     return model, optimizer
 
 
+def check_resume(ckpt, saved_backend: str, saved_world: int, backend: str, world: int) -> None:
+    """A checkpoint's model/optimizer state is in its backend's own layout. DDP and FSDP2 (DCP) checkpoints load on
+    any world size; DeepSpeed's ZeRO partitions only on the one that wrote them."""
+    if saved_backend != backend:
+        raise UserError(f"checkpoint '{ckpt}' was written by backend={saved_backend}; resume it with that backend "
+                        f"(now backend={backend}), or start a new run from its weights with weights=.")
+    if backend.startswith("zero") and saved_world != world:
+        raise UserError(f"checkpoint '{ckpt}' holds DeepSpeed ZeRO partitions for {saved_world} process(es); resume "
+                        f"it on {saved_world} (now {world}), or use backend=ddp/fsdp, whose checkpoints reshard.")
+
+
 def optimizer_step(accelerator, model: nn.Module, optimizer, max_norm: float) -> torch.Tensor:
     """After the last micro-step's backward: clip, step unless the gradient norm is non-finite, zero the gradients.
     Returns 1.0 (skipped) or 0.0 as a device tensor; no host sync with fused optimizers."""
     if accelerator.distributed_type == "DEEPSPEED":
         # The engine already clipped and stepped inside accelerator.backward; it skips a step with a non-finite
         # gradient norm itself (fp16: its GradScaler) and reports the norm as inf.
-        norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
-        return torch.tensor(float(norm is not None and not math.isfinite(float(norm))), device=accelerator.device)
+        norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()  # a tensor or a float
+        if norm is None:
+            return torch.zeros((), device=accelerator.device)
+        return (~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device))).float()
     norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     bad = (~torch.isfinite(norm)).float()

@@ -27,7 +27,8 @@ AUTOCAST_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
 def _template(cfg: TrainConfig, stage: int) -> tuple[dict, str]:
     path = Path(cfg.ds_config) if cfg.ds_config else TEMPLATES / f"zero{stage}.json"
     if not path.is_file():
-        raise UserError(f"DeepSpeed config '{path}' not found.")
+        hint = "" if cfg.ds_config else " (the templates ship with the source checkout; pass ds_config=FILE)"
+        raise UserError(f"DeepSpeed config '{path}' not found{hint}.")
     try:
         return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as e:
