@@ -84,3 +84,32 @@ def _gloo_worker(rank, world, port):
     (size, busbw), = allreduce_busbw(rank, world, [1], "cpu", iters=3)
     assert size == 2**20 and busbw > 0
     dist.destroy_process_group()
+
+
+def test_link_peak_and_judgement():
+    from yoloscale.doctor import judge_busbw, link_peak
+
+    assert link_peak(_load("dgx-h100-8gpu-nvswitch.txt"), "NVIDIA H100 80GB HBM3") == (450.0, "18 NVLink links x 25 GB/s")
+    assert link_peak(_load("h200x2-nvlink.txt"), "NVIDIA H200")[0] == 450.0
+    assert link_peak(_load("h200x2-nvlink.txt"), "NVIDIA B200")[0] == 900.0  # NVLink 5: 50 GB/s per link
+    peak, how = link_peak(_load("pcie-2gpu-one-switch.txt"), "NVIDIA L40S", pcie_gen=4, pcie_width=16)
+    assert round(peak, 1) == 31.5 and how == "PCIe gen4 x16"
+    assert link_peak(_load("pcie-2gpu-one-switch.txt")) is None  # PCIe generation unknown: no expectation
+    assert link_peak(parse_topo_matrix("")) is None  # one GPU or none
+    assert "as expected" in judge_busbw(380.0, 450.0)
+    assert "below expectation" in judge_busbw(120.0, 450.0)
+
+
+def test_export_lines_only_set_what_is_missing_and_quote_values():
+    from yoloscale.doctor import export_lines
+
+    recs = recommend(_load("h200x2-nvlink.txt"), [], ["ens5"], {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
+    lines = export_lines(recs, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
+    assert lines == ["export YOLOSCALE_DIST_TIMEOUT=1800", "export NCCL_SOCKET_IFNAME=ens5"]
+    assert export_lines([("NCCL_SOCKET_IFNAME", "a b;$(x)", "")], {}) == ["export NCCL_SOCKET_IFNAME='a b;$(x)'"]
+
+
+def test_doctor_export_prints_only_shell_lines():
+    proc = run_cli("doctor", "--export")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and all(line.startswith("export ") for line in proc.stdout.splitlines())

@@ -6,8 +6,15 @@ import subprocess
 
 import pytest
 
+from pathlib import Path
+
 from yoloscale.errors import UserError
-from yoloscale.launch import render_sbatch
+from yoloscale.launch import LAUNCHERS, render_generic, render_sbatch
+
+SHIPPED = Path(__file__).parent.parent / "launch" / "slurm"
+# launch/slurm/ files: `yoloscale launch slurm --generic --launcher L --nodes N --gpus-per-node 8 > FILE`
+SHIPPED_TEMPLATES = {"one-node-8gpu.sbatch": ("srun", 1), "multinode-torchrun.sbatch": ("torchrun", 2),
+                     "multinode-accelerate.sbatch": ("accelerate", 2), "deepspeed.sbatch": ("deepspeed", 2)}
 
 HOSTILE = "$(touch CANARY); `touch CANARY2` 'single' \"double\" ; rm -rf ~\nsecond line"
 
@@ -30,11 +37,63 @@ def test_render_has_the_sbatch_lines_and_rendezvous(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
-def test_rendered_script_is_shellcheck_clean(tmp_path):
-    script, _ = _render(tmp_path)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_rendered_script_is_shellcheck_clean(tmp_path, launcher):
+    script, _ = _render(tmp_path, "backend=zero2", launcher=launcher)
     (tmp_path / "s.sbatch").write_text(script)
-    proc = subprocess.run(["shellcheck", str(tmp_path / "s.sbatch")], capture_output=True, text=True)
+    proc = subprocess.run(["shellcheck", str(tmp_path / "s.sbatch"), *SHIPPED.glob("*.sbatch")],
+                          capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("name", SHIPPED_TEMPLATES)
+def test_shipped_templates_are_what_the_renderer_makes(name):
+    launcher, nodes = SHIPPED_TEMPLATES[name]
+    assert (SHIPPED / name).read_text() == render_generic(launcher, nodes, 8), f"regenerate launch/slurm/{name}"
+
+
+def _run_with_stand_ins(tmp_path, script: str, *args: str) -> list[str]:
+    """Run a generic template under stand-in srun (runs its command as task 1 of node 2), scontrol (two nodes)
+    and python3 (records its arguments): what the training launcher would have been started with."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'node1\\nnode2\\n'\n")
+    (bin_dir / "python3").write_text('#!/bin/bash\n[[ "$*" == *doctor* ]] && exit 0\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "s.sbatch").write_text(script)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1-2]",
+               SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_RESTART_COUNT="1",
+               ARGS_OUT=str(tmp_path / "args"))
+    subprocess.run(["bash", str(tmp_path / "s.sbatch"), *args], check=True, cwd=tmp_path, env=env)
+    return (tmp_path / "args").read_bytes().decode().split("\0")[:-1]
+
+
+def test_per_node_launchers_get_the_node_rank_and_literal_arguments(tmp_path):
+    user = ["my.yaml", f"wandb_project={HOSTILE}", "name=exp1"]
+    (tmp_path / "ds").mkdir()
+    ds = _run_with_stand_ins(tmp_path / "ds", render_generic("deepspeed", 2, 8), *user)
+    assert ds == ["-m", "deepspeed.launcher.runner", "--node_rank=1", f"--hostfile={tmp_path}/ds/deepspeed-hostfile-4242",
+                  "--no_ssh", "--master_addr=node1", f"--master_port={20000 + 4242}", "--module", "yoloscale", "train",
+                  *user, "resume=auto"]  # fmt: skip
+    assert (tmp_path / "ds" / "deepspeed-hostfile-4242").read_text() == "node1 slots=8\nnode2 slots=8\n"
+    (tmp_path / "acc").mkdir()
+    acc = _run_with_stand_ins(tmp_path / "acc", render_generic("accelerate", 2, 8), *user)
+    assert acc[:4] == ["-m", "accelerate.commands.launch", "--machine_rank=1", "--multi_gpu"]
+    assert "--num_processes=16" in acc and acc[-len(user) - 4:] == ["-m", "yoloscale", "train", *user, "resume=auto"][-len(user) - 4:]
+    (tmp_path / "tr").mkdir()
+    tr = _run_with_stand_ins(tmp_path / "tr", render_generic("torchrun", 2, 8), *user)
+    assert tr[:5] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d"]
+    assert "--rdzv_endpoint=node1:24242" in tr and tr[-len(user) - 1:] == [*user, "resume=auto"]
+    assert not list(tmp_path.rglob("CANARY*"))
+
+
+def test_deepspeed_launcher_needs_a_zero_backend_and_gpus(tmp_path):
+    with pytest.raises(UserError, match="backend=zero1"):
+        _render(tmp_path, launcher="deepspeed")
+    with pytest.raises(UserError, match="needs GPUs"):
+        _render(tmp_path, "backend=zero2", launcher="deepspeed", gpus_per_node=0)
 
 
 def test_hostile_values_stay_literal(tmp_path):

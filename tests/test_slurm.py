@@ -1,5 +1,6 @@
 """Against a real Slurm (CI starts a one-node cluster with .ci/slurm-up.sh): a rendered sbatch script trains a
-2-task CPU DDP run; SIGUSR1 leads to a checkpoint, a requeue and a completed, resumed run."""
+2-process CPU DDP run under each launcher (srun tasks, torchrun, accelerate launch); SIGUSR1 leads to a checkpoint,
+a requeue and a completed, resumed run, also through a per-node launcher that must not die of the signal."""
 
 import shutil
 import subprocess
@@ -31,8 +32,8 @@ def _cancel_leftover_jobs():
 _submitted: list[str] = []
 
 
-def _submit(tmp_path, tiny_data, name, *extra):
-    proc = run_cli("launch", "slurm", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8",
+def _submit(tmp_path, tiny_data, name, *extra, launcher="srun"):
+    proc = run_cli("launch", "slurm", f"--launcher={launcher}", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8",
                    "workers=0", "plots=False", "close_mosaic=0", f"project={tmp_path}", f"name={name}", *extra,
                    "--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--time=20", "--submit")
     assert proc.returncode == 0, proc.stderr
@@ -52,8 +53,9 @@ def _wait_gone(job: str, timeout: float) -> None:
     assert not _in_queue(job), f"job {job} still queued after {timeout}s"
 
 
-def test_sbatch_runs_two_task_ddp(tiny_data, tmp_path):
-    job = _submit(tmp_path, tiny_data, "ddp", "epochs=1")
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", "accelerate"])
+def test_sbatch_runs_two_process_ddp(tiny_data, tmp_path, launcher):
+    job = _submit(tmp_path, tiny_data, "ddp", "epochs=1", launcher=launcher)
     _wait_gone(job, 300)
     run = tmp_path / "ddp"
     log = (tmp_path / f"ddp-slurm-{job}.out").read_text()
@@ -63,8 +65,9 @@ def test_sbatch_runs_two_task_ddp(tiny_data, tmp_path):
     assert (run / "weights" / "last.pt").exists()
 
 
-def test_usr1_checkpoints_requeues_and_the_job_resumes(tiny_data, tmp_path):
-    job = _submit(tmp_path, tiny_data, "pre", "epochs=3", "log_interval=1", "val=False")
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_usr1_checkpoints_requeues_and_the_job_resumes(tiny_data, tmp_path, launcher):
+    job = _submit(tmp_path, tiny_data, "pre", "epochs=3", "log_interval=1", "val=False", launcher=launcher)
     run = tmp_path / "pre"
     deadline = time.time() + 300
     while not (run / "config.yaml").exists() and time.time() < deadline:

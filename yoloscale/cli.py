@@ -69,9 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--partition", default="")
     sl.add_argument("--account", default="")
     sl.add_argument("--signal-lead", type=int, default=90, help="seconds of warning (SIGUSR1) before the limit")
+    sl.add_argument("--launcher", default="srun", choices=["srun", "torchrun", "accelerate", "deepspeed"],
+                    help="srun: one task per GPU (default); torchrun / accelerate / deepspeed: one launcher per node")
     sl.add_argument("--submit", action="store_true", help="run sbatch on the written script")
+    sl.add_argument("--generic", action="store_true",
+                    help="print a reusable template that takes the training arguments from sbatch's command line")
     dr = sub.add_parser("doctor", help="this node's GPU/network topology and the NCCL settings we recommend")
     dr.add_argument("--bench", action="store_true", help="also measure all-reduce bus bandwidth over the local GPUs")
+    dr.add_argument("--export", action="store_true",
+                    help="print only `export VAR=value` lines for the recommendations not already set (for scripts)")
     e = sub.add_parser("export", help="write best.pt/last.pt (Ultralytics) from a run's EMA weights")
     e.add_argument("run", help="run directory")
     return p

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -127,6 +128,41 @@ def read_node() -> tuple[Topology, list[str], list[str]]:
     return topo, ib, interfaces
 
 
+# Per-direction bandwidth of one NVLink link: NVLink 3 (A100) and 4 (H100/H200) 25 GB/s, NVLink 5 (B200/GB200) 50 GB/s.
+_NVLINK_GBS = {"B200": 50.0, "GB200": 50.0, "B100": 50.0, "B300": 50.0}
+_PCIE_LANE_GBS = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}  # per lane and direction, after encoding
+
+
+def link_peak(topo: Topology, gpu_name: str = "", pcie_gen: int = 0, pcie_width: int = 0) -> tuple[float, str] | None:
+    """The slowest GPU pair's link peak in GB/s per direction, which bounds a ring all-reduce's bus bandwidth
+    (nccl-tests' busbw is comparable to it), and how it was worked out. None when unknown."""
+    if len(topo.gpus) < 2:
+        return None
+    links = set(topo.links.values())
+    if links and all(link.startswith("NV") and link[2:].isdigit() for link in links):
+        n = min(int(link[2:]) for link in links)
+        per_link = next((v for k, v in _NVLINK_GBS.items() if k in gpu_name), 25.0)
+        return n * per_link, f"{n} NVLink links x {per_link:.0f} GB/s"
+    if pcie_gen in _PCIE_LANE_GBS and pcie_width:
+        return pcie_width * _PCIE_LANE_GBS[pcie_gen], f"PCIe gen{pcie_gen} x{pcie_width}"
+    return None
+
+
+def judge_busbw(measured: float, peak: float) -> str:
+    """A healthy link carries most of its peak at large messages; below 60% (our threshold) points at a wrong P2P
+    level, a PCIe fallback or a busy link."""
+    ratio = measured / peak
+    if ratio >= 0.6:
+        return f"{ratio:.0%} of the link peak: as expected"
+    return (f"{ratio:.0%} of the link peak: below expectation; check NCCL_P2P_LEVEL / NCCL_P2P_DISABLE, that "
+            "the GPUs are not shared, and NCCL_DEBUG=INFO for the transport chosen")
+
+
+def export_lines(recs: list[tuple[str, str, str]], env: dict) -> list[str]:
+    """Shell lines setting the recommendations the environment does not set yet (values quoted)."""
+    return [f"export {var}={shlex.quote(value)}" for var, value, _ in recs if var not in env]
+
+
 def allreduce_busbw(rank: int, world: int, sizes_mb: list[int], device: str, iters: int = 10) -> list[tuple[int, float]]:
     """Inside an initialised process group: (bytes, bus GB/s) per message size, nccl-tests style."""
     import torch
@@ -162,10 +198,24 @@ def _bench_worker(rank: int, world: int, port: int, sizes_mb: list[int], out: di
     dist.destroy_process_group()
 
 
+def _gpu_info() -> tuple[str, int, int]:
+    """(name of GPU 0, its max PCIe generation, its max PCIe width) from nvidia-smi; blanks when unknown."""
+    result = subprocess.run(["nvidia-smi", "--query-gpu=name,pcie.link.gen.max,pcie.link.width.max",
+                             "--format=csv,noheader"], capture_output=True, text=True)  # fmt: skip
+    try:
+        name, gen, width = (c.strip() for c in result.stdout.splitlines()[0].split(","))
+        return name, int(gen), int(width)
+    except (IndexError, ValueError):
+        return "", 0, 0
+
+
 def run(ns) -> None:
+    topo, ib, interfaces = read_node()
+    if ns.export:  # for `eval "$(yoloscale doctor --export)"` in job scripts: nothing but export lines
+        print("\n".join(export_lines(recommend(topo, ib, interfaces, dict(os.environ)), dict(os.environ))))
+        return
     import torch
 
-    topo, ib, interfaces = read_node()
     print("topology:")
     for line in describe(topo):
         print(f"  - {line}")
@@ -189,3 +239,10 @@ def run(ns) -> None:
         print(f"all-reduce over {n} GPUs (bus bandwidth, nccl-tests definition):")
         for size, busbw in out["busbw"]:
             print(f"  {size / 2**20:>6.0f} MiB  {busbw:7.1f} GB/s")
+        peak = link_peak(topo, *_gpu_info())
+        best = max(b for _, b in out["busbw"])
+        if peak:
+            print(f"link peak {peak[0]:.0f} GB/s per direction ({peak[1]}); best bus bandwidth {best:.1f} GB/s = "
+                  f"{judge_busbw(best, peak[0])}")
+        else:
+            print("link peak unknown for this topology: no expectation to compare with")

@@ -1,13 +1,24 @@
 """`yoloscale launch slurm`: render (and optionally submit) an sbatch script for a training run.
 
-    yoloscale launch slurm [config.yaml] [key=value ...] --nodes 2 --gpus-per-node 8 [--partition P] [--account A]
-                           [--time 24:00:00] [--cpus-per-task 12] [--submit]
+    yoloscale launch slurm [config.yaml] [key=value ...] --nodes 2 --gpus-per-node 8 [--launcher srun]
+                           [--partition P] [--account A] [--time 24:00:00] [--cpus-per-task 12] [--submit]
 
-One Slurm task per GPU (`srun` starts `python -m yoloscale train` on every GPU of every node); yoloscale maps
-SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID to torch's RANK / WORLD_SIZE / LOCAL_RANK itself, so no second launcher
-sits between Slurm and the training processes and Slurm's signals reach them directly. The rendezvous is the first
-node of the job on a port derived from the job id. `--signal=USR1@90` + `--requeue`: the run checkpoints on the
-signal and requeues itself; the requeued script finds the checkpoint and resumes.
+Launchers (how the training processes are started inside the allocation):
+  srun        one Slurm task per GPU running `python -m yoloscale train`; yoloscale maps SLURM_PROCID /
+              SLURM_NTASKS / SLURM_LOCALID to RANK / WORLD_SIZE / LOCAL_RANK itself. Nothing sits between Slurm
+              and the training processes. The default.
+  torchrun    one task per node running torchrun (c10d rendezvous on the first node), which starts one process
+              per GPU.
+  accelerate  one task per node running `accelerate launch` (machine rank = SLURM_NODEID).
+  deepspeed   one task per node running DeepSpeed's launcher without ssh (`--no_ssh --node_rank`), with a
+              hostfile written from the allocation; needs backend=zero1|zero2|zero3.
+The rendezvous is the job's first node on a port derived from the job id. `--signal=USR1@90` + `--requeue`: the run
+checkpoints on the signal and requeues itself; the requeued script resumes. Slurm signals every process of a job
+step, so the per-node launchers are started with SIGUSR1 ignored (its default action would kill the launcher and,
+with it, the run); the training processes install their own handler.
+
+`--generic` writes a reusable template instead: the training arguments come from the sbatch command line
+(`sbatch FILE.sbatch my.yaml name=exp1`) and a requeued job resumes with `resume=auto`. launch/slurm/ holds those.
 
 Every value that reaches the script is validated and shell-quoted, so a configuration value containing `$(...)`,
 `;`, quotes or newlines stays literal.
@@ -24,12 +35,13 @@ from pathlib import Path
 
 from yoloscale.errors import UserError
 
+LAUNCHERS = ("srun", "torchrun", "accelerate", "deepspeed")
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # partitions, accounts, job names
 _PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")  # what an #SBATCH --output line can hold without quoting
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes | [D-]HH[:MM[:SS]]
 
-TEMPLATE = """#!/bin/bash
-# Rendered by `yoloscale launch slurm` on {date}. Resubmitting this file continues the run from its last checkpoint.
+HEADER = """#!/bin/bash
+# {title}
 #SBATCH --job-name={job_name}
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node={tasks_per_node}
@@ -42,24 +54,52 @@ TEMPLATE = """#!/bin/bash
 set -euo pipefail
 
 # Rendezvous on the job's first node, on a port derived from the job id (stable across a requeue).
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads it all: no SIGPIPE under pipefail
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT
 # sbatch passes the submitting shell's environment on: drop launcher variables that would override Slurm's ranks.
 unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
-# Fail fast instead of hanging when a rank dies; values already set in the environment win.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${{TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}}"
-export YOLOSCALE_DIST_TIMEOUT="${{YOLOSCALE_DIST_TIMEOUT:-1800}}"
-export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}}"
+# What `yoloscale doctor` recommends for this node (NCCL interfaces/adapters, fail-fast error handling, timeouts);
+# a variable already set in the environment wins.
+eval "$({python} -m yoloscale doctor --export)"
+export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{cpus_per_process}}}"
+{cpu_line}
+{resume_block}
+"""
 
-RUN_DIR={run_dir}
+RESUME_BAKED = """RUN_DIR={run_dir}
 RESUME=()
 if compgen -G "$RUN_DIR/checkpoints/step-*/COMPLETE" > /dev/null; then
   RESUME=("resume=$RUN_DIR")  # a requeued (or resubmitted) job continues its run
-fi
+fi"""
 
-srun --kill-on-bad-exit=1 {python} -m yoloscale train {train_args} "${{RESUME[@]}}"
-"""
+RESUME_GENERIC = """RESUME=()
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+  RESUME=("resume=auto")  # a requeued job continues its run (give name= so it finds the right one)
+fi"""
+
+# The launch line of each launcher; {train} is `yoloscale train ARGS "${RESUME[@]}"`.
+BODIES = {
+    "srun": """srun --kill-on-bad-exit=1 {python} -m {train}""",
+    "torchrun": """# shellcheck disable=SC2016  # $@ expands inside the task's shell
+srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$@"' launcher \\
+  {python} -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} \\
+  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \\
+  -m {train}""",
+    "accelerate": """# shellcheck disable=SC2016  # SLURM_NODEID expands inside each node's task
+srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "${{@:1:3}}" --machine_rank="$SLURM_NODEID" "${{@:4}}"' launcher \\
+  {python} -m accelerate.commands.launch --multi_gpu --num_machines="$SLURM_JOB_NUM_NODES" \\
+  --num_processes=$((SLURM_JOB_NUM_NODES * {procs})) --main_process_ip="$MASTER_ADDR" \\
+  --main_process_port="$MASTER_PORT" --rdzv_backend=c10d --same_network \\
+  -m {train}""",
+    "deepspeed": """# DeepSpeed's launcher reads the nodes from a hostfile; --no_ssh starts each node's share from its own task.
+HOSTFILE={shared_dir}/deepspeed-hostfile-$SLURM_JOB_ID
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed 's/$/ slots={procs}/' > "$HOSTFILE"
+# shellcheck disable=SC2016  # SLURM_NODEID expands inside each node's task
+srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "${{@:1:3}}" --node_rank="$SLURM_NODEID" "${{@:4}}"' launcher \\
+  {python} -m deepspeed.launcher.runner --hostfile="$HOSTFILE" --no_ssh --master_addr="$MASTER_ADDR" \\
+  --master_port="$MASTER_PORT" --module {train}""",
+}
 
 
 def _check(value: str, pattern: re.Pattern, flag: str) -> str:
@@ -68,48 +108,97 @@ def _check(value: str, pattern: re.Pattern, flag: str) -> str:
     return value
 
 
-def render_sbatch(cfg_file: str | None, overrides: list[str], nodes: int, gpus_per_node: int, tasks_per_node: int,
-                  cpus_per_task: int, time_limit: str, partition: str = "", account: str = "",
-                  signal_lead: int = 90) -> tuple[str, Path]:  # fmt: skip
-    """The sbatch script and the run directory it trains into."""
-    from yoloscale.config import load_config
-
-    cfg = load_config(cfg_file, overrides)  # validates every key and value before anything is written
-    if cfg.resume:
-        raise UserError("launch slurm: leave resume= out; the script resumes from its run's checkpoints by itself.")
-    if not cfg.name:
-        cfg.name = time.strftime("slurm-%Y%m%d-%H%M%S")
-        overrides = [*overrides, f"name={cfg.name}"]
+def _script(launcher: str, *, nodes: int, gpus_per_node: int, tasks_per_node: int, cpus_per_task: int,
+            time_limit: str, partition: str, account: str, signal_lead: int, title: str, job_name: str, log: str,
+            resume_block: str, shared_dir: str, train_args: str, python: str) -> str:  # fmt: skip
+    """Fill the header and the launcher's body (values already validated and quoted)."""
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
     for flag, v in (("nodes", nodes), ("cpus-per-task", cpus_per_task), ("tasks-per-node", tasks_per_node)):
         if v < 1:
             raise UserError(f"--{flag} must be >= 1, got {v}.")
     if gpus_per_node < 0 or signal_lead < 10:
         raise UserError("--gpus-per-node must be >= 0 and --signal-lead >= 10 seconds.")
-    tasks = gpus_per_node or tasks_per_node  # one task per GPU; on CPU nodes, --tasks-per-node processes
-    run_dir = Path(cfg.project).resolve() / cfg.name
+    if launcher == "deepspeed" and gpus_per_node == 0:
+        raise UserError("--launcher deepspeed needs GPUs (--gpus-per-node >= 1); on CPU nodes use srun or torchrun.")
+    procs = gpus_per_node or tasks_per_node  # training processes per node: one per GPU, or --tasks-per-node on CPUs
+    per_node = launcher != "srun"  # one launcher task per node, holding all of the node's CPUs
     optional = "".join(f"#SBATCH --{k}={_check(v, _SLURM_NAME, k)}\n" for k, v in
                        (("partition", partition), ("account", account)) if v)  # fmt: skip
+    cpu_line = "" if gpus_per_node else "export ACCELERATE_USE_CPU=1  # CPU nodes: gloo processes\n"
+    header = HEADER.format(
+        title=title, job_name=_check(job_name, _SLURM_NAME, "name"), nodes=nodes,
+        tasks_per_node=1 if per_node else procs,
+        gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "",
+        cpus_per_task=cpus_per_task * procs if per_node else cpus_per_task, cpus_per_process=cpus_per_task,
+        time=_check(time_limit, _SLURM_TIME, "time"), optional_lines=optional, log=log, signal_lead=signal_lead,
+        python=python, cpu_line=cpu_line if launcher == "accelerate" else "", resume_block=resume_block,
+    )  # fmt: skip
+    body = BODIES[launcher].format(python=python, procs=procs, shared_dir=shared_dir,
+                                   train=f'yoloscale train {train_args} "${{RESUME[@]}}"')  # fmt: skip
+    return header + body + "\n"
+
+
+def render_sbatch(cfg_file: str | None, overrides: list[str], nodes: int, gpus_per_node: int, tasks_per_node: int,
+                  cpus_per_task: int, time_limit: str, partition: str = "", account: str = "",
+                  signal_lead: int = 90, launcher: str = "srun") -> tuple[str, Path]:  # fmt: skip
+    """The sbatch script for this configuration and the run directory it trains into."""
+    from yoloscale.config import load_config
+
+    cfg = load_config(cfg_file, overrides)  # validates every key and value before anything is written
+    if cfg.resume:
+        raise UserError("launch slurm: leave resume= out; the script resumes from its run's checkpoints by itself.")
+    if launcher == "deepspeed" and not cfg.backend.startswith("zero"):
+        raise UserError(f"--launcher deepspeed runs DeepSpeed: set backend=zero1|zero2|zero3 (now {cfg.backend}).")
+    if not cfg.name:
+        cfg.name = time.strftime("slurm-%Y%m%d-%H%M%S")
+        overrides = [*overrides, f"name={cfg.name}"]
+    run_dir = Path(cfg.project).resolve() / cfg.name
     args = ([str(Path(cfg_file).resolve())] if cfg_file else []) + [
         o if not o.startswith("project=") else f"project={Path(cfg.project).resolve()}" for o in overrides]
     if not any(o.startswith("project=") for o in overrides):
         args.append(f"project={Path(cfg.project).resolve()}")  # absolute: the job may start in another directory
-    script = TEMPLATE.format(
-        date=time.strftime("%Y-%m-%d %H:%M"), job_name=_check(cfg.name, _SLURM_NAME, "name"), nodes=nodes,
-        tasks_per_node=tasks, gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "",
-        cpus_per_task=cpus_per_task, time=_check(time_limit, _SLURM_TIME, "time"), optional_lines=optional,
-        log=_check(str(run_dir.parent), _PLAIN_PATH, "project") + f"/{cfg.name}-slurm-%j.out", signal_lead=signal_lead,
-        run_dir=shlex.quote(str(run_dir)), python=shlex.quote(sys.executable),
-        train_args=" ".join(shlex.quote(a) for a in args),
+    project = _check(str(run_dir.parent), _PLAIN_PATH, "project")
+    script = _script(
+        launcher, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task, time_limit=time_limit, partition=partition, account=account,
+        signal_lead=signal_lead, job_name=cfg.name, log=f"{project}/{cfg.name}-slurm-%j.out",
+        title=f"Rendered by `yoloscale launch slurm` on {time.strftime('%Y-%m-%d %H:%M')}. "
+              "Resubmitting this file continues the run from its last checkpoint.",
+        resume_block=RESUME_BAKED.format(run_dir=shlex.quote(str(run_dir))), shared_dir=shlex.quote(project),
+        train_args=" ".join(shlex.quote(a) for a in args), python=shlex.quote(sys.executable),
     )  # fmt: skip
     return script, run_dir
 
 
+def render_generic(launcher: str, nodes: int, gpus_per_node: int, tasks_per_node: int = 1, cpus_per_task: int = 8,
+                   time_limit: str = "24:00:00", signal_lead: int = 90) -> str:  # fmt: skip
+    """A reusable template: `sbatch FILE [config.yaml] [key=value ...]` (the files in launch/slurm/)."""
+    return _script(
+        launcher, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task, time_limit=time_limit, partition="", account="", signal_lead=signal_lead,
+        job_name="yoloscale", log="%x-%j.out",
+        title=f"yoloscale, {launcher} launcher. Usage: sbatch [--nodes N --partition P --account A] THIS_FILE "
+              "[config.yaml] key=value ... name=RUN\n# (made by `yoloscale launch slurm --generic`; "
+              "python3 must be the environment yoloscale is installed in)",
+        resume_block=RESUME_GENERIC, shared_dir='"$SLURM_SUBMIT_DIR"', train_args='"$@"', python="python3",
+    )  # fmt: skip
+
+
 def launch_slurm(ns) -> Path:
     """CLI entry: write PROJECT/NAME.sbatch (next to the run directory) and submit it if asked."""
+    if ns.generic:
+        if ns.args or ns.submit:
+            raise UserError("--generic writes a template that takes the training arguments from sbatch's command "
+                            "line: give no key=value here and no --submit.")  # fmt: skip
+        print(render_generic(ns.launcher, ns.nodes, ns.gpus_per_node, ns.tasks_per_node, ns.cpus_per_task, ns.time,
+                             ns.signal_lead), end="")  # fmt: skip
+        return Path("-")
     cfg_file = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if cfg_file else list(ns.args)
     script, run_dir = render_sbatch(cfg_file, overrides, ns.nodes, ns.gpus_per_node, ns.tasks_per_node,
-                                    ns.cpus_per_task, ns.time, ns.partition, ns.account, ns.signal_lead)  # fmt: skip
+                                    ns.cpus_per_task, ns.time, ns.partition, ns.account, ns.signal_lead,
+                                    ns.launcher)  # fmt: skip
     path = run_dir.parent / f"{run_dir.name}.sbatch"
     if path.exists():
         raise UserError(f"'{path}' already exists; choose another name= (it is never overwritten).")
