@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import TINY, run_cli
 from yoloscale.backend import check_launcher_agreement
 from yoloscale.backend.deepspeed import render_ds_config
 from yoloscale.config import load_config
@@ -141,3 +141,46 @@ def test_resume_refuses_another_backend_or_a_zero_world_size_change():
         check_resume("c", "ddp", 1, "fsdp", 1)
     with pytest.raises(UserError, match="ZeRO partitions for 2"):
         check_resume("c", "zero2", 2, "zero2", 1)
+
+
+def test_compile_trains_like_eager(tiny_data, tmp_path, monkeypatch):
+    """compile=True compiles the training model in place (state-dict keys unchanged) and takes the same steps as
+    eager. On the CPU the test compiles with aot_eager (dynamo's graph capture + AOTAutograd's joint graph, without
+    inductor's 2-minute C++ build); inductor itself is measured on the GPU (docs/benchmarks.md)."""
+    import torch
+
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer
+
+    compile_in_place = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_in_place(self, backend="aot_eager"))
+    losses = {}
+    for flag in (False, True):
+        cfg = load_config(None, [f"data={tiny_data}", *TINY, "mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0",
+                                 "translate=0", "scale=0", f"project={tmp_path}", f"name=c{flag}", f"compile={flag}"])
+        trainer = Trainer(cfg)
+        assert (trainer.raw_model._compiled_call_impl is not None) == flag
+        assert not any("_orig_mod" in k for k in trainer.raw_model.state_dict())
+        trainer.model.train()
+        batches = iter(trainer.train_loader)
+        for _ in range(3):
+            trainer.train_step(next(batches))
+        losses[flag] = list(trainer.epoch_losses.read().values())
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) <= 1e-3 * max(abs(a), 1e-3), losses
+
+
+@pytest.mark.parametrize("bad", [["backend=fsdp"], ["grad_ckpt=all"]])
+def test_compile_refuses_untested_combinations(bad):
+    from yoloscale.config import load_config
+    from yoloscale.errors import UserError
+
+    with pytest.raises(UserError, match="compile=True is supported with backend=ddp and grad_ckpt=off"):
+        load_config(None, ["compile=True", *bad])
+
+
+def test_deepspeed_module_launch_puts_local_rank_before_the_subcommand():
+    """`deepspeed --module yoloscale train ...` runs `python -m yoloscale --local_rank=0 train ...` (seen on GPUs:
+    'unrecognized arguments: --local_rank=0' before the fix)."""
+    proc = run_cli("--local_rank=0", "train", "--help")
+    assert proc.returncode == 0, proc.stderr

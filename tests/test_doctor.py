@@ -113,3 +113,14 @@ def test_doctor_export_prints_only_shell_lines():
     proc = run_cli("doctor", "--export")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and all(line.startswith("export ") for line in proc.stdout.splitlines())
+
+
+def test_captured_matrix_with_underlined_header():
+    """Captured on a 2 x H200 host (driver 580, 2026-11-23): nvidia-smi underlines the header with ANSI escapes,
+    which hid every GPU from the parser before."""
+    from yoloscale.doctor import link_peak
+
+    topo = _load("captured-h200x2-driver580.txt")
+    assert topo.gpus == ["GPU0", "GPU1"] and topo.links[("GPU0", "GPU1")] == "NV18"
+    assert topo.gpu_numa == {"GPU0": "0", "GPU1": "0"}
+    assert link_peak(topo, "NVIDIA H200")[0] == 450.0

@@ -26,6 +26,8 @@ def _train_help() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yoloscale", description="Train Ultralytics YOLO detectors at scale.")
+    # DeepSpeed's launcher with --module puts --local_rank=N right after the module name, before `train`.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a detector", epilog=_train_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter,

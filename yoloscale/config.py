@@ -64,6 +64,7 @@ class TrainConfig:
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under multi-GPU (CUDA) training.")
     channels_last: bool = _f(True, "Feed the input batch as channels_last on CUDA (parameters stay contiguous).")
+    compile: bool = _f(False, "torch.compile the training model in place (backend=ddp, grad_ckpt=off; the first steps compile it). Its speed effect is not measured yet (docs/benchmarks.md).")
     seed: int = _f(0, "Random seed (model init, data order).")
     # --- distributed backend and memory (docs/backends.md says which to pick)
     backend: str = _f("ddp", "Data-parallel backend: ddp, fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed).", ("ddp", "fsdp", "zero1", "zero2", "zero3"))
@@ -183,6 +184,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("offload needs a sharded backend (fsdp, zero1, zero2, zero3); got backend=ddp.")
     if cfg.ds_config and not cfg.backend.startswith("zero"):
         raise UserError(f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend={cfg.backend}; use backend=zero1/2/3.")
+    if cfg.compile and (cfg.backend != "ddp" or cfg.grad_ckpt not in ("off", "", False)):
+        raise UserError(f"compile=True is supported with backend=ddp and grad_ckpt=off only (got backend={cfg.backend}, "
+                        f"grad_ckpt={cfg.grad_ckpt}): the other combinations are not tested.")
     if cfg.imgsz % 32:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
 

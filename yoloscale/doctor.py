@@ -32,7 +32,7 @@ class Topology:
 def parse_topo_matrix(text: str) -> Topology:
     """Parse `nvidia-smi topo -m` (tab-separated matrix, then legends)."""
     topo = Topology()
-    lines = text.splitlines()
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()  # nvidia-smi underlines the header on some drivers
     header_i = next((i for i, line in enumerate(lines) if re.match(r"^\s+GPU0\b", line)), None)
     if header_i is None:
         return topo

@@ -138,6 +138,10 @@ def wrap_model(accelerator, cfg: TrainConfig, model: nn.Module) -> nn.Module:
 
         model.to(accelerator.device)
         model = shard_model(model, cfg.reshard_after_forward, offload=cfg.offload == "params")
+    if cfg.compile:
+        # In place (nn.Module.compile): the module, its state-dict keys, the EMA and checkpoints stay as they are;
+        # DDP then calls the compiled forward. The eval model is a separate, uncompiled copy.
+        model.compile()
     return model
 
 
