@@ -55,13 +55,9 @@ def test_shipped_templates_are_what_the_renderer_makes(name):
 def _run_with_stand_ins(tmp_path, script: str, *args: str) -> list[str]:
     """Run a generic template under stand-in srun (runs its command as task 1 of node 2), scontrol (two nodes)
     and python3 (records its arguments): what the training launcher would have been started with."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"\n')
-    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'node1\\nnode2\\n'\n")
-    (bin_dir / "python3").write_text('#!/bin/bash\n[[ "$*" == *doctor* ]] && exit 0\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
+    bin_dir = _stand_ins(tmp_path, srun='while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"',
+                         scontrol="printf 'node1\\nnode2\\n'",
+                         python3='[[ "$*" == *doctor* ]] && exit 0\nprintf "%s\\0" "$@" > "$ARGS_OUT"')
     (tmp_path / "s.sbatch").write_text(script)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1-2]",
                SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_RESTART_COUNT="1",
@@ -81,7 +77,7 @@ def test_per_node_launchers_get_the_node_rank_and_literal_arguments(tmp_path):
     (tmp_path / "acc").mkdir()
     acc = _run_with_stand_ins(tmp_path / "acc", render_generic("accelerate", 2, 8), *user)
     assert acc[:4] == ["-m", "accelerate.commands.launch", "--machine_rank=1", "--multi_gpu"]
-    assert "--num_processes=16" in acc and acc[-len(user) - 4:] == ["-m", "yoloscale", "train", *user, "resume=auto"][-len(user) - 4:]
+    assert "--num_processes=16" in acc and acc[-len(user) - 4:] == ["-m", "yoloscale", "train", *user, "resume=auto"]
     (tmp_path / "tr").mkdir()
     tr = _run_with_stand_ins(tmp_path / "tr", render_generic("torchrun", 2, 8), *user)
     assert tr[:5] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d"]
@@ -96,16 +92,21 @@ def test_deepspeed_launcher_needs_a_zero_backend_and_gpus(tmp_path):
         _render(tmp_path, "backend=zero2", launcher="deepspeed", gpus_per_node=0)
 
 
+def _stand_ins(tmp_path, **bodies: str):
+    """tmp_path/bin with an executable bash script per name (srun, scontrol, ...), to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in bodies.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
 def test_hostile_values_stay_literal(tmp_path):
     """Run the script with stand-in srun/scontrol that record their arguments: the value arrives byte for byte
     and nothing in it runs."""
     script, _ = _render(tmp_path, f"wandb_project={HOSTILE}", gpus_per_node=0, tasks_per_node=2)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
+    bin_dir = _stand_ins(tmp_path, srun='printf "%s\\0" "$@" > "$ARGS_OUT"', scontrol="echo node1")
     (tmp_path / "s.sbatch").write_text(script)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1",
                SLURM_CPUS_PER_TASK="1", ARGS_OUT=str(tmp_path / "args"))
@@ -142,3 +143,8 @@ def test_slurm_environment_maps_to_torch():
     outside = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}  # a single task: nothing to do
     distributed_env_from_slurm(outside)
     assert "RANK" not in outside
+
+
+def test_generic_template_keeps_partition_and_account():
+    script = render_generic("torchrun", 2, 8, partition="gpu", account="cv-team")
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --account=cv-team" in script

@@ -184,7 +184,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("offload needs a sharded backend (fsdp, zero1, zero2, zero3); got backend=ddp.")
     if cfg.ds_config and not cfg.backend.startswith("zero"):
         raise UserError(f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend={cfg.backend}; use backend=zero1/2/3.")
-    if cfg.compile and (cfg.backend != "ddp" or cfg.grad_ckpt not in ("off", "", False)):
+    if cfg.compile and (cfg.backend != "ddp" or parse_selection(cfg.grad_ckpt) != "off"):
         raise UserError(f"compile=True is supported with backend=ddp and grad_ckpt=off only (got backend={cfg.backend}, "
                         f"grad_ckpt={cfg.grad_ckpt}): the other combinations are not tested.")
     if cfg.imgsz % 32:

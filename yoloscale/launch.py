@@ -93,6 +93,7 @@ srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "${{@:1:3}}" --machine_ran
   --main_process_port="$MASTER_PORT" --rdzv_backend=c10d --same_network \\
   -m {train}""",
     "deepspeed": """# DeepSpeed's launcher reads the nodes from a hostfile; --no_ssh starts each node's share from its own task.
+# The training configuration must say backend=zero1|zero2|zero3.
 HOSTFILE={shared_dir}/deepspeed-hostfile-$SLURM_JOB_ID
 scontrol show hostnames "$SLURM_JOB_NODELIST" | sed 's/$/ slots={procs}/' > "$HOSTFILE"
 # shellcheck disable=SC2016  # SLURM_NODEID expands inside each node's task
@@ -125,14 +126,15 @@ def _script(launcher: str, *, nodes: int, gpus_per_node: int, tasks_per_node: in
     per_node = launcher != "srun"  # one launcher task per node, holding all of the node's CPUs
     optional = "".join(f"#SBATCH --{k}={_check(v, _SLURM_NAME, k)}\n" for k, v in
                        (("partition", partition), ("account", account)) if v)  # fmt: skip
-    cpu_line = "" if gpus_per_node else "export ACCELERATE_USE_CPU=1  # CPU nodes: gloo processes\n"
+    accelerate_on_cpu = launcher == "accelerate" and not gpus_per_node
     header = HEADER.format(
         title=title, job_name=_check(job_name, _SLURM_NAME, "name"), nodes=nodes,
         tasks_per_node=1 if per_node else procs,
         gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "",
         cpus_per_task=cpus_per_task * procs if per_node else cpus_per_task, cpus_per_process=cpus_per_task,
         time=_check(time_limit, _SLURM_TIME, "time"), optional_lines=optional, log=log, signal_lead=signal_lead,
-        python=python, cpu_line=cpu_line if launcher == "accelerate" else "", resume_block=resume_block,
+        python=python, resume_block=resume_block,
+        cpu_line="export ACCELERATE_USE_CPU=1  # CPU nodes: gloo processes\n" if accelerate_on_cpu else "",
     )  # fmt: skip
     body = BODIES[launcher].format(python=python, procs=procs, shared_dir=shared_dir,
                                    train=f'yoloscale train {train_args} "${{RESUME[@]}}"')  # fmt: skip
@@ -172,12 +174,13 @@ def render_sbatch(cfg_file: str | None, overrides: list[str], nodes: int, gpus_p
 
 
 def render_generic(launcher: str, nodes: int, gpus_per_node: int, tasks_per_node: int = 1, cpus_per_task: int = 8,
-                   time_limit: str = "24:00:00", signal_lead: int = 90) -> str:  # fmt: skip
+                   time_limit: str = "24:00:00", signal_lead: int = 90, partition: str = "",
+                   account: str = "") -> str:  # fmt: skip
     """A reusable template: `sbatch FILE [config.yaml] [key=value ...]` (the files in launch/slurm/)."""
     return _script(
         launcher, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
-        cpus_per_task=cpus_per_task, time_limit=time_limit, partition="", account="", signal_lead=signal_lead,
-        job_name="yoloscale", log="%x-%j.out",
+        cpus_per_task=cpus_per_task, time_limit=time_limit, partition=partition, account=account,
+        signal_lead=signal_lead, job_name="yoloscale", log="%x-%j.out",
         title=f"yoloscale, {launcher} launcher. Usage: sbatch [--nodes N --partition P --account A] THIS_FILE "
               "[config.yaml] key=value ... name=RUN\n# (made by `yoloscale launch slurm --generic`; "
               "python3 must be the environment yoloscale is installed in)",
@@ -185,15 +188,16 @@ def render_generic(launcher: str, nodes: int, gpus_per_node: int, tasks_per_node
     )  # fmt: skip
 
 
-def launch_slurm(ns) -> Path:
-    """CLI entry: write PROJECT/NAME.sbatch (next to the run directory) and submit it if asked."""
+def launch_slurm(ns) -> Path | None:
+    """CLI entry: write PROJECT/NAME.sbatch (next to the run directory) and submit it if asked; with --generic,
+    print a template instead."""
     if ns.generic:
         if ns.args or ns.submit:
             raise UserError("--generic writes a template that takes the training arguments from sbatch's command "
                             "line: give no key=value here and no --submit.")  # fmt: skip
         print(render_generic(ns.launcher, ns.nodes, ns.gpus_per_node, ns.tasks_per_node, ns.cpus_per_task, ns.time,
-                             ns.signal_lead), end="")  # fmt: skip
-        return Path("-")
+                             ns.signal_lead, ns.partition, ns.account), end="")  # fmt: skip
+        return None
     cfg_file = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if cfg_file else list(ns.args)
     script, run_dir = render_sbatch(cfg_file, overrides, ns.nodes, ns.gpus_per_node, ns.tasks_per_node,
