@@ -1,8 +1,11 @@
-"""Three training steps of yolov8n on a 2-process gloo group, as DDP or as FSDP2 with our wrap policy, for
-test_backends.py. usage: torchrun --nproc_per_node 2 fsdp_parity_worker.py ddp|fsdp|fsdp_ckpt OUT_FILE
+"""Three training steps of yolov8n on a 2-process gloo group, as DDP, as FSDP2 with our wrap policy, or as DeepSpeed
+ZeRO-2/3 with our configuration (ZeRO-3 with its whole-layer gathers), for test_backends.py.
+usage: torchrun --nproc_per_node 2 fsdp_parity_worker.py ddp|fsdp|fsdp_ckpt|zero2|zero3|zero3_ckpt OUT_FILE
 
 Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD; torch's
 fused SGD has no DTensor kernel, so FSDP uses foreach) and the step is skipped the way backend.optimizer_step does.
+DeepSpeed runs on the CPU here (its CPU accelerator over our gloo group; Accelerate never selects it without GPUs):
+the engine is built the way Accelerate builds it, from our rendered JSON, with DeepSpeed clipping and stepping.
 Rank 0 saves the per-step losses (summed over ranks), the final full weights and the sharded EMA's full state.
 """
 
@@ -29,12 +32,25 @@ cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=64", "batch=4"])
 model = build_model("yolov8n.yaml", 3, {0: "a", 1: "b", 2: "c"}, ultralytics_args(cfg, "unused.yaml"))
 if mode.endswith("ckpt"):
     apply_grad_ckpt(model, "all")
+opt = None
 if mode.startswith("fsdp"):
     wrapped = shard_model(model)
+elif mode.startswith("zero"):
+    import deepspeed
+
+    from yoloscale.backend.deepspeed import gather_whole_layers, render_ds_config
+
+    torch.Tensor.record_stream = lambda self, stream: None  # DeepSpeed calls this CUDA-only method on the CPU too
+    if mode.startswith("zero3"):
+        gather_whole_layers(model)
+    ds = render_ds_config(load_config(None, [f"backend={mode.split('_')[0]}", "batch=4", "grad_clip=10"]), "fp32", 1, 2)
+    opt = build_optimizer(cfg, model, lr=0.01, fused=False)
+    wrapped, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
 else:
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
-opt = build_optimizer(cfg, model, lr=0.01, fused=not mode.startswith("fsdp"))
-init_momentum_buffers(opt)
+if opt is None:
+    opt = build_optimizer(cfg, model, lr=0.01, fused=not mode.startswith("fsdp"))
+    init_momentum_buffers(opt)
 ema = ShardedEMA(model, tau=2.0)  # a short ramp so three updates move the EMA visibly
 criterion = model.init_criterion()
 g = torch.Generator().manual_seed(1)
@@ -45,6 +61,14 @@ for step in range(3):
     mine = slice(4 * rank, 4 * rank + 4)
     batch = {"img": images[mine], "batch_idx": torch.arange(4).float(), "cls": torch.zeros(4, 1), "bboxes": boxes[mine]}
     loss, _ = criterion(wrapped(images[mine]), batch)
+    if mode.startswith("zero"):  # DeepSpeed clips (grad_clip=10 above) and steps itself
+        wrapped.backward(loss.sum())
+        wrapped.step()
+        ema.update(model)
+        total = loss.detach().sum().clone()
+        dist.all_reduce(total)
+        losses.append(total.item())
+        continue
     loss.sum().backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -125,7 +125,8 @@ def build_accelerator(cfg: TrainConfig, accumulate: int):
 
 
 def wrap_model(accelerator, cfg: TrainConfig, model: nn.Module) -> nn.Module:
-    """Before the optimizer is built: SyncBatchNorm (multi-GPU CUDA only); FSDP2 sharding with our wrap policy."""
+    """Before the optimizer is built: SyncBatchNorm (multi-GPU CUDA only); FSDP2 sharding with our wrap policy;
+    ZeRO-3's gather units (the same layers)."""
     if cfg.sync_bn and accelerator.num_processes > 1:
         if accelerator.device.type != "cuda":
             raise UserError("sync_bn=True needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU).")
@@ -138,6 +139,10 @@ def wrap_model(accelerator, cfg: TrainConfig, model: nn.Module) -> nn.Module:
 
         model.to(accelerator.device)
         model = shard_model(model, cfg.reshard_after_forward, offload=cfg.offload == "params")
+    if cfg.backend == "zero3":
+        from yoloscale.backend.deepspeed import gather_whole_layers
+
+        gather_whole_layers(model)  # before the engine registers its hooks
     if cfg.compile:
         # In place (nn.Module.compile): the module, its state-dict keys, the EMA and checkpoints stay as they are;
         # DDP then calls the compiled forward. The eval model is a separate, uncompiled copy.
