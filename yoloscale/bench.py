@@ -59,12 +59,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _peak_mem_gib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
-
-
 def matmul_peak_tflops() -> dict:
     import torch
 
@@ -81,10 +75,41 @@ def matmul_peak_tflops() -> dict:
     return {"tflops": 2 * n**3 * reps / (time.perf_counter() - t) / 1e12, "how": f"{n}^3 {dtype} matmul on {device}"}
 
 
+def peak_memory() -> dict:
+    """Peak GPU memory since the last reset: reserved (what the process holds, what decides whether it fits) and
+    allocated (what tensors used; a large gap means fragmentation of the caching allocator)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_GiB": None, "peak_alloc_GiB": None}
+    gib = 2**30
+    return {"peak_GiB": torch.cuda.max_memory_reserved() / gib, "peak_alloc_GiB": torch.cuda.max_memory_allocated() / gib}
+
+
+def measure_bare(trainer, resident: dict, warmup: int, window: int) -> dict:
+    """The step ceiling: `train_step` on a batch already on the device (no loader, no host-to-device copy)."""
+    prepare, trainer.prepare_batch = trainer.prepare_batch, lambda b: b
+    times = []
+    try:
+        for i in range(warmup + 3 * window + 1):
+            trainer.train_step(dict(resident))
+            if i < warmup or (i - warmup) % window == 0:
+                _sync()
+            times.append(time.perf_counter())
+    finally:
+        trainer.prepare_batch = prepare
+    return steady_img_s(times, trainer.cfg.batch * trainer.world, warmup, window)
+
+
 def measure_loop(cfg, warmup: int, window: int) -> dict:
     from yoloscale.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    return loop_and_bare(Trainer(cfg), warmup, window)[0]
+
+
+def loop_and_bare(trainer, warmup: int, window: int) -> tuple[dict, dict]:
+    """Our loop over one epoch of the real loader, then the bare step on its last batch. Returns the results and
+    that batch (on the device)."""
     trainer.model.train()
     trainer.train_loader.sampler.set_epoch(0)
     times, batch, start = [], None, time.perf_counter()
@@ -93,24 +118,16 @@ def measure_loop(cfg, warmup: int, window: int) -> dict:
         if i < warmup or (i - warmup) % window == 0:
             _sync()
         times.append(time.perf_counter())
-    images = cfg.batch * trainer.world
+    cfg, images = trainer.cfg, trainer.cfg.batch * trainer.world
     # The first micro-batch's time includes the loader's start and, with compile=True, the compilation.
-    loop = {**steady_img_s(times, images, warmup, window), "peak_GiB": _peak_mem_gib(), "first_step_s": times[0] - start}
-    resident = trainer.prepare_batch(batch)  # once: the bare step has no host-to-device copy or uint8->float
-    prepare, trainer.prepare_batch = trainer.prepare_batch, lambda b: b
-    times = []
-    for i in range(warmup + 3 * window + 1):
-        trainer.train_step(dict(resident))
-        if i < warmup or (i - warmup) % window == 0:
-            _sync()
-        times.append(time.perf_counter())
-    trainer.prepare_batch = prepare
-    bare = steady_img_s(times, images, warmup, window)
+    loop = {**steady_img_s(times, images, warmup, window), **peak_memory(), "first_step_s": times[0] - start}
+    resident = trainer.prepare_batch(batch)
+    bare = measure_bare(trainer, resident, warmup, window)
     from ultralytics.utils.torch_utils import get_flops
 
     return {"loop": loop, "bare": bare, "devices": trainer.world, "precision": trainer.accelerator.mixed_precision,
             "skipped_steps": int(trainer.bad_total.item()), "accumulate": trainer.accumulate,
-            "forward_gflops": get_flops(trainer.raw_model, cfg.imgsz), "is_main": trainer.is_main}  # fmt: skip
+            "forward_gflops": get_flops(trainer.raw_model, cfg.imgsz), "is_main": trainer.is_main}, resident  # fmt: skip
 
 
 def measure_loader(cfg, warmup: int, window: int) -> dict:
@@ -137,7 +154,7 @@ def measure_ultralytics(cfg, out: Path, warmup: int, window: int) -> dict:
     model.train(data=cfg.data, imgsz=cfg.imgsz, batch=cfg.batch, epochs=1, workers=cfg.workers, cache=cfg.cache or False,
                 val=False, plots=False, close_mosaic=0, device=0 if torch.cuda.is_available() else "cpu",
                 project=str(out), name="ultralytics", exist_ok=True, amp=True, verbose=False)  # fmt: skip
-    return {**steady_img_s(times, cfg.batch, warmup, window), "peak_GiB": _peak_mem_gib()}
+    return {**steady_img_s(times, cfg.batch, warmup, window), **peak_memory()}
 
 
 # --- orchestration ---------------------------------------------------------------------------------------------------
