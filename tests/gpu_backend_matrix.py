@@ -37,7 +37,8 @@ WARMUP, WINDOW = 5, 4
 def reset_between_settings() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state()  # keeps the process group (PartialState)
+    # PartialState too: it remembers the distributed type, and a second FSDP Accelerator then lacked its plugin.
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process group itself stays
     GradientState._reset_state()
     gc.collect()
     if torch.cuda.is_available():

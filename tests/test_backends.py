@@ -205,3 +205,16 @@ def test_zero3_gathers_whole_layers_except_the_first_and_frozen_ones():
     with_params = [i for i, m in enumerate(model.model) if any(True for _ in m.parameters())]
     assert leaves == with_params[1:-1]  # yolov8n: Conv/C2f/SPPF layers 1..21, not 0, not Detect (22)
     assert [i for i, m in enumerate(model.model) if z3_leaf_module(m)] == leaves
+
+
+def test_autocast_forward_computes_in_low_precision_and_returns_fp32():
+    """What backend.prepare puts around an FSDP2 model (Accelerate's FSDP2 path adds no autocast: FSDP ran in fp32)."""
+    from yoloscale.backend import autocast_forward
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    autocast_forward(model, torch.autocast("cpu", dtype=torch.bfloat16))
+    out = model(torch.rand(2, 3, 8, 8))
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    assert model._original_forward(torch.rand(2, 3, 8, 8)).dtype == torch.float32 and seen[-1] == torch.float32
