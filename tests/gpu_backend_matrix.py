@@ -19,8 +19,8 @@ Writes OUT/matrix-BACKEND.jsonl (one line per setting, rank 0), appended as each
 """
 
 import gc
-import os
 import json
+import os
 import sys
 import time
 import traceback
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from yoloscale.bench import loop_and_bare, measure_bare, peak_memory
+from yoloscale.bench import loop_and_bare, measure_bare, peak_memory, resident_batches
 from yoloscale.config import load_config
 
 WARMUP, WINDOW = 5, 4
@@ -55,15 +55,12 @@ def half_batch(batch: dict, n: int) -> dict:
 
 def peak_alloc_of_steps(trainer, batch: dict) -> float:
     """Allocated peak (GiB) over one accumulation window of bare steps on `batch`."""
-    prepare, trainer.prepare_batch = trainer.prepare_batch, lambda b: b
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    try:
+    with resident_batches(trainer):
         for _ in range(trainer.accumulate):
             trainer.train_step(dict(batch))
-        torch.cuda.synchronize()
-    finally:
-        trainer.prepare_batch = prepare
+    torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -110,17 +107,17 @@ def profile(out: Path, backend: str, trainer, resident: dict) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prepare, trainer.prepare_batch = trainer.prepare_batch, lambda b: b
-    for _ in range(2):
-        trainer.train_step(dict(resident))
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    t = time.perf_counter()
-    with torch_profile(activities=activities) as prof:
-        for _ in range(6):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    with resident_batches(trainer):
+        for _ in range(2):
             trainer.train_step(dict(resident))
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-    wall = time.perf_counter() - t
-    trainer.prepare_batch = prepare
+        sync()
+        t = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(6):
+                trainer.train_step(dict(resident))
+            sync()
+        wall = time.perf_counter() - t
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     events = prof.key_averages()
     # (Summing self device times over these rows counts kernels twice, under their op and as themselves: no "busy %".)

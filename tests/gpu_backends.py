@@ -1,10 +1,11 @@
 """GPU check of every backend: loss parity with DDP, sharded save -> resume, precision x grad_ckpt matrix.
 
 usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K]
-From the same initial weights and data (seed 0, workers=0), 32 optimizer steps of yolov8s at 320 px on DDP, FSDP2,
-ZeRO-1/2/3 in bf16 and fp16, and bf16 with grad_ckpt=all. Each run's per-step losses are compared with DDP's in the
-same precision; then each backend resumes from its epoch-1 checkpoint and must repeat the uninterrupted run's
-next losses. Prints a table, writes OUT_DIR/backends.json. Run by test_gpu_backends.py (skipped without CUDA).
+From the same initial weights and data (seed 0, workers=0), two epochs of yolov8s at 320 px (32 optimizer steps on one
+GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16 (DeepSpeed: bf16 only), and bf16 with grad_ckpt=all.
+Each run's per-step losses are compared with DDP's in the same precision; then each backend resumes from its epoch-1
+checkpoint and must repeat the uninterrupted run's next losses. With --gpus 2, DDP and FSDP checkpoints are also
+resumed on the other GPU count (2 -> 1, 1 -> 2). Prints a table, writes OUT_DIR/backends.json. Run by test_gpu_backends.py (skipped without CUDA).
 """
 
 import argparse

@@ -32,7 +32,7 @@ def parity(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     for mode in MODES:
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(ROOT / "tests/fsdp_parity_worker.py"), mode, str(out / f"{mode}.pt")],
+                              str(ROOT / "tests/sharded_parity_worker.py"), mode, str(out / f"{mode}.pt")],
                              env=env, capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0, f"{mode} worker failed:\n{run.stderr[-3000:]}"
     return {m: torch.load(out / f"{m}.pt") for m in MODES}

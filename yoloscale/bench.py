@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from yoloscale.errors import UserError
@@ -86,18 +87,26 @@ def peak_memory() -> dict:
     return {"peak_GiB": torch.cuda.max_memory_reserved() / gib, "peak_alloc_GiB": torch.cuda.max_memory_allocated() / gib}
 
 
+@contextmanager
+def resident_batches(trainer):
+    """Inside: `trainer.train_step` takes batches already prepared on the device (no host-to-device copy, no
+    uint8 -> float conversion, which would otherwise be applied a second time)."""
+    prepare, trainer.prepare_batch = trainer.prepare_batch, lambda b: b
+    try:
+        yield
+    finally:
+        trainer.prepare_batch = prepare
+
+
 def measure_bare(trainer, resident: dict, warmup: int, window: int) -> dict:
     """The step ceiling: `train_step` on a batch already on the device (no loader, no host-to-device copy)."""
-    prepare, trainer.prepare_batch = trainer.prepare_batch, lambda b: b
     times = []
-    try:
+    with resident_batches(trainer):
         for i in range(warmup + 3 * window + 1):
             trainer.train_step(dict(resident))
             if i < warmup or (i - warmup) % window == 0:
                 _sync()
             times.append(time.perf_counter())
-    finally:
-        trainer.prepare_batch = prepare
     return steady_img_s(times, trainer.cfg.batch * trainer.world, warmup, window)
 
 

@@ -105,7 +105,7 @@ def gather_whole_layers(model) -> list[int]:
       own backward and releases the weights it needs ("size of tensor a (0) must match ...", seen on the CPU);
     - a layer with frozen parameters (Detect's DFL conv): DeepSpeed reduces a leaf's gradients once all of its
       parameters have one, a frozen one never does, and the whole step's update came out wrong.
-    Returns the indices of the layers gathered whole (tests/zero3_worker.py checks the result against a plain step)."""
+    Returns the indices of the layers gathered whole (tests/sharded_parity_worker.py checks the result against DDP)."""
     from deepspeed.utils import set_z3_leaf_module
 
     leaves = []

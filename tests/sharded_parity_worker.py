@@ -1,6 +1,6 @@
 """Three training steps of yolov8n on a 2-process gloo group, as DDP, as FSDP2 with our wrap policy, or as DeepSpeed
 ZeRO-2/3 with our configuration (ZeRO-3 with its whole-layer gathers), for test_backends.py.
-usage: torchrun --nproc_per_node 2 fsdp_parity_worker.py ddp|fsdp|fsdp_ckpt|zero2|zero3|zero3_ckpt OUT_FILE
+usage: torchrun --nproc_per_node 2 sharded_parity_worker.py ddp|fsdp|fsdp_ckpt|zero2|zero3|zero3_ckpt OUT_FILE
 
 Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD; torch's
 fused SGD has no DTensor kernel, so FSDP uses foreach) and the step is skipped the way backend.optimizer_step does.
