@@ -86,4 +86,9 @@ for step in range(3):
 weights, ema_state = full_model_state(model), ema.full_state_dict()  # collectives: every rank
 if rank == 0:
     torch.save({"losses": losses, "weights": weights, "ema": ema_state}, out)
+dist.barrier()
 dist.destroy_process_group()
+# torch 2.14 on gloo, after FSDP2 + checkpoint: about one run in six aborted in C++ static destruction after all the
+# work above was done ("terminate called without an active exception", no Python frame). Skip that teardown.
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
