@@ -42,10 +42,10 @@ def run(out: Path, name: str, gpus: int, overrides: list[str]) -> dict:
 
 
 def resume_on_other_world_sizes(out: Path, a, data: Path) -> dict:
-    """2 -> 1 and 1 -> 2 GPUs for the backends whose checkpoints reshard (DDP, FSDP2's DCP; ZeRO refuses with a
-    clear error, tested on the CPU): resume the epoch-1 checkpoint of a run on the other GPU count."""
+    """2 -> 1 and 1 -> 2 GPUs (DDP, FSDP2's DCP, ZeRO-2/3 through backend/zero_reshard.py): resume the epoch-1
+    checkpoint of a run on the other GPU count."""
     results = {}
-    for b in ("ddp", "fsdp"):
+    for b in ("ddp", "fsdp", "zero2", "zero3"):
         common = [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}"]
         one = run(out, f"{b}-bf16-1gpu", 1, common)
         results[one["name"]] = one

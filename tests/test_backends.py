@@ -137,15 +137,40 @@ def test_sharded_backends_need_gpus_and_bad_combinations_are_named():
             _cfg(*bad.split())
 
 
-def test_resume_refuses_another_backend_or_a_zero_world_size_change():
+def test_resume_refuses_another_backend():
     from yoloscale.backend import check_resume
 
-    check_resume("c", "fsdp", 2, "fsdp", 1)  # DCP checkpoints reshard
-    check_resume("c", "ddp", 1, "ddp", 2)
+    check_resume("c", "zero2", "zero2")  # any world size: zero_reshard.py (test_zero_reshard.py)
     with pytest.raises(UserError, match="backend=ddp.*now backend=fsdp"):
-        check_resume("c", "ddp", 1, "fsdp", 1)
-    with pytest.raises(UserError, match="ZeRO partitions for 2"):
-        check_resume("c", "zero2", 2, "zero2", 1)
+        check_resume("c", "ddp", "fsdp")
+
+
+def test_load_state_reshards_zero_checkpoints_of_another_world_size(monkeypatch):
+    """backend.load_state hands Accelerate's `engine.load_checkpoint(dir, "pytorch_model")` call to load_resharded
+    when the world size changed, and restores the engine's own method afterwards."""
+    from yoloscale import backend
+    from yoloscale.backend import zero_reshard
+
+    class Engine:
+        def load_checkpoint(self, load_dir, tag, **kwargs):
+            calls.append(("deepspeed", load_dir, tag))
+
+    class FakeAccelerator:  # what load_state reads of an Accelerator, and Accelerate's DeepSpeed branch of load_state
+        distributed_type, num_processes = "DEEPSPEED", 2
+
+        def __init__(self):
+            self.deepspeed_engine_wrapped = type("Wrapped", (), {"engine": Engine()})()
+
+        def load_state(self, input_dir):
+            self.deepspeed_engine_wrapped.engine.load_checkpoint(input_dir, "pytorch_model")
+
+    calls = []
+    monkeypatch.setattr(zero_reshard, "load_resharded", lambda engine, d, tag: calls.append(("resharded", d, tag)))
+    acc = FakeAccelerator()
+    backend.load_state(acc, "ck", saved_world=1)
+    backend.load_state(acc, "ck", saved_world=2)
+    assert calls == [("resharded", "ck", "pytorch_model"), ("deepspeed", "ck", "pytorch_model")]
+    assert "load_checkpoint" not in vars(acc.deepspeed_engine_wrapped.engine)
 
 
 def test_compile_trains_like_eager(tiny_data, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from yoloscale import backend
 from yoloscale.errors import UserError
 
 MARKER = "COMPLETE"
@@ -121,7 +122,7 @@ def load_checkpoint(accelerator, ckpt: Path, check=None) -> tuple[TrainerState, 
     if check is not None:
         check(state)
     try:
-        accelerator.load_state(str(ckpt))
+        backend.load_state(accelerator, ckpt, state.world_size)
         ema_file = ckpt / "ema.safetensors"
         ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
     except Exception as e:

@@ -320,7 +320,7 @@ class Trainer:
                     f"{state.batch}; resume it with the same, or from an epoch-end checkpoint (now {self.world} x "
                     f"{self.cfg.batch})."
                 )
-            backend.check_resume(ckpt, state.backend, state.world_size, self.cfg.backend, self.world)
+            backend.check_resume(ckpt, state.backend, self.cfg.backend)
 
         state, ema_state = load_checkpoint(self.accelerator, ckpt, check)
         if self.ema is not None and ema_state is not None:
