@@ -2,8 +2,9 @@
 ZeRO-2/3 with our configuration (ZeRO-3 with its whole-layer gathers), for test_backends.py.
 usage: torchrun --nproc_per_node 2 sharded_parity_worker.py ddp|fsdp|fsdp_ckpt|zero2|zero3|zero3_ckpt OUT_FILE
 
-Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD; torch's
-fused SGD has no DTensor kernel, so FSDP uses foreach) and the step is skipped the way backend.optimizer_step does.
+Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD: fused, on
+FSDP2's DTensors through fsdp.allow_fused_sgd; fsdp_ckpt keeps the foreach fallback) and the step is skipped the way
+backend.optimizer_step does.
 DeepSpeed runs on the CPU here (its CPU accelerator over our gloo group; Accelerate never selects it without GPUs):
 the engine is built the way Accelerate builds it, from our rendered JSON, with DeepSpeed clipping and stepping.
 Rank 0 saves the per-step losses (summed over ranks), the final full weights and the sharded EMA's full state.
@@ -15,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from yoloscale.backend.fsdp import shard_model
+from yoloscale.backend.fsdp import allow_fused_sgd, shard_model
 from yoloscale.config import load_config
 from yoloscale.data import ultralytics_args
 from yoloscale.ema import ShardedEMA, full_model_state
@@ -49,18 +50,20 @@ elif mode.startswith("zero"):
 else:
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
 if opt is None:
-    opt = build_optimizer(cfg, model, lr=0.01, fused=not mode.startswith("fsdp"))
+    opt = build_optimizer(cfg, model, lr=0.01, fused=mode == "ddp" or (mode == "fsdp" and allow_fused_sgd()))
     init_momentum_buffers(opt)
 ema = ShardedEMA(model, tau=2.0)  # a short ramp so three updates move the EMA visibly
 criterion = model.init_criterion()
 g = torch.Generator().manual_seed(1)
 losses = []
-for step in range(3):
+for step in range(4):  # the fourth: a non-finite gradient, a step that must be skipped (DDP and FSDP2 only)
     images = torch.rand(8, 3, 64, 64, generator=g)
     boxes = torch.rand(8, 4, generator=g) * 0.3 + 0.3
     mine = slice(4 * rank, 4 * rank + 4)
     batch = {"img": images[mine], "batch_idx": torch.arange(4).float(), "cls": torch.zeros(4, 1), "bboxes": boxes[mine]}
     loss, _ = criterion(wrapped(images[mine]), batch)
+    if step == 3 and mode.startswith("zero"):  # the forward only (it updates BatchNorm's statistics, as the others')
+        break
     if mode.startswith("zero"):  # DeepSpeed clips (grad_clip=10 above) and steps itself
         wrapped.backward(loss.sum())
         wrapped.step()
@@ -69,7 +72,7 @@ for step in range(3):
         dist.all_reduce(total)
         losses.append(total.item())
         continue
-    loss.sum().backward()
+    (loss.sum() * (float("nan") if step == 3 and rank == 0 else 1.0)).backward()  # step 3: one rank's loss is NaN
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     bad = (~torch.isfinite(norm)).float()
@@ -79,6 +82,9 @@ for step in range(3):
     elif bad.item() == 0:
         opt.step()
     opt.zero_grad(set_to_none=True)
+    if step == 3:
+        assert bad.item() == 1
+        break
     ema.update(model)
     total = loss.detach().sum().clone()
     dist.all_reduce(total)

@@ -49,7 +49,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float, fused: bool = True) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW over the three groups. Fused kernels where possible: they also let a non-finite step
     be skipped on the device (`optimizer.found_inf`) without a host synchronisation. `fused=False` gives torch's
-    foreach implementation (torch's fused SGD has no DTensor/FSDP2 support)."""
+    foreach implementation (for FSDP2 + SGD where backend/fsdp.py cannot enable fused SGD on DTensors)."""
     groups = param_groups(model)
     if cfg.optimizer == "SGD":
         kw = {"lr": lr, "momentum": cfg.momentum, "nesterov": True}

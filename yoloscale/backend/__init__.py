@@ -152,8 +152,10 @@ def wrap_model(accelerator, cfg: TrainConfig, model: nn.Module) -> nn.Module:
 
 
 def fused_optimizer(cfg: TrainConfig) -> bool:
-    """torch's fused SGD has no DTensor (FSDP2) kernel ("aten._fused_sgd_ has no sharding strategy"); fused AdamW has."""
-    return not (cfg.backend == "fsdp" and cfg.optimizer == "SGD")
+    """Fused SGD/AdamW kernels everywhere; FSDP2 + SGD only where fsdp.allow_fused_sgd could enable it on DTensors."""
+    from yoloscale.backend.fsdp import allow_fused_sgd
+
+    return not (cfg.backend == "fsdp" and cfg.optimizer == "SGD") or allow_fused_sgd()
 
 
 def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):

@@ -14,6 +14,9 @@ is small for YOLO: yolo11x has 57M parameters and its step time is dominated by 
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 
 from yoloscale.config import TrainConfig
@@ -34,6 +37,26 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True, offload: b
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # the root holds no parameters of its own
     return model
+
+
+@functools.cache
+def allow_fused_sgd() -> bool:
+    """Let torch's fused SGD step FSDP2's DTensor parameters; False where that is not possible (foreach SGD then).
+
+    The fused SGD kernel is elementwise like the fused AdamW kernel, which DTensor runs shard by shard, but torch
+    (2.11 to 2.14) registers no sharding strategy for it ("aten._fused_sgd_.default does not have a sharding strategy
+    registered"). The foreach SGD that FSDP2 + SGD then needs cost 15 ms of DTensor dispatch per step on yolo11x
+    (2 x H200 profile, docs/backends.md) and a host sync to skip a non-finite step, which the fused kernel does on
+    the device (`found_inf`). We register the strategy with the helper torch registers fused Adam's with (private,
+    hence the fallback). tests/sharded_parity_worker.py checks the fused FSDP2 step against DDP's."""
+    try:
+        from torch.distributed.tensor._ops._pointwise_ops import _register_single_dim_pointwise
+
+        for op in (torch.ops.aten._fused_sgd_.default, torch.ops.aten._fused_sgd_.tensor_lr):
+            _register_single_dim_pointwise(op)
+    except (ImportError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def fsdp_plugin(cfg: TrainConfig):
