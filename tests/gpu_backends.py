@@ -96,6 +96,10 @@ def main() -> int:
             continue
         ckpt = sorted(Path(first["run_dir"], "checkpoints").glob("step-*"))[0]  # the epoch-1 end
         resumes.append((f"{b}-bf16-resume", [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}", f"resume={ckpt}"]))
+        # and with another backend (backend/full_state.py): the continuation must follow the saving run's
+        other = {"ddp": "zero2", "fsdp": "ddp", "zero1": "fsdp", "zero2": "ddp", "zero3": "fsdp"}[b]
+        resumes.append((f"{b}-bf16-resume-as-{other}", [f"data={data}", f"backend={other}", "precision=bf16",
+                                                        f"model={a.model}", f"resume={ckpt}"]))  # fmt: skip
     with ThreadPoolExecutor(a.parallel) as pool:
         results.update({r["name"]: r for r in pool.map(lambda j: run(out, j[0], a.gpus, j[1]), resumes)})
     if a.gpus > 1:
@@ -122,7 +126,7 @@ def main() -> int:
         if name.endswith("-1gpu"):  # the one-GPU run that a two-GPU resume starts from
             rows.append((name, "ok", "", f"{r['peak_GiB']:.2f}", f"{len(r['steps'])} steps on 1 GPU"))
             continue
-        if name.endswith("-resume"):
+        if name.endswith("-resume") or "-resume-as-" in name:
             full = results.get(f"{backend}-{prec}", {}).get("steps", [])
             n = len(r["steps"])
             mine, want = [total(s) for s in r["steps"]], [total(s) for s in full[-n:]]

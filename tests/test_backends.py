@@ -137,40 +137,24 @@ def test_sharded_backends_need_gpus_and_bad_combinations_are_named():
             _cfg(*bad.split())
 
 
-def test_resume_refuses_another_backend():
-    from yoloscale.backend import check_resume
-
-    check_resume("c", "zero2", "zero2")  # any world size: zero_reshard.py (test_zero_reshard.py)
-    with pytest.raises(UserError, match="backend=ddp.*now backend=fsdp"):
-        check_resume("c", "ddp", "fsdp")
-
-
-def test_load_state_reshards_zero_checkpoints_of_another_world_size(monkeypatch):
-    """backend.load_state hands Accelerate's `engine.load_checkpoint(dir, "pytorch_model")` call to load_resharded
-    when the world size changed, and restores the engine's own method afterwards."""
+def test_load_state_uses_accelerate_where_it_can_and_whole_tensors_otherwise(monkeypatch):
+    """Same backend: Accelerate's load_state (ZeRO: also the same world size); anything else: full_state.py."""
     from yoloscale import backend
-    from yoloscale.backend import zero_reshard
+    from yoloscale.backend import full_state
 
-    class Engine:
-        def load_checkpoint(self, load_dir, tag, **kwargs):
-            calls.append(("deepspeed", load_dir, tag))
+    class FakeAccelerator:
+        num_processes = 2
 
-    class FakeAccelerator:  # what load_state reads of an Accelerator, and Accelerate's DeepSpeed branch of load_state
-        distributed_type, num_processes = "DEEPSPEED", 2
-
-        def __init__(self):
-            self.deepspeed_engine_wrapped = type("Wrapped", (), {"engine": Engine()})()
-
-        def load_state(self, input_dir):
-            self.deepspeed_engine_wrapped.engine.load_checkpoint(input_dir, "pytorch_model")
+        def load_state(self, ckpt):
+            calls.append(("accelerate", ckpt))
 
     calls = []
-    monkeypatch.setattr(zero_reshard, "load_resharded", lambda engine, d, tag: calls.append(("resharded", d, tag)))
+    monkeypatch.setattr(full_state, "load_foreign", lambda acc, ckpt, saved, model, opt: calls.append((saved, ckpt)))
     acc = FakeAccelerator()
-    backend.load_state(acc, "ck", saved_world=1)
-    backend.load_state(acc, "ck", saved_world=2)
-    assert calls == [("resharded", "ck", "pytorch_model"), ("deepspeed", "ck", "pytorch_model")]
-    assert "load_checkpoint" not in vars(acc.deepspeed_engine_wrapped.engine)
+    for saved, world, now in [("ddp", 1, "ddp"), ("fsdp", 4, "fsdp"), ("zero2", 2, "zero2"),  # Accelerate's
+                              ("zero2", 1, "zero2"), ("zero3", 2, "fsdp"), ("ddp", 2, "zero1")]:  # fmt: skip
+        backend.load_state(acc, "ck", saved, world, now, model=None, optimizer=None)
+    assert calls == [("accelerate", "ck")] * 3 + [("zero2", "ck"), ("zero3", "ck"), ("ddp", "ck")]
 
 
 def test_compile_trains_like_eager(tiny_data, tmp_path, monkeypatch):

@@ -110,11 +110,13 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(accelerator, ckpt: Path, check=None) -> tuple[TrainerState, dict | None]:
-    """Restore Accelerate's state in place; return our counters and the EMA state dict (if saved).
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, backend_name: str,
+                    check=None) -> tuple[TrainerState, dict | None]:  # fmt: skip
+    """Restore model, optimizer and RNG states in place (from any backend and world size: backend.load_state);
+    return our counters and the EMA state dict (if saved).
 
-    `check(state)` runs before anything is loaded, so a checkpoint this run cannot take (another backend, another
-    world size) is refused with its own message instead of failing inside the loader."""
+    `check(state)` runs before anything is loaded, so a checkpoint this run cannot take (e.g. saved mid-epoch with
+    another global batch) is refused with its own message instead of failing inside the loader."""
     try:
         state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
     except Exception as e:
@@ -122,7 +124,7 @@ def load_checkpoint(accelerator, ckpt: Path, check=None) -> tuple[TrainerState, 
     if check is not None:
         check(state)
     try:
-        backend.load_state(accelerator, ckpt, state.world_size)
+        backend.load_state(accelerator, ckpt, state.backend, state.world_size, backend_name, model, optimizer)
         ema_file = ckpt / "ema.safetensors"
         ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
     except Exception as e:

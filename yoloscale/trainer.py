@@ -320,9 +320,10 @@ class Trainer:
                     f"{state.batch}; resume it with the same, or from an epoch-end checkpoint (now {self.world} x "
                     f"{self.cfg.batch})."
                 )
-            backend.check_resume(ckpt, state.backend, self.cfg.backend)
 
-        state, ema_state = load_checkpoint(self.accelerator, ckpt, check)
+        state, ema_state = load_checkpoint(self.accelerator, ckpt, self.model, self.optimizer, self.cfg.backend, check)
+        if state.backend != self.cfg.backend:
+            self.log.message(f"resuming a backend={state.backend} checkpoint with backend={self.cfg.backend}")
         if self.ema is not None and ema_state is not None:
             self.ema.load_full_state_dict(ema_state, state.ema_updates)
         if hasattr(self.criterion, "update"):
@@ -332,5 +333,6 @@ class Trainer:
         if self.is_main:  # the continuing run's settings (overrides such as epochs= included) for the next resume
             dataclasses.replace(self.cfg, resume="").save(self.run_dir / "config.yaml")
         state.world_size, state.batch, state.accumulate = self.world, self.cfg.batch, self.accumulate
+        state.backend = self.cfg.backend
         self.state = state
         self.log.message(f"resumed from {ckpt}: epoch {state.epoch + 1}, optimizer step {state.optimizer_steps}")

@@ -4,8 +4,8 @@
 from our configuration: fsdp.py, deepspeed.py). The trainer then calls the four functions below and never branches
 on the backend: `build_accelerator`, `wrap_model` (SyncBN, FSDP2 sharding), `prepare`, `optimizer_step`. Rank and
 world size come from whatever launcher started us (torchrun, `accelerate launch`, `deepspeed`, Slurm's srun, or a
-single plain process). tensors.py gives the sharded EMA each rank's piece of every tensor; zero_reshard.py resumes a ZeRO checkpoint on
-another number of processes.
+single plain process). tensors.py gives the sharded EMA each rank's piece of every tensor; full_state.py (with zero_reshard.py) resumes
+a checkpoint on another backend, or a ZeRO checkpoint on another number of processes.
 """
 
 from __future__ import annotations
@@ -186,24 +186,16 @@ def autocast_forward(model: nn.Module, autocast) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
 
 
-def check_resume(ckpt, saved_backend: str, backend: str) -> None:
-    """A checkpoint's model/optimizer state is in its backend's own layout; any world size can resume it (DDP and
-    FSDP2's DCP reshard by themselves, ZeRO through zero_reshard.py), only the same backend."""
-    if saved_backend != backend:
-        raise UserError(f"checkpoint '{ckpt}' was written by backend={saved_backend}; resume it with that backend "
-                        f"(now backend={backend}), or start a new run from its weights with weights=.")
-
-
-def load_state(accelerator, ckpt, saved_world: int) -> None:
-    """`accelerator.load_state(ckpt)`; a ZeRO checkpoint written by another number of processes is re-partitioned
-    for this one (DeepSpeed's own loader refuses it)."""
-    if accelerator.distributed_type == "DEEPSPEED" and saved_world != accelerator.num_processes:
-        from yoloscale.backend.zero_reshard import resharding_loads
-
-        with resharding_loads(accelerator.deepspeed_engine_wrapped.engine):
-            accelerator.load_state(str(ckpt))
-    else:
+def load_state(accelerator, ckpt, saved_backend: str, saved_world: int, backend: str, model, optimizer) -> None:
+    """Restore model, optimizer and RNG states from a checkpoint of any backend and world size: Accelerate's own
+    load_state where it can (same backend; ZeRO also the same world size), whole tensors otherwise (full_state.py)."""
+    zero_resized = backend.startswith("zero") and saved_world != accelerator.num_processes
+    if saved_backend == backend and not zero_resized:
         accelerator.load_state(str(ckpt))
+    else:
+        from yoloscale.backend.full_state import load_foreign
+
+        load_foreign(accelerator, ckpt, saved_backend, model, optimizer)
 
 
 def optimizer_step(accelerator, model: nn.Module, optimizer, max_norm: float) -> torch.Tensor:
