@@ -2,6 +2,8 @@
 
 usage: torchrun --nproc_per_node N tests/gpu_backend_matrix.py OUT BACKEND DATA640 DATA1280 SPEC... [--profile SPEC]
 SPEC = precision:grad_ckpt:imgsz:batch[:loop], e.g. bf16:off:640:32:loop  fp16:all:640:32  bf16:off:1280:8
+BACKEND = a backend, optionally with settings: fsdp  or  fsdp,reshard_after_forward=False  (the rows and files are
+named by the whole word, `,` and `=` written `-`)
 
 `yoloscale bench` starts a process per measurement, and each spent 100-136 s before its first step on the GPU
 machine (process start, dataset, model, cuDNN autotuning): a backend x precision x grad_ckpt x resolution table
@@ -46,6 +48,11 @@ def reset_between_settings() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def file_tag(backend: str) -> str:
+    """`fsdp,reshard_after_forward=False` -> `fsdp-reshard_after_forward-False`, for file names."""
+    return backend.replace(",", "-").replace("=", "-")
+
+
 def half_batch(batch: dict, n: int) -> dict:
     """The first n images of a resident batch and their boxes."""
     keep = batch["batch_idx"] < n
@@ -82,9 +89,11 @@ def measure(out: Path, backend: str, data: dict, spec: str) -> tuple:
 
     precision, ckpt, imgsz, batch, *loop = spec.split(":")
     model = os.environ.get("MATRIX_MODEL", "yolo11x.yaml")  # a small one for the CPU smoke test
-    settings = [f"backend={backend}", f"precision={precision}", f"grad_ckpt={ckpt}", f"imgsz={imgsz}",
+    name, *extra = backend.split(",")
+    settings = [f"backend={name}", *extra, f"precision={precision}", f"grad_ckpt={ckpt}", f"imgsz={imgsz}",
                 f"batch={batch}", f"model={model}", "workers=12", "cache=ram", f"data={data[int(imgsz) > 640]}",
-                f"project={out / 'runs'}", f"name={backend}-{spec.replace(':', '-')}", "plots=False"]  # fmt: skip
+                f"project={out / 'runs'}", f"name={file_tag(backend)}-{spec.replace(':', '-')}",
+                "plots=False"]  # fmt: skip
     trainer = Trainer(load_config(None, settings))
     row = {"backend": backend, "spec": spec}
     if loop:
@@ -122,7 +131,7 @@ def profile(out: Path, backend: str, trainer, resident: dict) -> None:
     events = prof.key_averages()
     # (Summing self device times over these rows counts kernels twice, under their op and as themselves: no "busy %".)
     head = f"{backend}: 6 bare micro-steps of {trainer.cfg.batch} images per GPU, wall {wall * 1e3:.1f} ms while profiled\n"
-    (out / f"profile-{backend}.txt").write_text(head + events.table(sort_by=key, row_limit=60, max_name_column_width=70))
+    (out / f"profile-{file_tag(backend)}.txt").write_text(head + events.table(sort_by=key, row_limit=60, max_name_column_width=70))
 
 
 def main() -> None:
@@ -147,7 +156,7 @@ def main() -> None:
                    "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
         row["seconds"] = time.perf_counter() - t
         if rank0:
-            with open(out / f"matrix-{backend}.jsonl", "a") as f:
+            with open(out / f"matrix-{file_tag(backend)}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         del trainer, resident

@@ -14,10 +14,11 @@ here=$(dirname "$0")
 [ -f "$out/d1280/data.yaml" ] || python -m yoloscale data synth --out "$out/d1280" --train 32 --val 8 --size 1280 >/dev/null
 for job in "$@"; do
     read -r backend specs <<<"$job"
+    tag=${backend//[,=]/-}  # "fsdp,reshard_after_forward=False": a backend with settings
     # shellcheck disable=SC2086  # the specs are words
     YOLOSCALE_DIST_TIMEOUT=180 timeout "${MATRIX_TIMEOUT:-400}" python -m torch.distributed.run --standalone \
         --nproc_per_node "$gpus" "$here/gpu_backend_matrix.py" "$out" "$backend" "$out/d640/data.yaml" \
-        "$out/d1280/data.yaml" $specs >"$out/matrix-$backend.log" 2>&1
+        "$out/d1280/data.yaml" $specs >"$out/matrix-$tag.log" 2>&1
     echo "== $backend exit $? ($(date +%T))"
-    grep -h '^{' "$out/matrix-$backend.log" | cut -c1-400
+    grep -h '^{' "$out/matrix-$tag.log" | cut -c1-400
 done
