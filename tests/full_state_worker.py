@@ -45,7 +45,8 @@ if backend.startswith("zero"):
     torch.Tensor.record_stream = lambda self, stream: None  # DeepSpeed calls this CUDA-only method on the CPU too
     if backend == "zero3":
         gather_whole_layers(model)
-    ds = render_ds_config(load_config(None, [f"backend={backend}", f"batch={8 // world}", "grad_clip=10"]), "fp32", 1, world)
+    ds_cfg = load_config(None, [f"backend={backend}", f"batch={8 // world}", "grad_clip=10"])
+    ds = render_ds_config(ds_cfg, "fp32", 1, world)
     opt = build_optimizer(cfg, model, lr=0.01, fused=False)
     engine, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     wrapped = engine
@@ -87,9 +88,9 @@ def whole() -> dict:
             engine.optimizer._hp_optimizer_states_linked = False
             engine.optimizer._lazy_init_hp_params_optimizer_state()
         keys = ["momentum_buffer"] if optimizer_name == "SGD" else ["exp_avg", "exp_avg_sq"]
-        state = {f"weight:{n}": safe_get_full_fp32_param(p).cpu() for n, p in model.named_parameters() if p.requires_grad}
-        state.update({f"{k}:{n}": safe_get_full_optimizer_state(p, k).cpu()
-                      for n, p in model.named_parameters() if p.requires_grad for k in keys})  # fmt: skip
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        state = {f"weight:{n}": safe_get_full_fp32_param(p).cpu() for n, p in trainable}
+        state.update({f"{k}:{n}": safe_get_full_optimizer_state(p, k).cpu() for n, p in trainable for k in keys})
         steps = [st.get("step") for st in engine.optimizer.optimizer.state.values()]  # one per group
         steps = [s.clone() if torch.is_tensor(s) else s for s in steps]  # torch increments it in place
         state.update({f"step:{n}": steps[g] for g, group in enumerate(names) for n in group

@@ -24,8 +24,9 @@ IDS = [f"{b}-{o}-{w}" for (b, o, w), _ in CASES]
 
 def _torchrun(world: int, *args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-                          str(ROOT / "tests/full_state_worker.py"), *args], env=env, capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           str(ROOT / "tests/full_state_worker.py"), *args]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, f"{args} on {world} process(es) failed:\n{run.stderr[-3000:]}"
 
 

@@ -4,8 +4,8 @@
 from our configuration: fsdp.py, deepspeed.py). The trainer then calls the four functions below and never branches
 on the backend: `build_accelerator`, `wrap_model` (SyncBN, FSDP2 sharding), `prepare`, `optimizer_step`. Rank and
 world size come from whatever launcher started us (torchrun, `accelerate launch`, `deepspeed`, Slurm's srun, or a
-single plain process). tensors.py gives the sharded EMA each rank's piece of every tensor; full_state.py (with zero_reshard.py) resumes
-a checkpoint on another backend, or a ZeRO checkpoint on another number of processes.
+single plain process). tensors.py gives the sharded EMA each rank's piece of every tensor; full_state.py (with
+zero_reshard.py) resumes a checkpoint on another backend, or a ZeRO checkpoint on another number of processes.
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ def write_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: F
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, full.weights, options=options)
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": n} for g, n in zip(optimizer.param_groups, names)]
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": group_names}
+              for g, group_names in zip(optimizer.param_groups, names)]  # fmt: skip
     set_optimizer_state_dict(model, optimizer, {"state": full.optim, "param_groups": groups}, options=options)
 
 
