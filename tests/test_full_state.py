@@ -61,6 +61,21 @@ def test_every_tensor_arrives_whole(runs, saved_by, loads):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("saved_by,loads", CASES, ids=IDS)
+def test_export_reads_the_weights_of_every_layout(runs, saved_by, loads):
+    """full_state.read_weights (what `yoloscale export` uses without an EMA) on one process, without DeepSpeed or a
+    process group running: DDP's safetensors, FSDP2's DCP shards, ZeRO-2/3 partitions."""
+    from yoloscale.backend.full_state import read_weights
+
+    weights = read_weights(runs[saved_by[0]] / "ckpt", saved_by[0])
+    saved = _load(runs[saved_by[0]] / "saved.pt")
+    for k, v in saved.items():
+        if k.startswith("weight:"):
+            assert torch.equal(weights[k.removeprefix("weight:")], v), k
+    assert any("running_mean" in k for k in weights)  # BatchNorm's buffers too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_by,loads", CASES, ids=IDS)
 def test_the_next_step_is_the_saving_runs(runs, saved_by, loads):
     backend, _, world = saved_by
     d = runs[backend]

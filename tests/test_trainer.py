@@ -139,3 +139,28 @@ def test_sigusr1_saves_a_checkpoint_and_stops_then_the_run_resumes(tiny_data, tm
     assert main(["train", f"resume={run}"]) == 0
     assert (run / "weights" / "last.pt").exists()
     assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036"  # 3 epochs x 12 steps
+
+
+def test_export_without_ema_consolidates_the_checkpoint(tiny_data, tmp_path):
+    """ema=False and a run that never reached its end (no weights/*.safetensors): `yoloscale export` takes the model
+    weights of the latest checkpoint (whatever layout its backend wrote: backend/full_state.read_weights, checked
+    for FSDP2 and ZeRO in test_full_state.py) into weights/last.safetensors and an Ultralytics last.pt."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from ultralytics import YOLO
+
+    args = [f"data={tiny_data}", *TINY, "epochs=1", "val=False", "ema=False", f"project={tmp_path}", "name=noema"]
+    assert main(["train", *args]) == 0
+    run = tmp_path / "noema"
+    shutil.rmtree(run / "weights")  # as if killed before the end
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert not (ckpt / "ema.safetensors").exists()
+    assert main(["export", str(run)]) == 0
+    saved = load_file(str(ckpt / "model.safetensors"))
+    exported = load_file(str(run / "weights" / "last.safetensors"))
+    assert exported.keys() == {k.removeprefix("module.") for k in saved}
+    assert all(torch.equal(exported[k.removeprefix("module.")], v) for k, v in saved.items())
+    pt = YOLO(str(run / "weights" / "last.pt")).model.state_dict()
+    torch.testing.assert_close(pt["model.0.conv.weight"].float(), exported["model.0.conv.weight"], rtol=1e-3, atol=1e-3)

@@ -47,22 +47,39 @@ def write_ultralytics_pt(model: torch.nn.Module, args: SimpleNamespace, path: Pa
     return path
 
 
-def pt_from_safetensors(src: Path, dst: Path, model_yaml: str, names: dict, args: SimpleNamespace) -> Path:
-    """Rebuild the model from its YAML, load EMA weights saved as safetensors, write an Ultralytics .pt."""
+def pt_from_weights(src: Path | dict, dst: Path, model_yaml: str, names: dict, args: SimpleNamespace) -> Path:
+    """Rebuild the model from its YAML, load weights (a safetensors file or a state dict), write an Ultralytics .pt."""
     from yoloscale.model import build_model
 
     model = build_model(model_yaml, len(names), {int(k): v for k, v in names.items()}, args)
     try:
-        model.load_state_dict(load_file(str(src)))
+        model.load_state_dict(src if isinstance(src, dict) else load_file(str(src)))
     except Exception as e:
-        raise UserError(f"'{src}' does not hold this run's weights: {e}") from None
+        raise UserError(f"'{src if not isinstance(src, dict) else dst}' does not hold this run's weights: {e}") from None
     return write_ultralytics_pt(model.eval(), args, dst)
 
 
+def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's EMA, or (a run with ema=False) its model weights in whichever layout its backend wrote:
+    DDP's safetensors, FSDP2's DCP shards or DeepSpeed's ZeRO partitions, consolidated on this machine."""
+    import json
+
+    from yoloscale.backend.full_state import read_weights
+
+    if (ckpt / "ema.safetensors").is_file():
+        return load_file(str(ckpt / "ema.safetensors"))
+    try:
+        backend = json.loads((ckpt / "trainer_state.json").read_text())["backend"]
+        return {k: v.contiguous() for k, v in read_weights(ckpt, backend).items()}
+    except Exception as e:
+        raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
+
+
 def export_run(run: Path) -> list[Path]:
-    """`yoloscale export RUN`: write weights/last.pt from the latest checkpoint's EMA (or weights/last.safetensors)
-    and weights/best.pt from weights/best.safetensors, without needing the training data."""
-    from yoloscale.checkpoint import complete_checkpoints
+    """`yoloscale export RUN`: write weights/last.pt from the latest checkpoint (its EMA, or with ema=False its model
+    weights, whatever the backend; else weights/last.safetensors) and weights/best.pt from weights/best.safetensors,
+    without needing the training data or GPUs. A run killed before its end gets weights/last.safetensors too."""
+    from yoloscale.checkpoint import complete_checkpoints, save_weights
     from yoloscale.config import load_config
     from yoloscale.data import ultralytics_args
     from yoloscale.run_dir import read_run_info
@@ -73,12 +90,14 @@ def export_run(run: Path) -> list[Path]:
     args = ultralytics_args(cfg, info["data"])
     weights = run / "weights"
     weights.mkdir(exist_ok=True)
-    sources = {"best": weights / "best.safetensors", "last": weights / "last.safetensors"}
+    sources: dict = {"best": weights / "best.safetensors", "last": weights / "last.safetensors"}
     ckpts = complete_checkpoints(run)
-    if ckpts and (ckpts[-1] / "ema.safetensors").is_file():
-        sources["last"] = ckpts[-1] / "ema.safetensors"
-    written = [pt_from_safetensors(src, weights / f"{kind}.pt", info["model"], info["names"], args)
-               for kind, src in sources.items() if src.is_file()]  # fmt: skip
+    if ckpts:
+        sources["last"] = checkpoint_weights(ckpts[-1])
+        if not (weights / "last.safetensors").exists():
+            save_weights(sources["last"], weights / "last.safetensors")
+    written = [pt_from_weights(src, weights / f"{kind}.pt", info["model"], info["names"], args)
+               for kind, src in sources.items() if isinstance(src, dict) or src.is_file()]  # fmt: skip
     if not written:
-        raise UserError(f"'{run}' has no EMA weights to export (no checkpoint and no weights/*.safetensors).")
+        raise UserError(f"'{run}' has no weights to export (no checkpoint and no weights/*.safetensors).")
     return written

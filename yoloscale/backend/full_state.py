@@ -47,22 +47,34 @@ def _read_dcp(folder: Path) -> dict:
     return state
 
 
-def read_full_state(ckpt: Path, backend: str, names: list[list[str]]) -> FullState:
-    """The checkpoint folder `ckpt`, written by `backend`, as whole tensors. `names`: optimizer_names(model)."""
-    from safetensors.torch import load_file
-
+def read_weights(ckpt: Path, backend: str) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers in the checkpoint folder `ckpt` written by `backend`, whole (no GPU, no
+    process group needed: `yoloscale export` uses it too)."""
     ckpt = Path(ckpt)
     if backend == "ddp":
-        weights = {k.removeprefix("module."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+        from safetensors.torch import load_file
+
+        return {k.removeprefix("module."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+    if backend == "fsdp":
+        return _read_dcp(ckpt / "pytorch_model_fsdp_0")["model"]
+    from yoloscale.backend.zero_reshard import read_zero_weights
+
+    return read_zero_weights(str(ckpt / "pytorch_model"))
+
+
+def read_full_state(ckpt: Path, backend: str, names: list[list[str]]) -> FullState:
+    """The checkpoint folder `ckpt`, written by `backend`, as whole tensors. `names`: optimizer_names(model)."""
+    ckpt = Path(ckpt)
+    weights = read_weights(ckpt, backend)
+    if backend == "ddp":
         numbered = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=False)["state"]
         in_order = [n for group in names for n in group]
         return FullState(weights, {in_order[i]: st for i, st in numbered.items()})
     if backend == "fsdp":
-        optim = _read_dcp(ckpt / "optimizer_0")["optimizer"]["state"]
-        return FullState(_read_dcp(ckpt / "pytorch_model_fsdp_0")["model"], optim)
+        return FullState(weights, _read_dcp(ckpt / "optimizer_0")["optimizer"]["state"])
     from yoloscale.backend.zero_reshard import read_zero
 
-    weights, optim, _, counters = read_zero(str(ckpt / "pytorch_model"))
+    optim, counters = read_zero(str(ckpt / "pytorch_model"))
     return FullState(weights, optim, counters)
 
 

@@ -4,9 +4,9 @@ A ZeRO checkpoint holds each rank's slice of flat buffers, and DeepSpeed loads i
 it. DeepSpeed's own way across world sizes, the universal checkpoint (`ds_to_universal`), converts Adam's states
 only (`exp_avg`, `exp_avg_sq`; it fails on SGD's `momentum_buffer`, YOLO's default optimizer). So we go in two
 steps, both with DeepSpeed's code:
-1. `read_zero`: whole per-parameter tensors from the files, with the merge functions of DeepSpeed's `zero_to_fp32`
-   (written for the fp32 master weights; the optimizer states are sliced the same way, so they go through the same
-   functions);
+1. `read_zero_weights`, `read_zero`: whole per-parameter tensors from the files, with the merge functions of
+   DeepSpeed's `zero_to_fp32` (written for the fp32 master weights; the optimizer states are sliced the same way, so
+   they go through the same functions);
 2. `write_zero`: whole tensors into the engine built for this world, through DeepSpeed's `safe_set_full_*` API,
    which knows this world's partition layout.
 full_state.py uses both to resume across world sizes and across backends.
@@ -39,13 +39,19 @@ def _copy(value: Any) -> Any:
     return value.clone() if torch.is_tensor(value) else value
 
 
-def read_zero(ckpt_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[int], dict]:
-    """A ZeRO checkpoint folder (`CKPT/pytorch_model`) -> (weights and buffers, optimizer state per parameter name,
-    the number of trainable parameters in each optimizer group, the engine's step counters)."""
+def read_zero_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    """A ZeRO checkpoint folder (`CKPT/pytorch_model`) -> the fp32 weights and buffers, whole."""
     from deepspeed.utils import zero_to_fp32 as z
 
     with contextlib.redirect_stdout(io.StringIO()):
-        weights = z.get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt_dir), os.path.basename(ckpt_dir))
+        return z.get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt_dir), os.path.basename(ckpt_dir))
+
+
+def read_zero(ckpt_dir: str) -> tuple[dict[str, dict[str, Any]], dict]:
+    """A ZeRO checkpoint folder (`CKPT/pytorch_model`) -> (optimizer state per parameter name, the engine's step
+    counters)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
     model_files = z.get_model_state_files(ckpt_dir)
     model_states = z.parse_model_states(model_files)
     files = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
@@ -73,7 +79,7 @@ def read_zero(ckpt_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[st
             optim[n] = {**{k: by_key[k][n] for k in flat_keys}, **{k: _copy(v) for k, v in scalars.items()}}
     saved = torch.load(model_files[0], map_location="cpu", weights_only=False)
     counters = {k: saved[k] for k in ("global_steps", "global_samples", "skipped_steps")}
-    return weights, optim, [len(n) for n in names], counters
+    return optim, counters
 
 
 def _set_zero3_state(param, value: torch.Tensor, key: str) -> None:
