@@ -55,7 +55,8 @@ def pt_from_weights(src: Path | dict, dst: Path, model_yaml: str, names: dict, a
     try:
         model.load_state_dict(src if isinstance(src, dict) else load_file(str(src)))
     except Exception as e:
-        raise UserError(f"'{src if not isinstance(src, dict) else dst}' does not hold this run's weights: {e}") from None
+        what = f"the weights for '{dst}'" if isinstance(src, dict) else f"'{src}'"
+        raise UserError(f"{what} do not match this run's model: {e}") from None
     return write_ultralytics_pt(model.eval(), args, dst)
 
 
