@@ -1,11 +1,14 @@
 """GPU check of every backend: loss parity with DDP, sharded save -> resume, precision x grad_ckpt matrix.
 
-usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K]
+usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K] [--backends ddp,...]
+       [--only resume]
 From the same initial weights and data (seed 0, workers=0), two epochs of yolov8s at 320 px (32 optimizer steps on one
 GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16 (DeepSpeed: bf16 only), and bf16 with grad_ckpt=all.
 Each run's per-step losses are compared with DDP's in the same precision; then each backend resumes from its epoch-1
-checkpoint and must repeat the uninterrupted run's next losses. With --gpus 2, DDP and FSDP checkpoints are also
-resumed on the other GPU count (2 -> 1, 1 -> 2). Prints a table, writes OUT_DIR/backends.json. Run by test_gpu_backends.py (skipped without CUDA).
+checkpoint and must repeat the uninterrupted run's next losses, and so must a resume with another backend
+(backend/full_state.py). With --gpus 2, DDP, FSDP, ZeRO-2 and ZeRO-3 checkpoints are also resumed on the other GPU
+count (2 -> 1, 1 -> 2). Runs that do not depend on each other run --parallel at a time. Prints a table, writes
+OUT_DIR/backends.json. Run by test_gpu_backends.py (skipped without CUDA).
 """
 
 import argparse
@@ -41,21 +44,16 @@ def run(out: Path, name: str, gpus: int, overrides: list[str]) -> dict:
     return {"name": name, **json.loads((out / f"{name}.json").read_text())}
 
 
-def resume_on_other_world_sizes(out: Path, a, data: Path) -> dict:
-    """2 -> 1 and 1 -> 2 GPUs (DDP, FSDP2's DCP, ZeRO-2/3 through backend/zero_reshard.py): resume the epoch-1
-    checkpoint of a run on the other GPU count."""
-    results = {}
+def other_world_resumes(out: Path, a, common: dict[str, list[str]], results: dict) -> list[tuple]:
+    """2 -> 1 and 1 -> 2 GPUs (DDP, FSDP2's DCP, ZeRO-2/3 through backend/zero_reshard.py): the epoch-1 checkpoint
+    of each run resumed on the other GPU count, as (name, gpus, overrides) jobs."""
+    jobs = []
     for b in ("ddp", "fsdp", "zero2", "zero3"):
-        common = [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}"]
-        one = run(out, f"{b}-bf16-1gpu", 1, common)
-        results[one["name"]] = one
-        for saved, gpus in ((results_of(out, f"{b}-bf16"), 1), (one, a.gpus)):
-            if "run_dir" not in saved:
-                continue
-            ckpt = sorted(Path(saved["run_dir"], "checkpoints").glob("step-*"))[0]  # the epoch-1 end
-            name = f"{saved['name']}-resume-on-{gpus}gpu"
-            results[name] = run(out, name, gpus, [*common, f"resume={ckpt}"])
-    return results
+        for saved, gpus in ((results.get(f"{b}-bf16", {}), 1), (results.get(f"{b}-bf16-1gpu", {}), a.gpus)):
+            if "run_dir" in saved:
+                ckpt = sorted(Path(saved["run_dir"], "checkpoints").glob("step-*"))[0]  # the epoch-1 end
+                jobs.append((f"{saved['name']}-resume-on-{gpus}gpu", gpus, [*common[b], f"resume={ckpt}"]))
+    return jobs
 
 
 def results_of(out: Path, name: str) -> dict:
@@ -74,6 +72,8 @@ def main() -> int:
     p.add_argument("--model", default="yolov8s.yaml")
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--only", choices=("all", "resume"), default="all",
+                   help="resume: only the bf16 runs and their resumes (same and other backend, other GPU count)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,29 +81,32 @@ def main() -> int:
     from yoloscale.synth import write_synthetic_dataset
 
     data = write_synthetic_dataset(out / "shapes", 256, 64, 160, 0)
-    jobs = [(f"{b}-{prec}", [f"backend={b}", f"precision={prec}", f"model={a.model}"])
-            for b in backends for prec in ("bf16", "fp16") if prec == "bf16" or not b.startswith("zero")]  # fmt: skip
-    # (DeepSpeed + fp16 is refused with its reason: docs/backends.md)
-    jobs += [(f"{b}-bf16-ckpt", [f"backend={b}", "precision=bf16", "grad_ckpt=all", f"model={a.model}"]) for b in backends]
-    jobs = [(name, [f"data={data}", *o]) for name, o in jobs]
-    results = {jobs[0][0]: run(out, jobs[0][0], a.gpus, jobs[0][1])}  # alone: it writes Ultralytics' label cache
+    common = {b: [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}"] for b in BACKENDS}
+    # the first bf16 runs are the checkpoints every resume starts from; --only resume skips the other parity runs
+    jobs = [(f"{b}-bf16", a.gpus, common[b]) for b in backends]
+    if a.only == "all":
+        jobs += [(f"{b}-fp16", a.gpus, [f"data={data}", f"backend={b}", "precision=fp16", f"model={a.model}"])
+                 for b in backends if not b.startswith("zero")]  # DeepSpeed + fp16 is refused: docs/backends.md
+        jobs += [(f"{b}-bf16-ckpt", a.gpus, [*common[b], "grad_ckpt=all"]) for b in backends]
+    if a.gpus > 1:  # the one-GPU runs whose checkpoints resume on a.gpus
+        jobs += [(f"{b}-bf16-1gpu", 1, common[b]) for b in ("ddp", "fsdp", "zero2", "zero3") if b in backends]
+    results = {jobs[0][0]: run(out, *jobs[0])}  # alone: it writes Ultralytics' label cache
     with ThreadPoolExecutor(a.parallel) as pool:
-        results.update({r["name"]: r for r in pool.map(lambda j: run(out, j[0], a.gpus, j[1]), jobs[1:])})
+        results.update({r["name"]: r for r in pool.map(lambda j: run(out, *j), jobs[1:])})
     resumes = []
     for b in backends:
         first = results.get(f"{b}-bf16", {})
         if "run_dir" not in first:
             continue
         ckpt = sorted(Path(first["run_dir"], "checkpoints").glob("step-*"))[0]  # the epoch-1 end
-        resumes.append((f"{b}-bf16-resume", [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}", f"resume={ckpt}"]))
+        resumes.append((f"{b}-bf16-resume", a.gpus, [*common[b], f"resume={ckpt}"]))
         # and with another backend (backend/full_state.py): the continuation must follow the saving run's
         other = {"ddp": "zero2", "fsdp": "ddp", "zero1": "fsdp", "zero2": "ddp", "zero3": "fsdp"}[b]
-        resumes.append((f"{b}-bf16-resume-as-{other}", [f"data={data}", f"backend={other}", "precision=bf16",
-                                                        f"model={a.model}", f"resume={ckpt}"]))  # fmt: skip
-    with ThreadPoolExecutor(a.parallel) as pool:
-        results.update({r["name"]: r for r in pool.map(lambda j: run(out, j[0], a.gpus, j[1]), resumes)})
+        resumes.append((f"{b}-bf16-resume-as-{other}", a.gpus, [*common[other], f"resume={ckpt}"]))
     if a.gpus > 1:
-        results.update(resume_on_other_world_sizes(out, a, data))
+        resumes += other_world_resumes(out, a, common, results)
+    with ThreadPoolExecutor(a.parallel) as pool:
+        results.update({r["name"]: r for r in pool.map(lambda j: run(out, *j), resumes)})
 
     rows, ok = [], True
     for name, r in results.items():
