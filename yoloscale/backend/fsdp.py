@@ -47,13 +47,26 @@ def allow_fused_sgd() -> bool:
     (2.11 to 2.14) registers no sharding strategy for it ("aten._fused_sgd_.default does not have a sharding strategy
     registered"). The foreach SGD that FSDP2 + SGD then needs cost 15 ms of DTensor dispatch per step on yolo11x
     (2 x H200 profile, docs/backends.md) and a host sync to skip a non-finite step, which the fused kernel does on
-    the device (`found_inf`). We register the strategy with the helper torch registers fused Adam's with (private,
-    hence the fallback). tests/sharded_parity_worker.py checks the fused FSDP2 step against DDP's."""
+    the device (`found_inf`). We register the strategy the way this torch registers fused Adam's (private APIs,
+    hence the fallback): torch 2.14 through `_register_single_dim_pointwise`, torch 2.11 (the GPU machine's; it has
+    no such helper, and there FSDP + SGD ran foreach) through `register_op_strategy` with the list-pointwise rule.
+    tests/sharded_parity_worker.py checks the fused FSDP2 step against DDP's."""
+    ops = (torch.ops.aten._fused_sgd_.default, torch.ops.aten._fused_sgd_.tensor_lr)
     try:
-        from torch.distributed.tensor._ops._pointwise_ops import _register_single_dim_pointwise
+        from torch.distributed.tensor._ops import _pointwise_ops as pointwise
+    except ImportError:
+        return False
+    try:
+        if hasattr(pointwise, "_register_single_dim_pointwise"):
+            for op in ops:
+                pointwise._register_single_dim_pointwise(op)
+        else:
+            from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+            from torch.distributed.tensor._ops.utils import register_op_strategy
 
-        for op in (torch.ops.aten._fused_sgd_.default, torch.ops.aten._fused_sgd_.tensor_lr):
-            _register_single_dim_pointwise(op)
+            for op in ops:
+                register = register_op_strategy(op, schema_info=RuntimeSchemaInfo(needs_pytree=True))
+                register(pointwise.list_pointwise_strategy)
     except (ImportError, AttributeError, TypeError):
         return False
     return True
