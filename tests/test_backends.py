@@ -216,6 +216,30 @@ def test_zero3_gathers_whole_layers_except_the_first_and_frozen_ones():
     assert [i for i, m in enumerate(model.model) if z3_leaf_module(m)] == leaves
 
 
+def test_zero3_unshares_ultralytics_shared_activation_without_changing_the_model():
+    """Ultralytics' Conv uses one class-level SiLU everywhere; ZeRO-3 hooked it once per parent (76 hooks on yolo11x,
+    all run on each of its calls). Each parent gets its own copy; weights, state dict keys and outputs stay equal."""
+    import copy
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yoloscale.backend.deepspeed import unshare_stateless_modules
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False).eval()
+    before = copy.deepcopy(model)
+    acts = [m.act for m in model.modules() if hasattr(m, "act") and isinstance(m.act, torch.nn.SiLU)]
+    assert len({id(a) for a in acts}) == 1 < len(acts)  # the sharing this undoes
+    assert unshare_stateless_modules(model) == len(acts) - 1
+    acts = [m.act for m in model.modules() if hasattr(m, "act") and isinstance(m.act, torch.nn.SiLU)]
+    assert len({id(a) for a in acts}) == len(acts)
+    assert unshare_stateless_modules(model) == 0
+    assert before.state_dict().keys() == model.state_dict().keys()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(before(x)[0], model(x)[0])
+
+
 def test_autocast_forward_computes_in_low_precision_and_returns_fp32():
     """What backend.prepare puts around an FSDP2 model (Accelerate's FSDP2 path adds no autocast: FSDP ran in fp32)."""
     from yoloscale.backend import autocast_forward
