@@ -171,19 +171,26 @@ def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
         # param_dtype, which we do not use (it would cast BatchNorm). Without this, FSDP computed in fp32: 0.59x DDP's
         # img/s and twice its activation memory per image (yolo11x, 2 x H200, 2026-11-23). Same wrapping as DDP's.
         autocast_forward(model, get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler))
-    if accelerator.distributed_type != "DEEPSPEED":
+    if accelerator.distributed_type == "DEEPSPEED":
+        # DeepSpeed's torch_autocast hands the model's bf16 outputs to the loss as they are, so on ZeRO the YOLO loss
+        # (BCE, DFL, IoU) was computed in bf16: on the same weights cls_loss came out ~3% off DDP's, both ways across
+        # a resume (2 x H200, 2026-11-24, docs/backends.md). The loss gets fp32 outputs, as Accelerate gives DDP's.
+        autocast_forward(model.module, autocast=None)
+    else:
         init_momentum_buffers(optimizer.optimizer)
     return model, optimizer
 
 
 def autocast_forward(model: nn.Module, autocast) -> None:
-    """Run `model.forward` under `autocast` (a torch.autocast) and return fp32 outputs, as Accelerate does for DDP."""
+    """Run `model.forward` under `autocast` (a torch.autocast; None: the caller's) and return fp32 outputs, as
+    Accelerate does for DDP."""
     from types import MethodType
 
     from accelerate.utils import convert_outputs_to_fp32
 
+    forward = model.forward.__func__
     model._original_forward = model.forward  # Accelerate's unwrap_model(keep_fp32_wrapper=False) restores it
-    model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
+    model.forward = MethodType(convert_outputs_to_fp32(autocast(forward) if autocast else forward), model)
 
 
 def load_state(accelerator, ckpt, saved_backend: str, saved_world: int, backend: str, model, optimizer) -> None:
