@@ -23,6 +23,10 @@ cfg = load_config(None, ["data=synthetic", "imgsz=320", "batch=16", "nbs=16", "a
                          f"project={project}", f"name={name}", *overrides])  # fmt: skip
 yoloscale.trainer.save_checkpoint = functools.partial(save_checkpoint, keep=10)
 trainer = yoloscale.trainer.Trainer(cfg)
+# Deterministic convolutions (the trainer turns autotuning on): with cuDNN's autotuned, non-deterministic kernels the
+# curves of identical runs parted after 2-3 steps (fsdp resumed vs uninterrupted: 1.25e-1 by step 8, 2026-11-24),
+# which hid real differences in the noise. Upsampling's backward still uses atomics, so not every bit repeats.
+torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
 steps: list[dict] = []
 log_step = trainer.log.step
 trainer.log.step = lambda values, step: (steps.append(dict(values)), log_step(values, step))
