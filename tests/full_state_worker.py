@@ -1,7 +1,8 @@
 """Checkpoints across backends and world sizes (backend/full_state.py, zero_reshard.py), on the CPU over gloo, for
 test_full_state.py.
-usage: torchrun --nproc_per_node N full_state_worker.py ddp|fsdp|zero2|zero3 SGD|AdamW save DIR
-       torchrun --nproc_per_node N full_state_worker.py ddp|fsdp|zero2|zero3 SGD|AdamW load DIR SAVED_BY
+usage: torchrun --nproc_per_node N full_state_worker.py ddp|fsdp|zero2|zero3[+OFFLOAD] SGD|AdamW save DIR
+       torchrun --nproc_per_node N full_state_worker.py ddp|fsdp|zero2|zero3[+OFFLOAD] SGD|AdamW load DIR SAVED_BY
+(zero2+optimizer, zero3+params: DeepSpeed with offload=optimizer / params, the optimizer stepping in CPU memory)
 
 save: two steps of yolov8n, the checkpoint in the layout Accelerate's save_state writes for the backend (DDP through
       Accelerate itself; FSDP2 through Accelerate's save_fsdp_model/optimizer; ZeRO through the engine, as Accelerate
@@ -28,7 +29,8 @@ from yoloscale.model import build_model
 from yoloscale.optim import build_optimizer
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
-backend, optimizer_name, phase, out = sys.argv[1:5]
+spec, optimizer_name, phase, out = sys.argv[1:5]
+backend, _, offload = spec.partition("+")
 ckpt = Path(out) / "ckpt"
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -45,7 +47,8 @@ if backend.startswith("zero"):
     torch.Tensor.record_stream = lambda self, stream: None  # DeepSpeed calls this CUDA-only method on the CPU too
     if backend == "zero3":
         gather_whole_layers(model)
-    ds_cfg = load_config(None, [f"backend={backend}", f"batch={8 // world}", "grad_clip=10"])
+    ds_cfg = load_config(None, [f"backend={backend}", f"batch={8 // world}", "grad_clip=10",
+                                f"offload={offload or 'none'}"])  # fmt: skip
     ds = render_ds_config(ds_cfg, "fp32", 1, world)
     opt = build_optimizer(cfg, model, lr=0.01, fused=False)
     engine, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
@@ -120,16 +123,16 @@ if phase == "save":
         save_fsdp_optimizer(plugin, PartialState(), opt, model, str(ckpt), 0)
     files = {"saved.pt": whole()}
     result = {"losses": losses + [step(2)]}
-    tag = f"next-{backend}-{world}.pt"
+    tag = f"next-{spec}-{world}.pt"
 else:
-    saved_by = sys.argv[5]
+    saved_by = sys.argv[5].partition("+")[0]
     if accelerator is not None:
         load_foreign(accelerator, ckpt, saved_by, wrapped, opt)
     else:
         write_full_state(model, opt, read_full_state(ckpt, saved_by, names), names, engine)
-    files = {f"loaded-{backend}-{world}.pt": whole()}
+    files = {f"loaded-{spec}-{world}.pt": whole()}
     result = {"losses": [step(2)]}
-    tag = f"resumed-{backend}-{world}.pt"
+    tag = f"resumed-{spec}-{world}.pt"
 weights = whole()  # after the third step
 result["weights"] = {k: v for k, v in weights.items() if k.startswith("weight:")}
 files[tag] = result

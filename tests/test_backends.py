@@ -68,6 +68,8 @@ def test_ds_config_offload_and_fp32():
     ds = render_ds_config(_cfg("backend=zero3", "offload=params"), "fp32", accumulate=1, world=1)
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # else DeepSpeed refuses YOLO's SGD when offloading
+    assert "zero_force_ds_cpu_optimizer" not in render_ds_config(_cfg("backend=zero2"), "fp32", accumulate=1, world=1)
     assert ds["torch_autocast"]["enabled"] is False and "dtype" not in ds["torch_autocast"]  # "auto" is refused
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] >= 1e5  # YOLO's many small tensors stay whole
 

@@ -18,6 +18,8 @@ CASES = [
     (("fsdp", "SGD", 2), [("zero2", 2), ("ddp", 1)]),
     (("zero2", "SGD", 2), [("ddp", 2), ("zero2", 1)]),
     (("zero3", "AdamW", 1), [("ddp", 1), ("zero3", 2)]),  # ddp: DeepSpeed's per-group AdamW step into torch's
+    # offload: the optimizer steps fp32 partitions in CPU memory (the same files, written from there)
+    (("zero2+optimizer", "SGD", 2), [("zero2+optimizer", 2), ("zero3+params", 1)]),
 ]
 IDS = [f"{b}-{o}-{w}" for (b, o, w), _ in CASES]
 
@@ -66,7 +68,7 @@ def test_export_reads_the_weights_of_every_layout(runs, saved_by, loads):
     process group running: DDP's safetensors, FSDP2's DCP shards, ZeRO-2/3 partitions."""
     from yoloscale.backend.full_state import read_weights
 
-    weights = read_weights(runs[saved_by[0]] / "ckpt", saved_by[0])
+    weights = read_weights(runs[saved_by[0]] / "ckpt", saved_by[0].partition("+")[0])
     saved = _load(runs[saved_by[0]] / "saved.pt")
     for k, v in saved.items():
         if k.startswith("weight:"):

@@ -81,6 +81,10 @@ def render_ds_config(cfg: TrainConfig, precision: str, accumulate: int, world: i
              source)  # fmt: skip
     # Our own optimizers (SGD with Ultralytics' groups, fused AdamW) are not on DeepSpeed's tested list.
     ds.setdefault("zero_allow_untested_optimizer", True)
+    if optimizer_device == "cpu":
+        # Offloaded, DeepSpeed insists on its own CPU Adam ("ZeRO-Offload with a client provided optimizer": every
+        # offload run with YOLO's SGD stopped there). Ours steps the fp32 partitions in CPU memory instead.
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
 
 
