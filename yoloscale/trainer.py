@@ -111,8 +111,9 @@ class Trainer:
         optimizer = build_optimizer(cfg, model, lr=cfg.lr0 * scale, fused=backend.fused_optimizer(cfg))
         self.model, self.optimizer = backend.prepare(acc, model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
-        # Built after the model is on its device: Ultralytics' criterion captures the parameters' device.
-        self.criterion = self.raw_model.init_criterion()
+        # Ultralytics' criterion takes its device (and Detect's strides) from the model's parameters: built from the
+        # plain copy on the compute device, as with offload=params the trained model's parameters are in CPU memory.
+        self.criterion = self.eval_model.init_criterion()
         self.ema = ShardedEMA(self.raw_model, decay=cfg.ema_decay, tau=cfg.ema_tau) if cfg.ema else None
         self.schedule = Schedule.create(cfg, batches_per_epoch=len(self.train_loader), scale=scale)
         # Each micro-step back-propagates loss_sum x nbs / (batch x accumulate); Accelerate divides by accumulate.

@@ -7,6 +7,8 @@
 Buffers (BatchNorm running statistics) are never sharded.
 
 The sharded EMA keeps only local pieces and gathers full tensors when it validates or saves (ema.py).
+With offload (FSDP2 offload=params, ZeRO-3 offload=params) the local pieces live in CPU memory; NCCL cannot gather
+them there, so they travel through the GPU (`_for_collective`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,19 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.data if isinstance(t, torch.nn.Parameter) else t
 
 
+def _for_collective(local: torch.Tensor) -> torch.Tensor:
+    """`local` on a device the process group can communicate from: an offloaded piece in CPU memory goes to this
+    rank's GPU under NCCL ("No backend type associated with device type cpu", ZeRO-3 offload=params on 2 x H200)."""
+    if local.device.type == "cpu" and torch.cuda.is_available() and "nccl" in str(dist.get_backend()):
+        return local.to(torch.device("cuda", torch.cuda.current_device()), non_blocking=True)
+    return local
+
+
 def full_tensor(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Collective for sharded tensors: the whole tensor `like` describes, assembled from every rank's `local`."""
+    """Collective for sharded tensors: the whole tensor `like` describes, assembled from every rank's `local`
+    (on the GPU where `local` was offloaded to CPU memory)."""
+    if hasattr(like, "ds_tensor") or hasattr(like, "_local_tensor"):
+        local = _for_collective(local)
     if hasattr(like, "ds_tensor"):
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local.contiguous())
