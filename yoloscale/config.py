@@ -178,6 +178,10 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.offload == "optimizer" and cfg.backend == "fsdp":
         raise UserError("offload=optimizer is not available with backend=fsdp: FSDP2 offloads parameters, gradients "
                         "and optimizer state together (offload=params), or use backend=zero2 offload=optimizer.")
+    if cfg.offload == "params" and cfg.backend == "fsdp" and cfg.precision == "fp16":
+        raise UserError("precision=fp16 with backend=fsdp offload=params is not supported: torch's GradScaler "
+                        "all-reduces its overflow check where the gradients are, in CPU memory, which NCCL cannot "
+                        "(2 x H200, torch 2.11, 2026-11-24). Use precision=bf16 with offload, or fp16 without it.")
     if cfg.offload == "params" and cfg.backend not in ("fsdp", "zero3"):
         raise UserError(f"offload=params needs backend=fsdp or zero3 (only they shard parameters); got backend={cfg.backend}.")
     if cfg.offload != "none" and cfg.backend == "ddp":

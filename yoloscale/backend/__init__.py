@@ -155,6 +155,8 @@ def fused_optimizer(cfg: TrainConfig) -> bool:
     """Fused SGD/AdamW kernels everywhere; FSDP2 + SGD only where fsdp.allow_fused_sgd could enable it on DTensors."""
     from yoloscale.backend.fsdp import allow_fused_sgd
 
+    if cfg.backend == "fsdp" and cfg.offload == "params":
+        return False  # the optimizer steps in CPU memory, where the skip flag (a GPU tensor) is not
     return not (cfg.backend == "fsdp" and cfg.optimizer == "SGD") or allow_fused_sgd()
 
 
@@ -215,8 +217,15 @@ def optimizer_step(accelerator, model: nn.Module, optimizer, max_norm: float) ->
         if norm is None:
             return torch.zeros((), device=accelerator.device)
         return (~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device))).float()
-    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    first = next(model.parameters())
+    if hasattr(first, "_local_tensor") and first._local_tensor.device.type != accelerator.device.type:  # offloaded
+        from yoloscale.backend.fsdp import clip_grad_norm_offloaded
+
+        accelerator.unscale_gradients()  # fp16: what accelerator.clip_grad_norm_ does first
+        norm = clip_grad_norm_offloaded(model.parameters(), max_norm or math.inf, accelerator.device)
+    else:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     bad = (~torch.isfinite(norm)).float()
     inner = optimizer.optimizer
     if inner.defaults.get("fused"):

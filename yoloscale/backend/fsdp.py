@@ -88,3 +88,22 @@ def fsdp_plugin(cfg: TrainConfig):
         cpu_ram_efficient_loading=False,
         activation_checkpointing=False,  # ours is BN-safe (grad_ckpt.py)
     )
+
+
+def clip_grad_norm_offloaded(parameters, max_norm: float, device: torch.device) -> torch.Tensor:
+    """FSDP2 with offload=params: clip the gradients (DTensor shards in CPU memory) to `max_norm` and return their
+    total norm, on `device`. torch's clip_grad_norm_ all-reduces the norm where the shards are, and NCCL cannot
+    communicate from CPU memory ("No backend type associated with device type cpu", 2 x H200, 2026-11-24). Every
+    parameter is sharded on dim 0 of the one mesh, so the squared norms of the local shards add up to the whole."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = [g._local_tensor for g in grads]
+    squares = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum() if local else torch.zeros(())
+    squares = squares.to(device)
+    if grads:
+        dist.all_reduce(squares, group=grads[0].device_mesh.get_group())
+    norm = squares.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch's clip_grads_with_norm_
+    torch._foreach_mul_(local, coef.to(local[0].device) if local else coef)
+    return norm
