@@ -52,10 +52,11 @@ def _own(ds: dict, dotted: str, value: Any, ours: str, source: str) -> None:
 def render_ds_config(cfg: TrainConfig, precision: str, accumulate: int, world: int) -> dict:
     """The DeepSpeed configuration for this run, every field we own filled in and checked."""
     if precision == "fp16":
-        raise UserError(f"backend={cfg.backend} with precision=fp16 is not supported: under DeepSpeed 0.19.8's "
-                        "torch_autocast in fp16, yolov8s died in a convolution with 'CUDA error: misaligned address' "
-                        "(ZeRO-1, 2 and 3, one H100, 2026-11-23; bf16 ran). Use precision=bf16 with DeepSpeed, or "
-                        "fp16 with backend=ddp or fsdp.")
+        raise UserError(f"backend={cfg.backend} with precision=fp16 is not supported (DeepSpeed 0.19.8, 2 x H200, "
+                        "2026-11-24): cuDNN's fp16 BatchNorm fails on the fp32 weights DeepSpeed keeps at unaligned "
+                        "offsets of its flat buffers ('CUDNN_STATUS_EXECUTION_FAILED'), and with BatchNorm run "
+                        "without cuDNN every fp16 step of ZeRO-2 and ZeRO-3 overflowed. Use precision=bf16 with "
+                        "DeepSpeed, or fp16 with backend=ddp or fsdp.")
     stage = int(cfg.backend.removeprefix("zero"))
     ds, source = _template(cfg, stage)
     ds = copy.deepcopy(ds)
