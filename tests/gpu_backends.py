@@ -3,7 +3,8 @@
 usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K] [--backends ddp,...]
        [--only resume]
 From the same initial weights and data (seed 0, workers=0), two epochs of yolov8s at 320 px (32 optimizer steps on one
-GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16 (DeepSpeed: bf16 only), and bf16 with grad_ckpt=all.
+GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16 (DeepSpeed: bf16 only), bf16 with grad_ckpt=all, and
+bf16 with offload (FSDP2 and ZeRO-3 offload=params, ZeRO-2 offload=optimizer; each also resumed offloaded).
 Each run's per-step losses are compared with DDP's in the same precision; then each backend resumes from its epoch-1
 checkpoint and must repeat the uninterrupted run's next losses, and so must a resume with another backend
 (backend/full_state.py). With --gpus 2, DDP, FSDP, ZeRO-2 and ZeRO-3 checkpoints are also resumed on the other GPU
@@ -29,6 +30,8 @@ TOLERANCE = {"bf16": 0.15, "fp16": 0.15, "fp32": 0.15}
 RESUME_TOLERANCE = 0.1
 # Resumed on another GPU count, the global batch and the order of images change: the resumed epoch's mean loss must
 # stay near the uninterrupted run's (a reset or a wrongly loaded optimizer/EMA shows as a jump well above this).
+# offload runs (bf16, --only all): the stage each backend offloads at
+OFFLOAD = {"fsdp": "params", "zero2": "optimizer", "zero3": "params"}
 CROSS_WORLD_TOLERANCE = 0.25  # bit-exact resume is tested on the CPU (test_checkpoint.py), where kernels are deterministic
 
 
@@ -88,6 +91,7 @@ def main() -> int:
         jobs += [(f"{b}-fp16", a.gpus, [f"data={data}", f"backend={b}", "precision=fp16", f"model={a.model}"])
                  for b in backends if not b.startswith("zero")]  # DeepSpeed + fp16 is refused: docs/backends.md
         jobs += [(f"{b}-bf16-ckpt", a.gpus, [*common[b], "grad_ckpt=all"]) for b in backends]
+        jobs += [(f"{b}-bf16-{OFFLOAD[b]}", a.gpus, [*common[b], f"offload={OFFLOAD[b]}"]) for b in backends if b in OFFLOAD]
     if a.gpus > 1:  # the one-GPU runs whose checkpoints resume on a.gpus
         jobs += [(f"{b}-bf16-1gpu", 1, common[b]) for b in ("ddp", "fsdp", "zero2", "zero3") if b in backends]
     results = {jobs[0][0]: run(out, *jobs[0])}  # alone: it writes Ultralytics' label cache
@@ -103,6 +107,11 @@ def main() -> int:
         # and with another backend (backend/full_state.py): the continuation must follow the saving run's
         other = {"ddp": "zero2", "fsdp": "ddp", "zero1": "fsdp", "zero2": "ddp", "zero3": "fsdp"}[b]
         resumes.append((f"{b}-bf16-resume-as-{other}", a.gpus, [*common[other], f"resume={ckpt}"]))
+    for b, where in OFFLOAD.items():  # offloaded runs resume offloaded (checkpoints of CPU-resident state)
+        first = results.get(f"{b}-bf16-{where}", {})
+        if "run_dir" in first:
+            ckpt = sorted(Path(first["run_dir"], "checkpoints").glob("step-*"))[0]
+            resumes.append((f"{b}-bf16-{where}-resume", a.gpus, [*common[b], f"offload={where}", f"resume={ckpt}"]))
     if a.gpus > 1:
         resumes += other_world_resumes(out, a, common, results)
     with ThreadPoolExecutor(a.parallel) as pool:
@@ -130,7 +139,8 @@ def main() -> int:
             rows.append((name, "ok", "", f"{r['peak_GiB']:.2f}", f"{len(r['steps'])} steps on 1 GPU"))
             continue
         if name.endswith("-resume") or "-resume-as-" in name:
-            full = results.get(f"{backend}-{prec}", {}).get("steps", [])
+            saved = name.split("-resume-as-")[0] if "-resume-as-" in name else name.removesuffix("-resume")
+            full = results.get(saved, {}).get("steps", [])
             n = len(r["steps"])
             mine, want = [total(s) for s in r["steps"]], [total(s) for s in full[-n:]]
             worst = max(abs(x - y) / abs(y) for x, y in zip(mine, want)) if n else float("nan")
