@@ -110,7 +110,7 @@ def main() -> int:
     for b, where in OFFLOAD.items():  # offloaded runs resume offloaded (checkpoints of CPU-resident state)
         first = results.get(f"{b}-bf16-{where}", {})
         if "run_dir" in first:
-            ckpt = sorted(Path(first["run_dir"], "checkpoints").glob("step-*"))[0]
+            ckpt = min(Path(first["run_dir"], "checkpoints").glob("step-*"))
             resumes.append((f"{b}-bf16-{where}-resume", a.gpus, [*common[b], f"offload={where}", f"resume={ckpt}"]))
     if a.gpus > 1:
         resumes += other_world_resumes(out, a, common, results)
@@ -119,7 +119,7 @@ def main() -> int:
 
     rows, ok = [], True
     for name, r in results.items():
-        backend, prec = name.split("-")[:2]
+        prec = name.split("-")[1]
         ref = results.get(f"ddp-{prec}" if "ckpt" not in name else "ddp-bf16", {})
         if "error" in r:
             rows.append((name, "ERROR", "", "", r["error"].strip().splitlines()[-1][:90]))
