@@ -64,7 +64,7 @@ class TrainConfig:
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under multi-GPU (CUDA) training.")
     channels_last: bool = _f(True, "Feed the input batch as channels_last on CUDA (parameters stay contiguous).")
-    compile: bool = _f(False, "torch.compile the training model in place (backend=ddp, grad_ckpt=off; the first steps compile it). Its speed effect is not measured yet (docs/benchmarks.md).")
+    compile: bool = _f(False, "torch.compile the training model in place (backend=ddp, grad_ckpt=off; the first steps compile it: on one H200 still compiling after 5.5 min for yolo11x; docs/benchmarks.md).")
     seed: int = _f(0, "Random seed (model init, data order).")
     # --- distributed backend and memory (docs/backends.md says which to pick)
     backend: str = _f("ddp", "Data-parallel backend: ddp, fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed).", ("ddp", "fsdp", "zero1", "zero2", "zero3"))
