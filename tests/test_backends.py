@@ -73,8 +73,13 @@ torch.testing.assert_close(norm, want)
 for p, r in zip(model.parameters(), ref):
     torch.testing.assert_close(p.grad.full_tensor(), r.grad)
 print("clipped", float(norm), float(want))
-dist.barrier()  # else gloo can abort at exit: "terminate called without an active exception"
+dist.barrier()
 dist.destroy_process_group()
+# as in sharded_parity_worker.py: after fully_shard on gloo, torch 2.14 sometimes aborts in C++ static destruction
+# ("terminate called without an active exception"; once in CI). Skip that teardown.
+import os, sys
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
 """
 
 
