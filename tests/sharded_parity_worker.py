@@ -1,12 +1,16 @@
 """Three training steps of yolov8n on a 2-process gloo group, as DDP, as FSDP2 with our wrap policy, or as DeepSpeed
 ZeRO-2/3 with our configuration (ZeRO-3 with its whole-layer gathers), for test_backends.py.
-usage: torchrun --nproc_per_node 2 sharded_parity_worker.py ddp|fsdp|fsdp_ckpt|zero2|zero3|zero3_ckpt OUT_FILE
+usage: torchrun --nproc_per_node 2 sharded_parity_worker.py MODE OUT_FILE
+MODE: ddp|fsdp|fsdp_ckpt|zero2|zero3|zero3_ckpt in fp32, or ddp_bf16|zero2_bf16 (bf16 autocast, no clipping)
 
 Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD: fused, on
 FSDP2's DTensors through fsdp.allow_fused_sgd; fsdp_ckpt keeps the foreach fallback) and the step is skipped the way
 backend.optimizer_step does.
 DeepSpeed runs on the CPU here (its CPU accelerator over our gloo group; Accelerate never selects it without GPUs):
 the engine is built the way Accelerate builds it, from our rendered JSON, with DeepSpeed clipping and stepping.
+The _bf16 modes clip nothing: DeepSpeed sums the gradient norm in another order (1e-6 apart), and bf16 training
+amplifies that into visibly different losses within a few steps; without clipping, what is compared is the gradient
+reduction itself (DeepSpeed reduces Conv2d/Linear gradients in bf16 unless told otherwise).
 Rank 0 saves the per-step losses (summed over ranks), the final full weights and the sharded EMA's full state.
 """
 
@@ -26,6 +30,8 @@ from yoloscale.optim import build_optimizer, init_momentum_buffers
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 mode, out = sys.argv[1], sys.argv[2]
+bf16 = mode.endswith("_bf16")
+clip = 0.0 if bf16 else 10.0
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
@@ -44,7 +50,8 @@ elif mode.startswith("zero"):
     torch.Tensor.record_stream = lambda self, stream: None  # DeepSpeed calls this CUDA-only method on the CPU too
     if mode.startswith("zero3"):
         gather_whole_layers(model)
-    ds = render_ds_config(load_config(None, [f"backend={mode.split('_')[0]}", "batch=4", "grad_clip=10"]), "fp32", 1, 2)
+    ds = render_ds_config(load_config(None, [f"backend={mode.split('_')[0]}", "batch=4", f"grad_clip={clip}"]),
+                          "bf16" if bf16 else "fp32", 1, 2)  # fmt: skip
     opt = build_optimizer(cfg, model, lr=0.01, fused=False)
     wrapped, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
 else:
@@ -61,10 +68,12 @@ for step in range(4):  # the fourth: a non-finite gradient, a step that must be 
     boxes = torch.rand(8, 4, generator=g) * 0.3 + 0.3
     mine = slice(4 * rank, 4 * rank + 4)
     batch = {"img": images[mine], "batch_idx": torch.arange(4).float(), "cls": torch.zeros(4, 1), "bboxes": boxes[mine]}
-    loss, _ = criterion(wrapped(images[mine]), batch)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and not mode.startswith("zero")):  # DeepSpeed: its own
+        preds = wrapped(images[mine])
+    loss, _ = criterion(preds, batch)
     if step == 3 and mode.startswith("zero"):  # the forward only (it updates BatchNorm's statistics, as the others')
         break
-    if mode.startswith("zero"):  # DeepSpeed clips (grad_clip=10 above) and steps itself
+    if mode.startswith("zero"):  # DeepSpeed clips (grad_clip above) and steps itself
         wrapped.backward(loss.sum())
         wrapped.step()
         ema.update(model)
@@ -73,7 +82,7 @@ for step in range(4):  # the fourth: a non-finite gradient, a step that must be 
         losses.append(total.item())
         continue
     (loss.sum() * (float("nan") if step == 3 and rank == 0 else 1.0)).backward()  # step 3: one rank's loss is NaN
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))  # the norm finds the NaN
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     bad = (~torch.isfinite(norm)).float()
     if opt.defaults["fused"]:

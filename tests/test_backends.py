@@ -23,7 +23,7 @@ def _cfg(*overrides):
 
 
 # --- FSDP2 and DeepSpeed ZeRO on a 2-process gloo group --------------------------------------------------------------
-MODES = ("ddp", "fsdp", "fsdp_ckpt", "zero2", "zero3", "zero3_ckpt")
+MODES = ("ddp", "fsdp", "fsdp_ckpt", "zero2", "zero3", "zero3_ckpt", "ddp_bf16", "zero2_bf16")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,13 @@ def parity(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES[1:])
+@pytest.mark.parametrize("mode", [m for m in MODES if not m.startswith("ddp")])
 def test_sharded_backends_reproduce_ddp(parity, mode):
     """Losses, weights and the sharded EMA (gathered) agree with DDP after three steps (fp32 reduction order only):
-    FSDP2 with our wrap policy, ZeRO-2, and ZeRO-3 with its whole-layer gathers, with and without grad_ckpt."""
-    ddp, other = parity["ddp"], parity[mode]
+    FSDP2 with our wrap policy, ZeRO-2, and ZeRO-3 with its whole-layer gathers, with and without grad_ckpt; and
+    ZeRO-2 under bf16 autocast with DDP under bf16 autocast, which needs DeepSpeed to reduce gradients in fp32 (its
+    default, bf16 for Conv2d weights, was 4e-3 apart after one step)."""
+    ddp, other = parity["ddp_bf16" if mode.endswith("_bf16") else "ddp"], parity[mode]
     assert other["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
     assert ddp["losses"][0] != ddp["losses"][2]  # the steps did train
     for part in ("weights", "ema"):
@@ -101,10 +103,23 @@ def test_ds_config_fills_the_fields_we_own():
     assert ds["zero_optimization"]["stage"] == 2
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 4, 64)
     assert ds["gradient_clipping"] == 5.0
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # fp32 gradient reduction like DDP: DeepSpeed's default reduces Conv2d/Linear gradients in the autocast dtype
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # never the whole-model cast
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
     assert "\"auto\"" not in json.dumps(ds)
+
+
+def test_ds_config_keeps_a_users_bf16_gradient_reduction(tmp_path):
+    user = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    del user["torch_autocast"]["lower_precision_safe_modules"]  # a JSON written for DeepSpeed's defaults: ours apply
+    (tmp_path / "plain.json").write_text(json.dumps(user))
+    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'plain.json'}"), "bf16", accumulate=1, world=1)
+    assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
+    user["torch_autocast"]["lower_precision_safe_modules"] = ["torch.nn.Conv2d"]  # asked for explicitly: kept
+    (tmp_path / "bf16.json").write_text(json.dumps(user))
+    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bf16.json'}"), "bf16", accumulate=1, world=1)
+    assert ds["torch_autocast"]["lower_precision_safe_modules"] == ["torch.nn.Conv2d"]
 
 
 def test_ds_config_offload_and_fp32():
