@@ -11,8 +11,8 @@ GradScaler and skips overflowing steps itself.
 
 Gradient reduction stays in fp32, as DDP's and FSDP2's: by default `torch_autocast` tags Conv2d/Linear weights to
 reduce their gradients in the autocast dtype (bf16), whatever `communication_data_type` says. That alone moved ZeRO-2
-off DDP from the first step (CPU, 2 ranks, yolov8n, bf16, no clipping: loss 4e-3 apart after one step, 0.35 after
-four); with `lower_precision_safe_modules: []` the two runs gave the same losses for 12 steps.
+off DDP from the first update (CPU, 2 ranks, yolov8n, bf16, no clipping: loss 4e-3 apart after one update, 0.35 after
+three); with `lower_precision_safe_modules: []` the two runs gave the same losses for 12 steps.
 """
 
 from __future__ import annotations
