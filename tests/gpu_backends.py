@@ -3,8 +3,9 @@
 usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K] [--backends ddp,...]
        [--only resume]
 From the same initial weights and data (seed 0, workers=0), two epochs of yolov8s at 320 px (32 optimizer steps on one
-GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16 (DeepSpeed: bf16 only), bf16 with grad_ckpt=all, and
-bf16 with offload (FSDP2 and ZeRO-3 offload=params, ZeRO-2 offload=optimizer; each also resumed offloaded).
+GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16 (DeepSpeed: bf16 only), bf16 with grad_ckpt=all (DDP,
+FSDP2, ZeRO-3 also with grad_ckpt_recompute=cheap), and bf16 with offload (FSDP2 and ZeRO-3 offload=params, ZeRO-2
+offload=optimizer; each also resumed offloaded).
 Each run's per-step losses are compared with DDP's in the same precision; then each backend resumes from its epoch-1
 checkpoint and must repeat the uninterrupted run's next losses, and so must a resume with another backend
 (backend/full_state.py). With --gpus 2, DDP, FSDP, ZeRO-2 and ZeRO-3 checkpoints are also resumed on the other GPU
@@ -91,6 +92,8 @@ def main() -> int:
         jobs += [(f"{b}-fp16", a.gpus, [f"data={data}", f"backend={b}", "precision=fp16", f"model={a.model}"])
                  for b in backends if not b.startswith("zero")]  # DeepSpeed + fp16 is refused: docs/backends.md
         jobs += [(f"{b}-bf16-ckpt", a.gpus, [*common[b], "grad_ckpt=all"]) for b in backends]
+        jobs += [(f"{b}-bf16-ckpt-cheap", a.gpus, [*common[b], "grad_ckpt=all", "grad_ckpt_recompute=cheap"])
+                 for b in backends if b in ("ddp", "fsdp", "zero3")]  # fmt: skip
         jobs += [(f"{b}-bf16-{OFFLOAD[b]}", a.gpus, [*common[b], f"offload={OFFLOAD[b]}"]) for b in backends if b in OFFLOAD]
     if a.gpus > 1:  # the one-GPU runs whose checkpoints resume on a.gpus
         jobs += [(f"{b}-bf16-1gpu", 1, common[b]) for b in ("ddp", "fsdp", "zero2", "zero3") if b in backends]

@@ -1,7 +1,8 @@
 """Three training steps of yolov8n on a 2-process gloo group, as DDP, as FSDP2 with our wrap policy, or as DeepSpeed
 ZeRO-2/3 with our configuration (ZeRO-3 with its whole-layer gathers), for test_backends.py.
 usage: torchrun --nproc_per_node 2 sharded_parity_worker.py MODE OUT_FILE
-MODE: ddp|fsdp|fsdp_ckpt|zero2|zero3|zero3_ckpt in fp32, or ddp_bf16|zero2_bf16 (bf16 autocast, no clipping)
+MODE: ddp|fsdp|fsdp_ckpt|fsdp_cheap|zero2|zero3|zero3_ckpt|zero3_cheap in fp32 (_ckpt: grad_ckpt=all, _cheap: and
+grad_ckpt_recompute=cheap), or ddp_bf16|zero2_bf16 (bf16 autocast, no clipping)
 
 Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD: fused, on
 FSDP2's DTensors through fsdp.allow_fused_sgd; fsdp_ckpt keeps the foreach fallback) and the step is skipped the way
@@ -37,8 +38,8 @@ rank = dist.get_rank()
 torch.manual_seed(0)
 cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=64", "batch=4"])
 model = build_model("yolov8n.yaml", 3, {0: "a", 1: "b", 2: "c"}, ultralytics_args(cfg, "unused.yaml"))
-if mode.endswith("ckpt"):
-    apply_grad_ckpt(model, "all")
+if mode.endswith(("ckpt", "cheap")):
+    apply_grad_ckpt(model, "all", "cheap" if mode.endswith("cheap") else "all")
 opt = None
 if mode.startswith("fsdp"):
     wrapped = shard_model(model)

@@ -23,7 +23,7 @@ def _cfg(*overrides):
 
 
 # --- FSDP2 and DeepSpeed ZeRO on a 2-process gloo group --------------------------------------------------------------
-MODES = ("ddp", "fsdp", "fsdp_ckpt", "zero2", "zero3", "zero3_ckpt", "ddp_bf16", "zero2_bf16")
+MODES = ("ddp", "fsdp", "fsdp_ckpt", "fsdp_cheap", "zero2", "zero3", "zero3_ckpt", "zero3_cheap", "ddp_bf16", "zero2_bf16")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def parity(tmp_path_factory):
 @pytest.mark.parametrize("mode", [m for m in MODES if not m.startswith("ddp")])
 def test_sharded_backends_reproduce_ddp(parity, mode):
     """Losses, weights and the sharded EMA (gathered) agree with DDP after three steps (fp32 reduction order only):
-    FSDP2 with our wrap policy, ZeRO-2, and ZeRO-3 with its whole-layer gathers, with and without grad_ckpt; and
+    FSDP2 with our wrap policy, ZeRO-2, and ZeRO-3 with its whole-layer gathers, with and without grad_ckpt (both
+    recompute modes); and
     ZeRO-2 under bf16 autocast with DDP under bf16 autocast, which needs DeepSpeed to reduce gradients in fp32 (its
     default, bf16 for Conv2d weights, was 4e-3 apart after one step)."""
     ddp, other = parity["ddp_bf16" if mode.endswith("_bf16") else "ddp"], parity[mode]

@@ -2,9 +2,11 @@
 
 import copy
 import pickle
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from yoloscale.errors import UserError
 from yoloscale.grad_ckpt import apply_grad_ckpt, parse_selection, remove_grad_ckpt, select_layers
@@ -23,11 +25,13 @@ def _step(model, x):
     sum(o.float().square().mean() for o in out if torch.is_tensor(o)).backward()
 
 
-@pytest.mark.parametrize("selection", ["all", "backbone", "2-5,9"])
-def test_checkpointed_step_matches_the_plain_step(selection):
+@pytest.mark.parametrize(
+    "selection,recompute", [("all", "all"), ("backbone", "all"), ("2-5,9", "all"), ("all", "cheap")]
+)
+def test_checkpointed_step_matches_the_plain_step(selection, recompute):
     plain = _model()
     ckpt = copy.deepcopy(plain)
-    chosen = apply_grad_ckpt(ckpt, selection)
+    chosen = apply_grad_ckpt(ckpt, selection, recompute)
     assert chosen and set(chosen) <= set(range(len(ckpt.model)))
     x = torch.rand(2, 3, 64, 64)
     for _ in range(2):
@@ -41,6 +45,31 @@ def test_checkpointed_step_matches_the_plain_step(selection):
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recompute,convs_again", [("all", True), ("cheap", False)])
+def test_cheap_recompute_keeps_the_convolutions(recompute, convs_again):
+    """`cheap` recomputes BatchNorm and SiLU in the backward but no convolution; `all` recomputes both."""
+    model = _model()
+    apply_grad_ckpt(model, "all", recompute)
+    out = model(torch.rand(2, 3, 64, 64))
+    out = out if isinstance(out, (list, tuple)) else list(out.values())
+    loss = sum(o.float().square().mean() for o in out if torch.is_tensor(o))
+    with _CountOps() as backward:
+        loss.backward()
+    assert backward.ops["convolution_backward"] > 0
+    assert (backward.ops["convolution"] > 0) == convs_again
+    assert sum(n for op, n in backward.ops.items() if "batch_norm" in op and "backward" not in op) > 0
 
 
 def test_eval_and_no_grad_run_the_plain_forward():
@@ -64,6 +93,8 @@ def test_selection_parsing_and_errors():
         parse_selection("5-2")
     with pytest.raises(UserError, match="do not exist"):
         select_layers(model, "99")
+    with pytest.raises(UserError, match="grad_ckpt_recompute"):
+        apply_grad_ckpt(model, "all", "some")
 
 
 def test_removal_leaves_a_picklable_model():

@@ -93,7 +93,7 @@ class Trainer:
         stride = max(int(model.stride.max()), 32)
         # A plain, unsharded copy for validation and export: the (EMA) weights are copied into it when needed.
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
-        ckpt_layers = apply_grad_ckpt(model, cfg.grad_ckpt)
+        ckpt_layers = apply_grad_ckpt(model, cfg.grad_ckpt, cfg.grad_ckpt_recompute)
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
         with acc.main_process_first():
@@ -138,7 +138,8 @@ class Trainer:
                                           "names": self.data["names"], "imgsz": cfg.imgsz})  # fmt: skip
         self.log.message(
             f"yoloscale: {self.world} process(es) on {self.device.type}, backend={cfg.backend}, precision="
-            f"{acc.yoloscale_precision}, gradient checkpointing on {len(ckpt_layers)} of {len(model.model)} layers, "
+            f"{acc.yoloscale_precision}, gradient checkpointing on {len(ckpt_layers)} of {len(model.model)} layers"
+            f"{f' (recompute={cfg.grad_ckpt_recompute})' if ckpt_layers else ''}, "
             f"batch {cfg.batch}/device x {self.world} device(s) x accumulate {self.accumulate} = global batch "
             f"{self.global_batch}; lr_scaling={cfg.lr_scaling}: lr = lr0 {cfg.lr0} x {scale:.3g} = {cfg.lr0 * scale:.4g}; "
             f"run directory {self.run_dir}"
