@@ -16,8 +16,8 @@ What is recomputed (`grad_ckpt_recompute=`): `all` keeps only each checkpointed 
 forward. `cheap` keeps the outputs of the compute-bound ops (convolutions, matmuls, attention) through torch's
 selective checkpointing and recomputes only the memory-bound ones (BatchNorm, SiLU, concatenations, upsampling,
 pooling, adds). A Conv block saves three tensors for backward (conv output, BatchNorm output, SiLU output); `cheap`
-keeps one. On the CPU (yolo11x, 640 px, batch 2, fp32; docs/backends.md) the peak grew by 3.43 GiB without
-checkpointing, 1.59 GiB with `all` and 2.01 GiB with `cheap`, at 1.39x and 1.13x the step time.
+keeps one. On the CPU (yolo11x, 640 px, batch 2, fp32; tests/grad_ckpt_memory.py, docs/backends.md) the peak grew
+by 3.23 GiB without checkpointing, 1.39 GiB with `all` and 1.80 GiB with `cheap`, at 1.41x and 1.13x the step time.
 
 We patch the layer instance's `forward` instead of wrapping the module, so parameter names, Ultralytics' layer
 attributes (`f`, `i`) and checkpoints are unchanged. Only training-mode forwards with autograd on are checkpointed:
