@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import run_cli
-from yoloscale.bench import mfu, scaling_efficiency, steady_img_s
+from conftest import TINY, run_cli
+from yoloscale.bench import loop_and_bare, mfu, scaling_efficiency, steady_img_s
 from yoloscale.errors import UserError
 
 
@@ -42,6 +42,23 @@ def test_bench_on_cpu_writes_table_json_and_chart(tmp_path):
     assert summary["peak"]["tflops"] > 0 and "matmul" in summary["peak"]["how"]
     assert "steady state" in summary["method"] and summary["versions"]["ultralytics"]
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_flop_count_does_not_run_the_trained_model(tiny_data, tmp_path):
+    """With compile=True the trained model's forward is compiled in place: Ultralytics' FLOP counter (hooks on every
+    module, small proxy images) must not call it, or Dynamo recompiles module after module (minutes on a GPU)."""
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [f"data={tiny_data}", *TINY, f"project={tmp_path}"]))
+    calls = []
+    trainer.raw_model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    eval_keys = set(trainer.eval_model.state_dict())
+    result, _ = loop_and_bare(trainer, warmup=1, window=1)
+    batches = len(trainer.train_loader)
+    assert len(calls) == batches + 1 + 3 + 1  # the loop's batches, then the bare step's warm-up + 3 windows + 1
+    assert result["forward_gflops"] > 0
+    assert set(trainer.eval_model.state_dict()) == eval_keys  # the counter's buffers went to a copy
 
 
 @pytest.mark.parametrize("flag, message", [("--gpus=abc", "--gpus takes a comma list of integers"),

@@ -127,16 +127,25 @@ def loop_and_bare(trainer, warmup: int, window: int) -> tuple[dict, dict]:
         if i < warmup or (i - warmup) % window == 0:
             _sync()
         times.append(time.perf_counter())
-    cfg, images = trainer.cfg, trainer.cfg.batch * trainer.world
+    images = trainer.cfg.batch * trainer.world
     # The first micro-batch's time includes the loader's start and, with compile=True, the compilation.
     loop = {**steady_img_s(times, images, warmup, window), **peak_memory(), "first_step_s": times[0] - start}
     resident = trainer.prepare_batch(batch)
     bare = measure_bare(trainer, resident, warmup, window)
-    from ultralytics.utils.torch_utils import get_flops
-
     return {"loop": loop, "bare": bare, "devices": trainer.world, "precision": trainer.accelerator.mixed_precision,
             "skipped_steps": int(trainer.bad_total.item()), "accumulate": trainer.accumulate,
-            "forward_gflops": get_flops(trainer.raw_model, cfg.imgsz), "is_main": trainer.is_main}, resident  # fmt: skip
+            "forward_gflops": forward_gflops(trainer), "is_main": trainer.is_main}, resident  # fmt: skip
+
+
+def forward_gflops(trainer) -> float:
+    """Ultralytics' FLOP count at imgsz, on a copy of the plain eval model. Not on the trained model: with
+    compile=True its forward is compiled in place, and the counter's per-module hooks and small proxy images made
+    Dynamo recompile module after module (one H200, 2026-11-24: still compiling after 5.5 min)."""
+    import copy
+
+    from ultralytics.utils.torch_utils import get_flops
+
+    return get_flops(copy.deepcopy(trainer.eval_model), trainer.cfg.imgsz)
 
 
 def measure_loader(cfg, warmup: int, window: int) -> dict:
