@@ -26,7 +26,7 @@ def _step(model, x):
 
 
 @pytest.mark.parametrize(
-    "selection,recompute", [("all", "all"), ("backbone", "all"), ("2-5,9", "all"), ("all", "cheap")]
+    "selection,recompute", [("all", "all"), ("backbone", "all"), ("2-5,9", "all"), ("highres", "all"), ("all", "cheap")]
 )
 def test_checkpointed_step_matches_the_plain_step(selection, recompute):
     plain = _model()
@@ -95,6 +95,19 @@ def test_selection_parsing_and_errors():
         select_layers(model, "99")
     with pytest.raises(UserError, match="grad_ckpt_recompute"):
         apply_grad_ckpt(model, "all", "some")
+
+
+@pytest.mark.parametrize("yaml, expected", [
+    ("yolo11n.yaml", [*range(7), *range(11, 20)]),  # stride 2-16 backbone, the neck's stride 8/16 path
+    ("yolov8n-p6.yaml", [*range(7), *range(15, 24)]),  # P6: the stride 32/64 layers 7-14 and 24-30 stay out
+])
+def test_highres_selects_the_layers_at_stride_16_or_finer(yaml, expected):
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(yaml, nc=3, verbose=False).train()
+    assert select_layers(model, "highres") == expected
+    assert model.training and all(m.training for m in model.modules())  # the probe forward ran in eval, then back
+    assert not any(m._forward_hooks for m in model.modules())  # its hooks are gone
 
 
 def test_removal_leaves_a_picklable_model():
