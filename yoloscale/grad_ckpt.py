@@ -18,6 +18,8 @@ selective checkpointing and recomputes only the memory-bound ones (BatchNorm, Si
 pooling, adds). A Conv block saves three tensors for backward (conv output, BatchNorm output, SiLU output); `cheap`
 keeps one. On the CPU (yolo11x, 640 px, batch 2, fp32; tests/grad_ckpt_memory.py, docs/backends.md) the peak grew
 by 3.23 GiB without checkpointing, 1.39 GiB with `all` and 1.80 GiB with `cheap`, at 1.41x and 1.13x the step time.
+On a GPU `cheap` lost on both counts (-46% peak at 2.2x, one H200): there half the step is the BatchNorm/SiLU work
+it still recomputes, and its per-op policy costs host time. `grad_ckpt=highres` is the GPU setting that pays.
 
 We patch the layer instance's `forward` instead of wrapping the module, so parameter names, Ultralytics' layer
 attributes (`f`, `i`) and checkpoints are unchanged. Only training-mode forwards with autograd on are checkpointed:
@@ -85,8 +87,8 @@ def select_layers(model: nn.Module, text: str) -> list[int]:
 def high_resolution_layers(model: nn.Module, max_stride: int = HIGHRES_STRIDE) -> list[int]:
     """Layers whose output is one feature map at stride <= max_stride, from one eval-mode forward of a 256 px image
     (the size Ultralytics builds its strides from). On yolo11x that is 0-6 and 11-19: at 640 px, batch 32 and fp16 on
-    an H200, checkpointing them cut the peak by 60% at 1.27x the step time, against 62% at 1.39-1.77x for every layer
-    (docs/backends.md). The low-resolution layers hold little activation memory per unit of recomputation."""
+    one H100, checkpointing them cut the peak by 63% at 1.31x the step time; every layer saved 62-64% at 1.39-1.77x
+    on an H200 (docs/backends.md). The low-resolution layers hold little activation memory per unit of recomputation."""
     size, strides = 256, {}
     hooks = [layer.register_forward_hook(functools.partial(_record_stride, strides, i, size))
              for i, layer in enumerate(model.model)]  # fmt: skip
