@@ -2,8 +2,9 @@
 steady-state speed against eager, in one process (docs/benchmarks.md).
 
 usage: [TORCH_LOGS=recompiles_verbose,graph_breaks] python tests/gpu_compile_probe.py OUT TAG [key=value ...]
-           [--cl-params] [--mode MODE]
-       (or under `torchrun --nproc_per_node 1`, as `yoloscale bench` runs our loop: Accelerate then wraps DDP)
+           [--cl-params] [--mode MODE] [--profile]
+       (or under `torchrun --nproc_per_node 1`, as `yoloscale bench` runs our loop; the JSON's "ddp" says whether the
+       trainer got a DDP wrapper: with one process it did not, on one H200, 2026-11-24)
 - the trainer is built as `yoloscale train` builds it, from the key=value settings (compile=True for the compiled
   step); the bare step (bench.py) then runs on one resident batch;
 - the first FIRST steps are timed one by one (a CUDA synchronisation after each): the compilation shows there;

@@ -69,7 +69,7 @@ class TrainConfig:
     # --- distributed backend and memory (docs/backends.md says which to pick)
     backend: str = _f("ddp", "Data-parallel backend: ddp, fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed).", ("ddp", "fsdp", "zero1", "zero2", "zero3"))
     offload: str = _f("none", "Offload to CPU memory: none, optimizer (zero1/2/3) or params (fsdp, zero3; implies the optimizer too).", ("none", "optimizer", "params"))
-    grad_ckpt: str = _f("off", "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: yolo11x -60% peak at 1.27x step on an H200), or layer indices like '2-8,10'.")
+    grad_ckpt: str = _f("off", "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: yolo11x -63% peak at 1.31x step on an H100), or layer indices like '2-8,10'.")
     grad_ckpt_recompute: str = _f("all", "With grad_ckpt: 'all' recomputes a checkpointed layer's whole forward (least memory); 'cheap' keeps convolution/matmul outputs and recomputes only BatchNorm, activations and concatenations (less recompute on the CPU; on a GPU slower than 'all' and saving less: docs/backends.md).", ("all", "cheap"))
     reshard_after_forward: bool = _f(True, "fsdp: free gathered parameters after each layer's forward (less memory, one more all-gather in backward).")
     ds_config: str = _f("", "zero1/2/3: a DeepSpeed JSON to start from instead of ds_configs/zero<N>.json; fields we own must agree.")
