@@ -3,9 +3,9 @@
 usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K] [--backends ddp,...]
        [--only resume]
 From the same initial weights and data (seed 0, workers=0), two epochs of yolov8s at 320 px (32 optimizer steps on one
-GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16 (DeepSpeed: bf16 only), bf16 with grad_ckpt=all (DDP,
-FSDP2, ZeRO-3 also with grad_ckpt_recompute=cheap), and bf16 with offload (FSDP2 and ZeRO-3 offload=params, ZeRO-2
-offload=optimizer; each also resumed offloaded).
+GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16, each also with grad_ckpt=all (DDP, FSDP2, ZeRO-3 in
+bf16 also with grad_ckpt_recompute=cheap), and bf16 with offload (FSDP2 and ZeRO-3 offload=params, ZeRO-2
+offload=optimizer; each also resumed offloaded); ZeRO-2 fp16 also with offload=optimizer, and resumed.
 Each run's per-step losses are compared with DDP's in the same precision; then each backend resumes from its epoch-1
 checkpoint and must repeat the uninterrupted run's next losses, and so must a resume with another backend
 (backend/full_state.py). With --gpus 2, DDP, FSDP, ZeRO-2 and ZeRO-3 checkpoints are also resumed on the other GPU
@@ -86,11 +86,13 @@ def main() -> int:
 
     data = write_synthetic_dataset(out / "shapes", 256, 64, 160, 0)
     common = {b: [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}"] for b in BACKENDS}
+    fp16 = {b: [f"data={data}", f"backend={b}", "precision=fp16", f"model={a.model}"] for b in BACKENDS}
     # the first bf16 runs are the checkpoints every resume starts from; --only resume skips the other parity runs
     jobs = [(f"{b}-bf16", a.gpus, common[b]) for b in backends]
     if a.only == "all":
-        jobs += [(f"{b}-fp16", a.gpus, [f"data={data}", f"backend={b}", "precision=fp16", f"model={a.model}"])
-                 for b in backends if not b.startswith("zero")]  # DeepSpeed + fp16 is refused: docs/backends.md
+        jobs += [(f"{b}-fp16", a.gpus, fp16[b]) for b in backends]
+        jobs += [(f"{b}-fp16-ckpt", a.gpus, [*fp16[b], "grad_ckpt=all"]) for b in backends]
+        jobs += [("zero2-fp16-optimizer", a.gpus, [*fp16["zero2"], "offload=optimizer"])] if "zero2" in backends else []
         jobs += [(f"{b}-bf16-ckpt", a.gpus, [*common[b], "grad_ckpt=all"]) for b in backends]
         jobs += [(f"{b}-bf16-ckpt-cheap", a.gpus, [*common[b], "grad_ckpt=all", "grad_ckpt_recompute=cheap"])
                  for b in backends if b in ("ddp", "fsdp", "zero3")]  # fmt: skip
@@ -110,6 +112,9 @@ def main() -> int:
         # and with another backend (backend/full_state.py): the continuation must follow the saving run's
         other = {"ddp": "zero2", "fsdp": "ddp", "zero1": "fsdp", "zero2": "ddp", "zero3": "fsdp"}[b]
         resumes.append((f"{b}-bf16-resume-as-{other}", a.gpus, [*common[other], f"resume={ckpt}"]))
+    if "run_dir" in results.get("zero2-fp16", {}):  # fp16 on DeepSpeed: the loss scale is restored with the rest
+        ckpt = min(Path(results["zero2-fp16"]["run_dir"], "checkpoints").glob("step-*"))
+        resumes.append(("zero2-fp16-resume", a.gpus, [*fp16["zero2"], f"resume={ckpt}"]))
     for b, where in OFFLOAD.items():  # offloaded runs resume offloaded (checkpoints of CPU-resident state)
         first = results.get(f"{b}-bf16-{where}", {})
         if "run_dir" in first:
@@ -123,7 +128,7 @@ def main() -> int:
     rows, ok = [], True
     for name, r in results.items():
         prec = name.split("-")[1]
-        ref = results.get(f"ddp-{prec}" if "ckpt" not in name else "ddp-bf16", {})
+        ref = results.get(f"ddp-{prec}", {})
         if "error" in r:
             rows.append((name, "ERROR", "", "", r["error"].strip().splitlines()[-1][:90]))
             ok = False

@@ -2,7 +2,9 @@
 ZeRO-2/3 with our configuration (ZeRO-3 with its whole-layer gathers), for test_backends.py.
 usage: torchrun --nproc_per_node 2 sharded_parity_worker.py MODE OUT_FILE
 MODE: ddp|fsdp|fsdp_ckpt|fsdp_cheap|zero2|zero3|zero3_ckpt|zero3_cheap in fp32 (_ckpt: grad_ckpt=all, _cheap: and
-grad_ckpt_recompute=cheap), or ddp_bf16|zero2_bf16 (bf16 autocast, no clipping)
+grad_ckpt_recompute=cheap), or ddp_bf16|zero2_bf16 (bf16 autocast, no clipping), or ddp_fp16|zero2_fp16|zero3_fp16
+(fp16 autocast and dynamic loss scaling from a scale so high that the first steps overflow, no clipping: torch's
+GradScaler on DDP, our DeepSpeed loss scaler and aligned BatchNorm on ZeRO)
 
 Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD: fused, on
 FSDP2's DTensors through fsdp.allow_fused_sgd; fsdp_ckpt keeps the foreach fallback) and the step is skipped the way
@@ -12,7 +14,8 @@ the engine is built the way Accelerate builds it, from our rendered JSON, with D
 The _bf16 modes clip nothing: DeepSpeed sums the gradient norm in another order (1e-6 apart), and bf16 training
 amplifies that into visibly different losses within a few steps; without clipping, what is compared is the gradient
 reduction itself (DeepSpeed reduces Conv2d/Linear gradients in bf16 unless told otherwise).
-Rank 0 saves the per-step losses (summed over ranks), the final full weights and the sharded EMA's full state.
+Rank 0 saves the per-step losses (summed over ranks), which steps were skipped, the final full weights and the
+sharded EMA's full state.
 """
 
 import os
@@ -31,8 +34,9 @@ from yoloscale.optim import build_optimizer, init_momentum_buffers
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 mode, out = sys.argv[1], sys.argv[2]
-bf16 = mode.endswith("_bf16")
-clip = 0.0 if bf16 else 10.0
+low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode.split("_")[-1])  # autocast dtype, if any
+clip = 0.0 if low else 10.0
+FP16_SCALE = 2.0**14  # yolov8n at 64 px overflows at this scale in the first steps: the scaler must come down
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
@@ -46,37 +50,54 @@ if mode.startswith("fsdp"):
 elif mode.startswith("zero"):
     import deepspeed
 
-    from yoloscale.backend.deepspeed import gather_whole_layers, render_ds_config
+    from yoloscale.backend.deepspeed import (align_batchnorm_params, gather_whole_layers, render_ds_config,
+                                             use_dynamic_loss_scaler)  # fmt: skip
 
     torch.Tensor.record_stream = lambda self, stream: None  # DeepSpeed calls this CUDA-only method on the CPU too
     if mode.startswith("zero3"):
         gather_whole_layers(model)
+    precision = mode.split("_")[-1] if low else "fp32"
     ds = render_ds_config(load_config(None, [f"backend={mode.split('_')[0]}", "batch=4", f"grad_clip={clip}"]),
-                          "bf16" if bf16 else "fp32", 1, 2)  # fmt: skip
+                          precision, 1, 2)  # fmt: skip
+    if precision == "fp16":
+        align_batchnorm_params(model)
     opt = build_optimizer(cfg, model, lr=0.01, fused=False)
     wrapped, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    if precision == "fp16":
+        use_dynamic_loss_scaler(wrapped, FP16_SCALE)
 else:
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
 if opt is None:
     opt = build_optimizer(cfg, model, lr=0.01, fused=mode == "ddp" or (mode == "fsdp" and allow_fused_sgd()))
     init_momentum_buffers(opt)
+scaler = torch.amp.GradScaler("cpu", init_scale=FP16_SCALE) if mode == "ddp_fp16" else None
 ema = ShardedEMA(model, tau=2.0)  # a short ramp so three updates move the EMA visibly
 criterion = model.init_criterion()
 g = torch.Generator().manual_seed(1)
-losses = []
+losses, skipped = [], []
 for step in range(4):  # the fourth: a non-finite gradient, a step that must be skipped (DDP and FSDP2 only)
     images = torch.rand(8, 3, 64, 64, generator=g)
     boxes = torch.rand(8, 4, generator=g) * 0.3 + 0.3
     mine = slice(4 * rank, 4 * rank + 4)
     batch = {"img": images[mine], "batch_idx": torch.arange(4).float(), "cls": torch.zeros(4, 1), "bboxes": boxes[mine]}
-    with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and not mode.startswith("zero")):  # DeepSpeed: its own
-        preds = wrapped(images[mine])
+    with torch.autocast("cpu", low or torch.bfloat16, enabled=bool(low) and not mode.startswith("zero")):
+        preds = wrapped(images[mine])  # (DeepSpeed: its own autocast)
     loss, _ = criterion(preds, batch)
-    if step == 3 and mode.startswith("zero"):  # the forward only (it updates BatchNorm's statistics, as the others')
+    if step == 3 and (mode.startswith("zero") or scaler):  # the forward only (it updates BatchNorm's statistics)
         break
-    if mode.startswith("zero"):  # DeepSpeed clips (grad_clip above) and steps itself
-        wrapped.backward(loss.sum())
-        wrapped.step()
+    if mode.startswith("zero") or scaler:
+        if scaler:  # torch's dynamic loss scaling, as Accelerate runs it for fp16 DDP
+            scaler.scale(loss.sum()).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            skipped.append(scaler.get_scale() < before)
+        else:  # DeepSpeed clips (grad_clip above), scales the loss (fp16) and steps itself
+            before = wrapped.skipped_steps
+            wrapped.backward(loss.sum())
+            wrapped.step()
+            skipped.append(wrapped.skipped_steps > before)
         ema.update(model)
         total = loss.detach().sum().clone()
         dist.all_reduce(total)
@@ -95,13 +116,14 @@ for step in range(4):  # the fourth: a non-finite gradient, a step that must be 
     if step == 3:
         assert bad.item() == 1
         break
+    skipped.append(bool(bad.item()))
     ema.update(model)
     total = loss.detach().sum().clone()
     dist.all_reduce(total)
     losses.append(total.item())
 weights, ema_state = full_model_state(model), ema.full_state_dict()  # collectives: every rank
 if rank == 0:
-    torch.save({"losses": losses, "weights": weights, "ema": ema_state}, out)
+    torch.save({"losses": losses, "skipped": skipped, "weights": weights, "ema": ema_state}, out)
 dist.barrier()
 dist.destroy_process_group()
 # torch 2.14 on gloo, after FSDP2 + checkpoint: about one run in six aborted in C++ static destruction after all the

@@ -1,5 +1,6 @@
 """Backend selection: FSDP2 wrap policy parity with DDP (gloo), DeepSpeed config rendering, launcher agreement."""
 
+import copy
 import json
 import os
 import subprocess
@@ -23,7 +24,8 @@ def _cfg(*overrides):
 
 
 # --- FSDP2 and DeepSpeed ZeRO on a 2-process gloo group --------------------------------------------------------------
-MODES = ("ddp", "fsdp", "fsdp_ckpt", "fsdp_cheap", "zero2", "zero3", "zero3_ckpt", "zero3_cheap", "ddp_bf16", "zero2_bf16")
+MODES = ("ddp", "fsdp", "fsdp_ckpt", "fsdp_cheap", "zero2", "zero3", "zero3_ckpt", "zero3_cheap", "ddp_bf16", "zero2_bf16",
+         "ddp_fp16", "zero2_fp16", "zero3_fp16")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,14 @@ def test_sharded_backends_reproduce_ddp(parity, mode):
     FSDP2 with our wrap policy, ZeRO-2, and ZeRO-3 with its whole-layer gathers, with and without grad_ckpt (both
     recompute modes); and
     ZeRO-2 under bf16 autocast with DDP under bf16 autocast, which needs DeepSpeed to reduce gradients in fp32 (its
-    default, bf16 for Conv2d weights, was 4e-3 apart after one step)."""
-    ddp, other = parity["ddp_bf16" if mode.endswith("_bf16") else "ddp"], parity[mode]
+    default, bf16 for Conv2d weights, was 4e-3 apart after one step); and
+    ZeRO-2/3 under fp16 autocast with DDP and torch's GradScaler, from a loss scale at which the first step overflows:
+    the same steps are skipped (overflow, apply at half the scale, overflow again). Without our loss scaler,
+    DeepSpeed's GradScaler never came down and ZeRO-2 skipped all three."""
+    suffix = next((s for s in ("_bf16", "_fp16") if mode.endswith(s)), "")
+    ddp, other = parity["ddp" + suffix], parity[mode]
     assert other["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
+    assert other["skipped"] == ddp["skipped"] == ([True, False, True] if suffix == "_fp16" else other["skipped"])
     assert ddp["losses"][0] != ddp["losses"][2]  # the steps did train
     for part in ("weights", "ema"):
         assert ddp[part].keys() == other[part].keys()
@@ -144,9 +151,46 @@ def test_ds_config_refuses_a_disagreeing_user_file(tmp_path):
         render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bad.json'}"), "bf16", accumulate=1, world=1)
 
 
-def test_deepspeed_fp16_is_refused_with_the_reason():
-    with pytest.raises(UserError, match="unaligned offsets"):
-        render_ds_config(_cfg("backend=zero1"), "fp16", accumulate=1, world=1)
+def test_deepspeed_fp16_runs_under_autocast_not_a_whole_model_cast():
+    ds = render_ds_config(_cfg("backend=zero1"), "fp16", accumulate=1, world=1)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}
+    assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("dtype, cloned", [(torch.float16, True), (torch.bfloat16, False)])
+def test_aligned_batchnorm_hands_cudnn_aligned_weights_and_changes_nothing_else(monkeypatch, dtype, cloned):
+    """A BatchNorm whose weight and bias are views 4 bytes into a flat buffer (as DeepSpeed keeps parameters): under
+    an fp16 input the batch_norm call sees 16-byte aligned copies; output, gradients and running statistics are those
+    of a plain BatchNorm2d, and the module keeps its own parameters."""
+    from yoloscale.backend.deepspeed import AlignedBatchNorm2d, align_batchnorm_params
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8))
+    plain = copy.deepcopy(model)
+    assert align_batchnorm_params(model) == 1 and type(model[1]) is AlignedBatchNorm2d
+    flat = torch.zeros(1 + 16)
+    flat[1:9], flat[9:] = model[1].weight.detach(), model[1].bias.detach()
+    model[1].weight.data, model[1].bias.data = flat[1:9], flat[9:]
+    weight = model[1].weight
+    assert weight.data_ptr() % 16 == flat.data_ptr() % 16 + 4
+    seen = []
+    real = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm",
+                        lambda x, m, v, w, b, *a, **k: seen.append(w.data_ptr() % 16 + b.data_ptr() % 16)
+                        or real(x, m, v, w, b, *a, **k))  # fmt: skip
+    x = torch.randn(4, 3, 6, 6)
+    with torch.autocast("cpu", dtype):  # the conv hands BatchNorm a low-precision input, as under DeepSpeed's autocast
+        out, ref = model(x), plain(x)
+    assert out.dtype == dtype
+    (out.float().square().sum()).backward()
+    ref.float().square().sum().backward()
+    assert seen == [0, 0] if cloned else seen[0] != 0
+    torch.testing.assert_close(out, ref)
+    assert model[1].weight is weight and isinstance(weight, torch.nn.Parameter)
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 # --- the launcher's configuration against ours -----------------------------------------------------------------------

@@ -20,6 +20,11 @@ from torch import nn
 from yoloscale.config import TrainConfig
 from yoloscale.errors import UserError
 
+# fp16 only. Ultralytics' loss is summed over the batch, so at torch's default initial scale (2^16) the first steps
+# overflow and are skipped one after another while the scale halves (7 in a row seen for yolo11n on an H100, close to
+# max_bad_steps). Start at 2^10; the scale still grows after 2000 clean steps. DDP/FSDP2 (GradScaler) and DeepSpeed.
+FP16_INIT_SCALE = 2.0**10
+
 
 def distributed_env_from_slurm(env: dict | None = None) -> None:
     """Inside an `srun` step of several tasks, give torch/Accelerate their variables from Slurm's (one task per
@@ -94,10 +99,7 @@ def build_accelerator(cfg: TrainConfig, accumulate: int):
         DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True),
         # A dead rank must stop the others, not hang them for NCCL's default 10 minutes x retries.
         InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("YOLOSCALE_DIST_TIMEOUT", 1800)))),
-        # fp16 only. Ultralytics' loss is summed over the batch, so at torch's default initial scale (2^16) the first
-        # steps overflow and are skipped one after another while the scale halves (7 in a row seen for yolo11n on an
-        # H100, close to max_bad_steps). Start at 2^10; the scaler still grows it after 2000 clean steps.
-        GradScalerKwargs(init_scale=2.0**10),
+        GradScalerKwargs(init_scale=FP16_INIT_SCALE),
     ]
     plugins = {}
     if cfg.backend == "fsdp":
@@ -140,6 +142,10 @@ def wrap_model(accelerator, cfg: TrainConfig, model: nn.Module) -> nn.Module:
 
         model.to(accelerator.device)
         model = shard_model(model, cfg.reshard_after_forward, offload=cfg.offload == "params")
+    if cfg.backend.startswith("zero") and accelerator.yoloscale_precision == "fp16":
+        from yoloscale.backend.deepspeed import align_batchnorm_params
+
+        align_batchnorm_params(model)  # cuDNN's fp16 BatchNorm and DeepSpeed's flat buffers
     if cfg.backend == "zero3":
         from yoloscale.backend.deepspeed import gather_whole_layers
 
@@ -178,6 +184,10 @@ def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
         # (BCE, DFL, IoU) was computed in bf16: on the same weights cls_loss came out ~3% off DDP's, both ways across
         # a resume (2 x H200, 2026-11-24, docs/backends.md). The loss gets fp32 outputs, as Accelerate gives DDP's.
         autocast_forward(model.module, autocast=None)
+        if accelerator.yoloscale_precision == "fp16":
+            from yoloscale.backend.deepspeed import use_dynamic_loss_scaler
+
+            use_dynamic_loss_scaler(model, FP16_INIT_SCALE)
     else:
         init_momentum_buffers(optimizer.optimizer)
     return model, optimizer
@@ -212,7 +222,7 @@ def optimizer_step(accelerator, model: nn.Module, optimizer, max_norm: float) ->
     Returns 1.0 (skipped) or 0.0 as a device tensor; no host sync with fused optimizers."""
     if accelerator.distributed_type == "DEEPSPEED":
         # The engine already clipped and stepped inside accelerator.backward; it skips a step with a non-finite
-        # gradient norm itself (fp16: its GradScaler) and reports the norm as inf.
+        # gradient norm itself (fp16: an overflow, its loss scale halved) and reports the norm as inf.
         norm = accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()  # a tensor or a float
         if norm is None:
             return torch.zeros((), device=accelerator.device)

@@ -6,8 +6,9 @@ both, so the JSON and the YOLO configuration can never silently say two differen
 
 Precision: DeepSpeed's `bf16`/`fp16` sections cast the whole model (yolo11x with ZeRO-2 then died with "CUDA error:
 misaligned address", ../shared/NOTES.md), so both stay disabled and DeepSpeed's `torch_autocast` section runs the
-model under autocast with fp32 master weights, as DDP does. For fp16 DeepSpeed then scales the loss with torch's
-GradScaler and skips overflowing steps itself.
+model under autocast with fp32 master weights, as DDP does. fp16 needs two repairs of DeepSpeed 0.19.8, both here:
+its loss scaling under `torch_autocast` never lowers the scale (`use_dynamic_loss_scaler`), and cuDNN's fp16
+BatchNorm fails on weights at unaligned offsets of DeepSpeed's flat buffers (`AlignedBatchNorm2d`).
 
 Gradient reduction stays in fp32, as DDP's and FSDP2's: by default `torch_autocast` tags Conv2d/Linear weights to
 reduce their gradients in the autocast dtype (bf16), whatever `communication_data_type` says. That alone moved ZeRO-2
@@ -21,6 +22,9 @@ import copy
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from yoloscale.config import TrainConfig
 from yoloscale.errors import UserError
@@ -56,12 +60,6 @@ def _own(ds: dict, dotted: str, value: Any, ours: str, source: str) -> None:
 
 def render_ds_config(cfg: TrainConfig, precision: str, accumulate: int, world: int) -> dict:
     """The DeepSpeed configuration for this run, every field we own filled in and checked."""
-    if precision == "fp16":
-        raise UserError(f"backend={cfg.backend} with precision=fp16 is not supported (DeepSpeed 0.19.8, 2 x H200, "
-                        "2026-11-24): cuDNN's fp16 BatchNorm fails on the fp32 weights DeepSpeed keeps at unaligned "
-                        "offsets of its flat buffers ('CUDNN_STATUS_EXECUTION_FAILED'), and with BatchNorm run "
-                        "without cuDNN every fp16 step of ZeRO-2 and ZeRO-3 overflowed. Use precision=bf16 with "
-                        "DeepSpeed, or fp16 with backend=ddp or fsdp.")
     stage = int(cfg.backend.removeprefix("zero"))
     ds, source = _template(cfg, stage)
     ds = copy.deepcopy(ds)
@@ -147,6 +145,55 @@ def unshare_stateless_modules(model) -> int:
                 copied += 1
             seen.add(id(child))
     return copied
+
+
+def use_dynamic_loss_scaler(engine, init_scale: float, window: int = 2000) -> None:
+    """fp16: scale the loss with DeepSpeed's own dynamic loss scaler instead of the GradScaler that `torch_autocast`
+    installs. DeepSpeed 0.19.8 multiplies the loss by that GradScaler's scale, but on an overflow its ZeRO step
+    returns before calling the GradScaler's update(), so the scale never comes down: yolo11x overflowed on every step
+    (2 x H200), yolov8n on the CPU 12 times of 12 at the constant 65536. Its clipping and reported gradient norm also
+    divide by its own loss scale (1.0), not the GradScaler's. DeepSpeed's DynamicLossScaler is the one the whole
+    step reads (scale_if_loss, the overflow check, update_scale, unscale_and_clip_grads), on ZeRO-1/2 and ZeRO-3
+    alike. Set like DDP's GradScaler: halve on every overflow (no hysteresis), double after `window` clean steps.
+    It is saved with the optimizer state, so a resume continues with the scale it reached."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    optimizer = engine.optimizer
+    optimizer.torch_autocast_gradscaler = None
+    optimizer.loss_scaler = DynamicLossScaler(init_scale=init_scale, scale_window=window, min_scale=1.0,
+                                              delayed_shift=1, consecutive_hysteresis=False,
+                                              raise_error_at_min_scale=False, dtype=torch.float16)  # fmt: skip
+    optimizer.dynamic_loss_scale = True
+
+
+class AlignedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that hands cuDNN 16-byte aligned weight and bias under fp16 input. DeepSpeed keeps parameters as
+    views into flat buffers, at any 4-byte offset; cuDNN's BatchNorm on an fp16 input with fp32 weights failed
+    ('CUDNN_STATUS_EXECUTION_FAILED', or later 'misaligned address') when the weight started 4 or 8 bytes past a
+    16-byte boundary (tests/gpu_batchnorm_alignment.py on an H200, 2026-11-24). Only then are the two small tensors
+    cloned (fresh allocations are aligned); the clone passes the gradient back to the parameter. The check runs in
+    forward, after ZeRO-3's hooks have gathered the weights. The state dict is that of BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        if x.dtype != torch.float16 or weight is None or (weight.data_ptr() % 16 == 0 and bias.data_ptr() % 16 == 0):
+            return super().forward(x)
+        params["weight"], params["bias"] = weight.clone(), bias.clone()
+        try:
+            return super().forward(x)
+        finally:
+            params["weight"], params["bias"] = weight, bias
+
+
+def align_batchnorm_params(model: nn.Module) -> int:
+    """Make every BatchNorm2d of `model` an AlignedBatchNorm2d (fp16 on DeepSpeed); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = AlignedBatchNorm2d
+            count += 1
+    return count
 
 
 def stage_of_file(path: str) -> int | None:
