@@ -16,8 +16,8 @@ Accelerator state is reset in between; cuDNN's autotuning is reused for repeated
   both, so no new algorithms are tried), a straight line through the two, and the GPU's memory less 4 GiB of margin
   for the allocator's cache and the CUDA context. Estimated, not tried: an out-of-memory on one rank would hang
   the other in its all-reduce.
-- `--profile SPEC`: torch.profiler over 6 bare steps; the top operators by GPU time and by host time go to
-  profile-BACKEND.txt.
+- `--profile SPEC`: torch.profiler over 6 bare steps; the top operators by GPU time and by host time, then the top
+  Python functions of 4 more steps under cProfile, go to profile-BACKEND.txt.
 Writes OUT/matrix-BACKEND.jsonl (one line per setting, rank 0), appended as each setting finishes.
 """
 
@@ -135,7 +135,23 @@ def profile(out: Path, backend: str, trainer, resident: dict) -> None:
     by_device = events.table(sort_by=key, row_limit=60, max_name_column_width=70)
     # and by the host's own time: a backend bound by its Python bookkeeping (ZeRO-3's hooks) shows there
     by_host = events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
-    (out / f"profile-{file_tag(backend)}.txt").write_text(f"{head}{by_device}\nby host time:\n{by_host}")
+    # and the Python side under cProfile (4 more steps): the backend's bookkeeping, and its waits for the GPU (a
+    # host sync shows as the time of .item()/synchronize, which a queue-ahead step does not have)
+    import cProfile
+    import io
+    import pstats
+
+    with resident_batches(trainer):
+        py = cProfile.Profile()
+        py.enable()
+        for _ in range(4):
+            trainer.train_step(dict(resident))
+        sync()
+        py.disable()
+    text = io.StringIO()
+    pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(35)
+    (out / f"profile-{file_tag(backend)}.txt").write_text(f"{head}{by_device}\nby host time:\n{by_host}\n"
+                                                         f"cProfile, 4 steps:\n{text.getvalue()}")  # fmt: skip
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """GPU check of every backend: loss parity with DDP, sharded save -> resume, precision x grad_ckpt matrix.
 
 usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K] [--backends ddp,...]
-       [--only resume]
+       [--only resume|fp16]
 From the same initial weights and data (seed 0, workers=0), two epochs of yolov8s at 320 px (32 optimizer steps on one
 GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16, each also with grad_ckpt=all (DDP, FSDP2, ZeRO-3 in
 bf16 also with grad_ckpt_recompute=cheap), and bf16 with offload (FSDP2 and ZeRO-3 offload=params, ZeRO-2
@@ -76,8 +76,9 @@ def main() -> int:
     p.add_argument("--model", default="yolov8s.yaml")
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--backends", default=",".join(BACKENDS))
-    p.add_argument("--only", choices=("all", "resume"), default="all",
-                   help="resume: only the bf16 runs and their resumes (same and other backend, other GPU count)")
+    p.add_argument("--only", choices=("all", "resume", "fp16"), default="all",
+                   help="resume: only the bf16 runs and their resumes (same and other backend, other GPU count); "
+                   "fp16: only the fp16 runs (with grad_ckpt, ZeRO-2 offloaded and resumed)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,16 +89,17 @@ def main() -> int:
     common = {b: [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}"] for b in BACKENDS}
     fp16 = {b: [f"data={data}", f"backend={b}", "precision=fp16", f"model={a.model}"] for b in BACKENDS}
     # the first bf16 runs are the checkpoints every resume starts from; --only resume skips the other parity runs
-    jobs = [(f"{b}-bf16", a.gpus, common[b]) for b in backends]
-    if a.only == "all":
+    jobs = [(f"{b}-bf16", a.gpus, common[b]) for b in backends] if a.only != "fp16" else []
+    if a.only in ("all", "fp16"):
         jobs += [(f"{b}-fp16", a.gpus, fp16[b]) for b in backends]
         jobs += [(f"{b}-fp16-ckpt", a.gpus, [*fp16[b], "grad_ckpt=all"]) for b in backends]
         jobs += [("zero2-fp16-optimizer", a.gpus, [*fp16["zero2"], "offload=optimizer"])] if "zero2" in backends else []
+    if a.only == "all":
         jobs += [(f"{b}-bf16-ckpt", a.gpus, [*common[b], "grad_ckpt=all"]) for b in backends]
         jobs += [(f"{b}-bf16-ckpt-cheap", a.gpus, [*common[b], "grad_ckpt=all", "grad_ckpt_recompute=cheap"])
                  for b in backends if b in ("ddp", "fsdp", "zero3")]  # fmt: skip
         jobs += [(f"{b}-bf16-{OFFLOAD[b]}", a.gpus, [*common[b], f"offload={OFFLOAD[b]}"]) for b in backends if b in OFFLOAD]
-    if a.gpus > 1:  # the one-GPU runs whose checkpoints resume on a.gpus
+    if a.gpus > 1 and a.only != "fp16":  # the one-GPU runs whose checkpoints resume on a.gpus
         jobs += [(f"{b}-bf16-1gpu", 1, common[b]) for b in ("ddp", "fsdp", "zero2", "zero3") if b in backends]
     results = {jobs[0][0]: run(out, *jobs[0])}  # alone: it writes Ultralytics' label cache
     with ThreadPoolExecutor(a.parallel) as pool:
