@@ -220,3 +220,15 @@ def test_deepspeed_fp16_halves_its_loss_scale_on_overflow_and_resumes_with_it(tm
     proc = _run_deepspeed_script(FP16_LOSS_SCALE_RESUME.replace("sys.argv[1]", repr(str(tmp_path))), 29732)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"[{2.0**38}, 2, inf] {2.0**38}"
+
+
+
+def test_deepspeed_fp16_repair_refuses_an_optimizer_it_does_not_know():
+    """The loss-scaler repair sets DeepSpeed internals; on an optimizer without them it stops with the reason."""
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from yoloscale.backend.deepspeed import use_dynamic_loss_scaler
+
+    with pytest.raises(UserError, match="lacks the attributes"):
+        use_dynamic_loss_scaler(SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=None)), 2.0**10)

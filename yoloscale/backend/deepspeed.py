@@ -156,9 +156,15 @@ def use_dynamic_loss_scaler(engine, init_scale: float, window: int = 2000) -> No
     step reads (scale_if_loss, the overflow check, update_scale, unscale_and_clip_grads), on ZeRO-1/2 and ZeRO-3
     alike. Set like DDP's GradScaler: halve on every overflow (no hysteresis), double after `window` clean steps.
     It is saved with the optimizer state, so a resume continues with the scale it reached."""
+    import deepspeed
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
     optimizer = engine.optimizer
+    if not all(hasattr(optimizer, name) for name in ("torch_autocast_gradscaler", "loss_scaler", "dynamic_loss_scale")):
+        # These are DeepSpeed internals (0.19.8); elsewhere the repair could silently do nothing.
+        raise UserError(f"precision=fp16 with backend=zero* repairs DeepSpeed 0.19.8's loss scaling, but DeepSpeed "
+                        f"{deepspeed.__version__}'s {type(optimizer).__name__} lacks the attributes it replaces; use "
+                        "precision=bf16, or DeepSpeed 0.19.8.")  # fmt: skip
     optimizer.torch_autocast_gradscaler = None
     optimizer.loss_scaler = DynamicLossScaler(init_scale=init_scale, scale_window=window, min_scale=1.0,
                                               delayed_shift=1, consecutive_hysteresis=False,
