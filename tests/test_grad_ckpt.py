@@ -110,6 +110,23 @@ def test_highres_selects_the_layers_at_stride_16_or_finer(yaml, expected):
     assert not any(m._forward_hooks for m in model.modules())  # its hooks are gone
 
 
+def test_highres_on_a_model_without_feature_maps_is_an_error():
+    class Flat(torch.nn.Module):  # not a detector: no layer returns a 4-D feature map
+        yaml = {"channels": 3}
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+
+        def forward(self, x):
+            return self.model(x)
+
+    model = Flat()
+    with pytest.raises(UserError, match="'highres' found no layer.*grad_ckpt=0-2"):
+        select_layers(model, "highres")
+    assert select_layers(model, "0-1") == [0, 1]
+
+
 def test_removal_leaves_a_picklable_model():
     model = _model()
     apply_grad_ckpt(model, "all")

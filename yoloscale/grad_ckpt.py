@@ -74,7 +74,11 @@ def select_layers(model: nn.Module, text: str) -> list[int]:
     if selection == "all":
         return list(range(n))
     if selection == "highres":
-        return high_resolution_layers(model)
+        layers = high_resolution_layers(model)
+        if not layers:  # not a detector: no layer returns one feature map (a 4-D tensor) at stride 16 or finer
+            raise UserError(f"key 'grad_ckpt': 'highres' found no layer whose output is a feature map at stride <= "
+                            f"{HIGHRES_STRIDE} in this model; name the layers instead (e.g. grad_ckpt=0-{n - 1}).")
+        return layers
     if selection in ("backbone", "head"):
         n_backbone = len(model.yaml["backbone"])
         return list(range(n_backbone)) if selection == "backbone" else list(range(n_backbone, n))
