@@ -193,7 +193,9 @@ class AlignedBatchNorm2d(nn.BatchNorm2d):
 
 
 def align_batchnorm_params(model: nn.Module) -> int:
-    """Make every BatchNorm2d of `model` an AlignedBatchNorm2d (fp16 on DeepSpeed); returns how many."""
+    """Make every BatchNorm2d of `model` an AlignedBatchNorm2d (fp16 on DeepSpeed); returns how many.
+    SyncBatchNorm (`sync_bn=True`) is left as it is: its training kernels are torch's own, not cuDNN's, and ran on
+    misaligned weights (tests/gpu_batchnorm_alignment.py, H100, 2026-11-24)."""
     count = 0
     for module in model.modules():
         if type(module) is nn.BatchNorm2d:
