@@ -1,7 +1,7 @@
 """GPU check of every backend: loss parity with DDP, sharded save -> resume, precision x grad_ckpt matrix.
 
 usage: python tests/gpu_backends.py OUT_DIR [--gpus N] [--model yolov8s.yaml] [--parallel K] [--backends ddp,...]
-       [--only resume|fp16]
+       [--only resume|fp16|offload]
 From the same initial weights and data (seed 0, workers=0), two epochs of yolov8s at 320 px (32 optimizer steps on one
 GPU, 16 on two) on DDP, FSDP2, ZeRO-1/2/3 in bf16 and fp16, each also with grad_ckpt=all (DDP, FSDP2, ZeRO-3 in
 bf16 also with grad_ckpt_recompute=cheap), and bf16 with offload (FSDP2 and ZeRO-3 offload=params, ZeRO-2
@@ -76,9 +76,10 @@ def main() -> int:
     p.add_argument("--model", default="yolov8s.yaml")
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--backends", default=",".join(BACKENDS))
-    p.add_argument("--only", choices=("all", "resume", "fp16"), default="all",
+    p.add_argument("--only", choices=("all", "resume", "fp16", "offload"), default="all",
                    help="resume: only the bf16 runs and their resumes (same and other backend, other GPU count); "
-                   "fp16: only the fp16 runs (with grad_ckpt, ZeRO-2 offloaded and resumed)")
+                   "fp16: only the fp16 runs (with grad_ckpt, ZeRO-2 offloaded and resumed); "
+                   "offload: only DDP bf16 (the reference) and the bf16 offload runs, each resumed offloaded")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,9 @@ def main() -> int:
     common = {b: [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}"] for b in BACKENDS}
     fp16 = {b: [f"data={data}", f"backend={b}", "precision=fp16", f"model={a.model}"] for b in BACKENDS}
     # the first bf16 runs are the checkpoints every resume starts from; --only resume skips the other parity runs
-    jobs = [(f"{b}-bf16", a.gpus, common[b]) for b in backends] if a.only != "fp16" else []
+    jobs = [(f"{b}-bf16", a.gpus, common[b]) for b in backends] if a.only in ("all", "resume") else []
+    if a.only == "offload":
+        jobs = [("ddp-bf16", a.gpus, common["ddp"])]
     if a.only in ("all", "fp16"):
         jobs += [(f"{b}-fp16", a.gpus, fp16[b]) for b in backends]
         jobs += [(f"{b}-fp16-ckpt", a.gpus, [*fp16[b], "grad_ckpt=all"]) for b in backends]
@@ -98,14 +101,15 @@ def main() -> int:
         jobs += [(f"{b}-bf16-ckpt", a.gpus, [*common[b], "grad_ckpt=all"]) for b in backends]
         jobs += [(f"{b}-bf16-ckpt-cheap", a.gpus, [*common[b], "grad_ckpt=all", "grad_ckpt_recompute=cheap"])
                  for b in backends if b in ("ddp", "fsdp", "zero3")]  # fmt: skip
+    if a.only in ("all", "offload"):
         jobs += [(f"{b}-bf16-{OFFLOAD[b]}", a.gpus, [*common[b], f"offload={OFFLOAD[b]}"]) for b in backends if b in OFFLOAD]
-    if a.gpus > 1 and a.only != "fp16":  # the one-GPU runs whose checkpoints resume on a.gpus
+    if a.gpus > 1 and a.only in ("all", "resume"):  # the one-GPU runs whose checkpoints resume on a.gpus
         jobs += [(f"{b}-bf16-1gpu", 1, common[b]) for b in ("ddp", "fsdp", "zero2", "zero3") if b in backends]
     results = {jobs[0][0]: run(out, *jobs[0])}  # alone: it writes Ultralytics' label cache
     with ThreadPoolExecutor(a.parallel) as pool:
         results.update({r["name"]: r for r in pool.map(lambda j: run(out, *j), jobs[1:])})
     resumes = []
-    for b in backends:
+    for b in backends if a.only != "offload" else ():
         first = results.get(f"{b}-bf16", {})
         if "run_dir" not in first:
             continue
@@ -122,7 +126,7 @@ def main() -> int:
         if "run_dir" in first:
             ckpt = min(Path(first["run_dir"], "checkpoints").glob("step-*"))
             resumes.append((f"{b}-bf16-{where}-resume", a.gpus, [*common[b], f"offload={where}", f"resume={ckpt}"]))
-    if a.gpus > 1:
+    if a.gpus > 1 and a.only != "offload":
         resumes += other_world_resumes(out, a, common, results)
     with ThreadPoolExecutor(a.parallel) as pool:
         results.update({r["name"]: r for r in pool.map(lambda j: run(out, *j), resumes)})
