@@ -66,3 +66,36 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
         trainer.train_step(bad)
     with pytest.raises(TrainingDiverged, match="2 consecutive optimizer steps"):
         trainer._check_bad_steps()
+
+
+def test_a_skipped_step_does_not_advance_the_schedule(tiny_data, tmp_path):
+    """fp16 overflows and non-finite gradients skip the optimizer step; the warmup must not move on for it."""
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer
+
+    cfg = load_config(None, [f"data={tiny_data}", *TINY, "accumulate=1", f"project={tmp_path}"])
+    trainer = Trainer(cfg)
+    positions, lrs = [], []
+    apply = trainer.schedule.apply
+
+    def recorded(optimizer, position, epoch):
+        apply(optimizer, position, epoch)
+        positions.append(position)
+        lrs.append(optimizer.param_groups[0]["lr"])
+
+    trainer.schedule.apply = recorded
+    prepare, calls = trainer.prepare_batch, []
+
+    def first_batch_nan(batch):
+        batch = prepare(batch)
+        if not calls:
+            batch["img"] = batch["img"] * math.nan
+        calls.append(1)
+        return batch
+
+    trainer.prepare_batch = first_batch_nan
+    trainer.train_epoch()
+    assert trainer.state.skipped_steps == 1
+    assert trainer.schedule.warmup_batches == 6  # 12 batches per epoch, warmup_epochs=0.5
+    assert positions[:4] == [0, 0, 1, 2]  # the step after the skipped one runs at the skipped one's position
+    assert lrs[1] == lrs[0] and lrs[2] > lrs[1]
