@@ -67,7 +67,7 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the training model in place (backend=ddp, grad_ckpt=off). yolo11x on one GPU: 2.8-4.1 min of compilation in the first step, then 1.06-1.12x eager's speed in bf16, none in fp16, 25% less peak memory (docs/benchmarks.md).")
     seed: int = _f(0, "Random seed (model init, data order).")
     # --- distributed backend and memory (docs/backends.md says which to pick)
-    backend: str = _f("ddp", "Data-parallel backend: ddp, fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed).", ("ddp", "fsdp", "zero1", "zero2", "zero3"))
+    backend: str = _f("ddp", "Data-parallel backend: ddp (the fastest for every YOLO that fits), fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed). Sharding pays only when weights or optimizer state do not fit; YOLO's memory is activations (grad_ckpt). docs/backends.md.", ("ddp", "fsdp", "zero1", "zero2", "zero3"))
     offload: str = _f("none", "Offload to CPU memory: none, optimizer (zero1/2/3) or params (fsdp, zero3; implies the optimizer too).", ("none", "optimizer", "params"))
     grad_ckpt: str = _f("off", "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: yolo11x -63% peak at 1.31x step on an H100), or layer indices like '2-8,10'.")
     grad_ckpt_recompute: str = _f("all", "With grad_ckpt: 'all' recomputes a checkpointed layer's whole forward (least memory); 'cheap' keeps convolution/matmul outputs and recomputes only BatchNorm, activations and concatenations (less recompute on the CPU; on a GPU slower than 'all' and saving less: docs/backends.md).", ("all", "cheap"))
