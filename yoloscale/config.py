@@ -102,7 +102,7 @@ class TrainConfig:
     val: bool = _f(True, "Validate (mAP50, mAP50-95 on the EMA weights) at the end of every epoch; the final epoch always validates.")
     val_batch: int = _f(0, "Validation batch per device; 0 = 2 x batch.")
     save_period: int = _f(0, "Also save a resumable checkpoint every N optimizer steps (0: only at epoch ends).")
-    log_interval: int = _f(10, "Optimizer steps between progress/metric updates (after warmup, the only host syncs in the loop).")
+    log_interval: int = _f(10, "Optimizer steps between progress/metric updates (after warmup, the loop's only host syncs of its own).")
     plots: bool = _f(True, "Write results.png (training curves) at the end.")
     wandb: str = _f("off", "Weights & Biases logging: off, offline (no key needed) or online.", ("off", "offline", "online"))
     wandb_project: str = _f("yoloscale", "Weights & Biases project name.")

@@ -215,7 +215,7 @@ class Trainer:
     def train_step(self, batch: dict) -> bool:
         """Forward, loss and backward of one micro-batch; on the last micro-step of an accumulation window also
         clip, step (skipped on the device if the gradient norm is not finite) and update the EMA. Returns whether
-        the optimizer stepped. No host synchronisation."""
+        the optimizer stepped. No host synchronisation of ours (Ultralytics' loss has one: docs/benchmarks.md)."""
         acc, cfg, st = self.accelerator, self.cfg, self.state
         batch = self.prepare_batch(batch)
         with acc.accumulate(self.model):  # no gradient all-reduce on non-final micro-steps
