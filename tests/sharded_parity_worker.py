@@ -14,7 +14,8 @@ the engine is built the way Accelerate builds it, from our rendered JSON, with D
 The _bf16 modes clip nothing: DeepSpeed sums the gradient norm in another order (1e-6 apart), and bf16 training
 amplifies that into visibly different losses within a few steps; without clipping, what is compared is the gradient
 reduction itself (DeepSpeed reduces Conv2d/Linear gradients in bf16 unless told otherwise).
-Rank 0 saves the per-step losses (summed over ranks), which steps were skipped, the final full weights and the
+Rank 0 saves the per-step losses (summed over ranks), which steps were skipped, the fp16 loss scale after each
+step, the final full weights and the
 sharded EMA's full state.
 """
 
@@ -74,7 +75,7 @@ scaler = torch.amp.GradScaler("cpu", init_scale=FP16_SCALE) if mode == "ddp_fp16
 ema = ShardedEMA(model, tau=2.0)  # a short ramp so three updates move the EMA visibly
 criterion = model.init_criterion()
 g = torch.Generator().manual_seed(1)
-losses, skipped = [], []
+losses, skipped, scales = [], [], []  # scales: the loss scale after each step (fp16 modes)
 for step in range(4):  # the fourth: a non-finite gradient, a step that must be skipped (DDP and FSDP2 only)
     images = torch.rand(8, 3, 64, 64, generator=g)
     boxes = torch.rand(8, 4, generator=g) * 0.3 + 0.3
@@ -93,11 +94,14 @@ for step in range(4):  # the fourth: a non-finite gradient, a step that must be 
             scaler.update()
             opt.zero_grad(set_to_none=True)
             skipped.append(scaler.get_scale() < before)
+            scales.append(scaler.get_scale())
         else:  # DeepSpeed clips (grad_clip above), scales the loss (fp16) and steps itself
             before = wrapped.skipped_steps
             wrapped.backward(loss.sum())
             wrapped.step()
             skipped.append(wrapped.skipped_steps > before)
+            if precision == "fp16":
+                scales.append(float(wrapped.optimizer.loss_scale))
         ema.update(model)
         total = loss.detach().sum().clone()
         dist.all_reduce(total)
@@ -123,7 +127,7 @@ for step in range(4):  # the fourth: a non-finite gradient, a step that must be 
     losses.append(total.item())
 weights, ema_state = full_model_state(model), ema.full_state_dict()  # collectives: every rank
 if rank == 0:
-    torch.save({"losses": losses, "skipped": skipped, "weights": weights, "ema": ema_state}, out)
+    torch.save({"losses": losses, "skipped": skipped, "scales": scales, "weights": weights, "ema": ema_state}, out)
 dist.barrier()
 dist.destroy_process_group()
 # torch 2.14 on gloo, after FSDP2 + checkpoint: about one run in six aborted in C++ static destruction after all the

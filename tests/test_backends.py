@@ -47,12 +47,20 @@ def test_sharded_backends_reproduce_ddp(parity, mode):
     ZeRO-2 under bf16 autocast with DDP under bf16 autocast, which needs DeepSpeed to reduce gradients in fp32 (its
     default, bf16 for Conv2d weights, was 4e-3 apart after one step); and
     ZeRO-2/3 under fp16 autocast with DDP and torch's GradScaler, from a loss scale at which the first step overflows:
-    the same steps are skipped (overflow, apply at half the scale, overflow again). Without our loss scaler,
+    the same steps are skipped with the same loss scales. Without our loss scaler,
     DeepSpeed's GradScaler never came down and ZeRO-2 skipped all three."""
     suffix = next((s for s in ("_bf16", "_fp16") if mode.endswith(s)), "")
     ddp, other = parity["ddp" + suffix], parity[mode]
     assert other["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
-    assert other["skipped"] == ddp["skipped"] == ([True, False, True] if suffix == "_fp16" else other["skipped"])
+    # Which later fp16 steps overflow depends on the CPU's fp16 kernels (AVX-512-FP16 rounds differently), so what
+    # is asserted is what holds on any CPU: the same steps are skipped as DDP's in this run, the first step overflows
+    # from the chosen scale, at least one step is applied, and the scale halves on each skip and only then.
+    assert other["skipped"] == ddp["skipped"]
+    if suffix == "_fp16":
+        assert ddp["skipped"][0] and not all(ddp["skipped"])
+        assert other["scales"] == ddp["scales"]
+        for before, after, skipped in zip([2.0**14, *ddp["scales"]], ddp["scales"], ddp["skipped"]):
+            assert after == (before / 2 if skipped else before)
     assert ddp["losses"][0] != ddp["losses"][2]  # the steps did train
     for part in ("weights", "ema"):
         assert ddp[part].keys() == other[part].keys()
