@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--submit", action="store_true", help="run sbatch on the written script")
     sl.add_argument("--generic", action="store_true",
                     help="print a reusable template that takes the training arguments from sbatch's command line")
+    r = sub.add_parser("race", help="Ultralytics' trainer and ours on the same data, one after the other",
+                       usage="yoloscale race [config.yaml] [key=value ...]  (out=, gpus=, sides= are the race's own)")
+    r.add_argument("args", nargs="*", help="an optional YAML config file, then key=value settings")
     dr = sub.add_parser("doctor", help="this node's GPU/network topology and the NCCL settings we recommend")
     dr.add_argument("--bench", action="store_true", help="also measure all-reduce bus bandwidth over the local GPUs")
     dr.add_argument("--export", action="store_true",
@@ -140,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             from yoloscale import bench
 
             bench.run(ns)
+        elif ns.command == "race":
+            from yoloscale import race
+
+            race.main(ns.args)
         elif ns.command == "launch":
             from yoloscale.launch import launch_slurm
 

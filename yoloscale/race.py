@@ -1,0 +1,231 @@
+"""`yoloscale race`: Ultralytics' own trainer and ours on the same data.yaml, model, imgsz, epochs and batch, one after
+the other on the same devices, each in a fresh process, as a user compares them.
+
+    yoloscale race [config.yaml] [key=value ...]     # training keys (both sides) and the race's own keys:
+        out=runs/race    where both runs, race.json and race.png go (a folder that holds results is refused)
+        gpus=1           devices per run (0: the CPU); several: Ultralytics' own DDP and our torchrun
+        sides=ultralytics,yoloscale
+
+Both sides get model, data, imgsz, epochs, batch, workers, cache and seed, and every other key given here that
+Ultralytics' trainer also has (lr0, optimizer, mosaic, ...; precision becomes its amp=). Keys that are ours alone
+(backend, grad_ckpt, ...) apply to our side. Reported per side: the whole run's wall-clock from the command's start,
+the time to the first optimizer step, every epoch's mAP50-95 and training img/s, and the time each epoch ended.
+Ultralytics' online AMP check (it downloads weights) is replaced by `True`, the answer it gives on a healthy GPU.
+With several GPUs Ultralytics trains in processes it spawns itself, where our callbacks do not reach: its epoch times
+then come from its results.csv (seconds since its training started) and its first step is not timed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from yoloscale.errors import UserError
+
+RACE_KEYS = {"out": "runs/race", "gpus": 1, "sides": "ultralytics,yoloscale"}
+SHARED = ("model", "data", "imgsz", "epochs", "batch", "workers", "cache", "seed")
+AMP = {"auto": True, "fp16": True, "bf16": "bf16", "fp32": False}
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, Any]]:
+    """(config file, training overrides, race settings) from the command line."""
+    from yoloscale.config import parse_override
+
+    cfg_file = args[0] if args and "=" not in args[0] else None
+    race, train = dict(RACE_KEYS), []
+    for arg in args[1:] if cfg_file else args:
+        key, value = parse_override(arg)
+        if key in RACE_KEYS:
+            race[key] = value
+        else:
+            train.append(arg)
+    sides = [s for s in str(race["sides"]).split(",") if s]
+    if not sides or set(sides) - {"ultralytics", "yoloscale"}:
+        raise UserError(f"race: sides={race['sides']!r}; choose from ultralytics,yoloscale.")
+    if not isinstance(race["gpus"], int) or race["gpus"] < 0:
+        raise UserError(f"race: gpus={race['gpus']!r} must be a whole number >= 0 (0: the CPU).")
+    race["sides"] = sides
+    return cfg_file, train, race
+
+
+def ultralytics_settings(cfg, given: list[str], gpus: int) -> dict[str, Any]:
+    """The keyword arguments of Ultralytics' `YOLO(model).train(...)` for this race."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    from yoloscale.config import parse_override
+
+    settings = {k: getattr(cfg, k) for k in SHARED}
+    settings["cache"] = cfg.cache or False
+    for key, _ in map(parse_override, given):
+        if key == "precision":
+            settings["amp"] = AMP[cfg.precision]
+        elif key in DEFAULT_CFG_DICT and key not in ("project", "name", "device", "resume"):
+            settings[key] = getattr(cfg, key)
+    settings["device"] = ",".join(map(str, range(gpus))) if gpus else "cpu"
+    return settings
+
+
+def run_ultralytics(spec_file: str) -> None:
+    """Child process: Ultralytics' trainer with timing callbacks; writes the events next to the spec."""
+    import psutil
+    import ultralytics.engine.trainer as ul_trainer
+    from ultralytics import YOLO
+
+    spec = json.loads(Path(spec_file).read_text())
+    ul_trainer.check_amp = lambda model: True  # offline: its check would download yolo26n.pt
+    start = psutil.Process().create_time()
+    events: dict[str, Any] = {"first_step_s": None, "epochs": []}
+    epoch_start, train_s = [0.0], [None]
+
+    def batch_end(trainer):
+        if events["first_step_s"] is None:
+            events["first_step_s"] = time.time() - start
+
+    def fit_epoch_end(trainer):  # after validation; also fired by its final evaluation, which trains no epoch
+        if train_s[0] is None:
+            return
+        events["epochs"].append({"epoch": trainer.epoch + 1, "time_s": time.time() - start,
+                                 "map50_95": float(trainer.metrics.get("metrics/mAP50-95(B)", "nan")),
+                                 "img_s": len(trainer.train_loader.dataset) / max(train_s[0], 1e-9)})  # fmt: skip
+        train_s[0] = None
+
+    model = YOLO(spec["settings"]["model"])
+    model.add_callback("on_train_batch_end", batch_end)
+    model.add_callback("on_train_epoch_start", lambda trainer: epoch_start.__setitem__(0, time.time()))
+    model.add_callback("on_train_epoch_end", lambda trainer: train_s.__setitem__(0, time.time() - epoch_start[0]))
+    model.add_callback("on_fit_epoch_end", fit_epoch_end)
+    model.train(**{k: v for k, v in spec["settings"].items() if k != "model"}, project=spec["project"],
+                name="ultralytics", exist_ok=False, plots=False, verbose=False)  # fmt: skip
+    Path(spec["events"]).write_text(json.dumps(events))
+
+
+def _epochs_from_results_csv(path: Path) -> list[dict]:
+    """Ultralytics' results.csv (multi-GPU runs): times since its training started."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [{"epoch": int(float(r["epoch"])), "time_s": float(r["time"]), "map50_95": float(r["metrics/mAP50-95(B)"]),
+             "img_s": None} for r in rows]  # fmt: skip
+
+
+def _epochs_from_metrics_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return [{"epoch": int(r["epoch"]), "time_s": float(r["time"]), "map50_95": float(r.get("val/mAP50-95") or "nan"),
+             "img_s": float(r["img_s"])} for r in rows]  # fmt: skip
+
+
+def _launch(cmd: list[str], log: Path) -> float:
+    start = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "YOLO_OFFLINE": "1"}).returncode
+    if rc != 0:
+        raise UserError(f"race: the run failed (exit {rc}); see {log}")
+    return time.time() - start
+
+
+def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
+    from yoloscale.bench import _free_port
+    from yoloscale.config import load_config
+    from yoloscale.synth import write_synthetic_dataset
+
+    out = Path(settings["out"])
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"race: '{out}' already holds results; it is never overwritten. Choose another out=.")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(cfg_file, given)  # every key checked before anything runs
+    if cfg.data == "synthetic":  # one copy both sides read
+        cfg.data = str(write_synthetic_dataset(out / "data"))
+        given = [*given, f"data={cfg.data}"]
+    gpus, results = settings["gpus"], {}
+    if "ultralytics" in settings["sides"]:
+        spec = {"settings": ultralytics_settings(cfg, given, gpus), "project": str(out.resolve()),
+                "events": str(out / "ultralytics-events.json")}  # fmt: skip
+        (out / "ultralytics-spec.json").write_text(json.dumps(spec))
+        print(f"ultralytics: training ({out / 'ultralytics.log'})", flush=True)
+        wall = _launch([sys.executable, "-m", "yoloscale.race", str(out / "ultralytics-spec.json")],
+                       out / "ultralytics.log")  # fmt: skip
+        events = json.loads((out / "ultralytics-events.json").read_text())
+        if gpus > 1 or not events["epochs"]:
+            events["epochs"] = _epochs_from_results_csv(out / "ultralytics" / "results.csv")
+        results["ultralytics"] = {"wall_s": wall, **events}
+    if "yoloscale" in settings["sides"]:
+        launcher = [sys.executable] if gpus <= 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", str(_free_port())]
+        ours = [*launcher, "-m", "yoloscale", "train", *([cfg_file] if cfg_file else []), *given,
+                f"project={out}", "name=yoloscale", *(["cpu=True"] if gpus == 0 else [])]  # fmt: skip
+        print(f"yoloscale: training ({out / 'yoloscale.log'})", flush=True)
+        wall = _launch(ours, out / "yoloscale.log")
+        info = json.loads((out / "yoloscale" / "run_info.json").read_text())
+        results["yoloscale"] = {"wall_s": wall, "first_step_s": info.get("first_step_s"),
+                                "epochs": _epochs_from_metrics_csv(out / "yoloscale" / "metrics.csv")}  # fmt: skip
+    summary = {"date": time.strftime("%Y-%m-%d"), "device": _device(gpus), "config": cfg.to_dict(), "gpus": gpus,
+               "sides": results}  # fmt: skip
+    (out / "race.json").write_text(json.dumps(summary, indent=1))
+    chart(summary, out / "race.png")
+    print(table(summary))
+    return summary
+
+
+def _device(gpus: int) -> str:
+    import torch
+
+    return f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus and torch.cuda.is_available() else "cpu"
+
+
+def steady_img_s(side: dict) -> float | None:
+    """Median training img/s over the epochs after the first (which carries the start-up)."""
+    import statistics
+
+    rates = [e["img_s"] for e in side["epochs"][1:] if e["img_s"]] or [e["img_s"] for e in side["epochs"] if e["img_s"]]
+    return statistics.median(rates) if rates else None
+
+
+def table(summary: dict) -> str:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    c = summary["config"]
+    lines = [f"{summary['device']}: {c['model']} at {c['imgsz']} px, batch {c['batch']}, {c['epochs']} epochs, "
+             f"{summary['date']}", f"{'side':<12}{'wall s':>9}{'1st step s':>11}{'img/s':>8}  mAP50-95 by epoch"]  # fmt: skip
+    for name, side in summary["sides"].items():
+        maps = " ".join(f"{e['map50_95']:.3f}" for e in side["epochs"])
+        lines.append(f"{name:<12}{side['wall_s']:>9.1f}{fmt(side['first_step_s'], '.1f'):>11}"
+                     f"{fmt(steady_img_s(side), '.1f'):>8}  {maps}")  # fmt: skip
+    sides = summary["sides"]
+    if len(sides) == 2:
+        lines.append(f"yoloscale / ultralytics wall-clock: {sides['yoloscale']['wall_s'] / sides['ultralytics']['wall_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def chart(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, side in summary["sides"].items():
+        ax.plot([e["time_s"] for e in side["epochs"]], [e["map50_95"] for e in side["epochs"]], marker="o", label=name)
+    ax.set_xlabel("wall-clock since the command started, s")
+    ax.set_ylabel("val mAP50-95")
+    c = summary["config"]
+    ax.set_title(f"{summary['device']}: {c['model']} @ {c['imgsz']}, batch {c['batch']}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: list[str]) -> dict:
+    """Entry point of `yoloscale race`."""
+    cfg_file, given, settings = split_args(args)
+    return race(cfg_file, given, settings)
+
+
+if __name__ == "__main__":  # the Ultralytics side, in its own process
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    run_ultralytics(sys.argv[1])
