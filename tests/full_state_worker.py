@@ -26,7 +26,7 @@ from yoloscale.backend.full_state import load_foreign, optimizer_names, read_ful
 from yoloscale.config import load_config
 from yoloscale.data import ultralytics_args
 from yoloscale.model import build_model
-from yoloscale.optim import build_optimizer
+from yoloscale.optim import OptimizerChoice, build_optimizer
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 spec, optimizer_name, phase, out = sys.argv[1:5]
@@ -37,7 +37,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0 if phase == "save" else 1)  # a loaded run starts from other weights: the load must replace them
 cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=64", f"optimizer={optimizer_name}", f"backend={backend}"])
 model = build_model("yolov8n.yaml", 3, {0: "a", 1: "b", 2: "c"}, ultralytics_args(cfg, "unused.yaml"))
-names = optimizer_names(model)
+choice = OptimizerChoice(optimizer_name, lr0=0.01, momentum=0.937, warmup_bias_lr=0.1)
 fused = optimizer_name == "SGD"  # AdamW: foreach everywhere, as DeepSpeed's, so that next steps compare closely
 engine = accelerator = None
 if backend.startswith("zero"):
@@ -49,18 +49,22 @@ if backend.startswith("zero"):
         gather_whole_layers(model)
     ds_cfg = load_config(None, [f"backend={backend}", f"batch={8 // world}", "grad_clip=10",
                                 f"offload={offload or 'none'}"])  # fmt: skip
-    ds = render_ds_config(ds_cfg, "fp32", 1, world)
-    opt = build_optimizer(cfg, model, lr=0.01, fused=False)
+    ds = render_ds_config(ds_cfg, "fp32", 8 // world, world)
+    opt = build_optimizer(model, choice, 5e-4, fused=False)
+    names = optimizer_names(model, opt)
     engine, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     wrapped = engine
 elif backend == "fsdp":
     wrapped = shard_model(model)
-    opt = build_optimizer(cfg, model, lr=0.01, fused=fused and allow_fused_sgd())
+    opt = build_optimizer(model, choice, 5e-4, fused=fused and allow_fused_sgd())
+    names = optimizer_names(model, opt)
 else:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    wrapped, opt = accelerator.prepare(model, build_optimizer(cfg, model, lr=0.01, fused=fused))
+    opt = build_optimizer(model, choice, 5e-4, fused=fused)
+    names = optimizer_names(model, opt)
+    wrapped, opt = accelerator.prepare(model, opt)
 criterion = model.init_criterion()
 images = torch.rand(3, 8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 
@@ -127,7 +131,7 @@ if phase == "save":
 else:
     saved_by = sys.argv[5].partition("+")[0]
     if accelerator is not None:
-        load_foreign(accelerator, ckpt, saved_by, wrapped, opt)
+        load_foreign(accelerator, ckpt, saved_by, wrapped, opt, names)
     else:
         write_full_state(model, opt, read_full_state(ckpt, saved_by, names), names, engine)
     files = {f"loaded-{spec}-{world}.pt": whole()}

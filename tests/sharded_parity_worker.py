@@ -31,12 +31,13 @@ from yoloscale.data import ultralytics_args
 from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.grad_ckpt import apply_grad_ckpt
 from yoloscale.model import build_model
-from yoloscale.optim import build_optimizer, init_momentum_buffers
+from yoloscale.optim import OptimizerChoice, build_optimizer, init_momentum_buffers
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 mode, out = sys.argv[1], sys.argv[2]
 low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode.split("_")[-1])  # autocast dtype, if any
 clip = 0.0 if low else 10.0
+SGD = OptimizerChoice("SGD", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1)
 FP16_SCALE = 2.0**14  # yolov8n at 64 px overflows at this scale in the first steps: the scaler must come down
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -59,17 +60,17 @@ elif mode.startswith("zero"):
         gather_whole_layers(model)
     precision = mode.split("_")[-1] if low else "fp32"
     ds = render_ds_config(load_config(None, [f"backend={mode.split('_')[0]}", "batch=4", f"grad_clip={clip}"]),
-                          precision, 1, 2)  # fmt: skip
+                          precision, 4, 2)  # fmt: skip
     if precision == "fp16":
         align_batchnorm_params(model)
-    opt = build_optimizer(cfg, model, lr=0.01, fused=False)
+    opt = build_optimizer(model, SGD, 5e-4, fused=False)
     wrapped, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     if precision == "fp16":
         use_dynamic_loss_scaler(wrapped, FP16_SCALE)
 else:
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
 if opt is None:
-    opt = build_optimizer(cfg, model, lr=0.01, fused=mode == "ddp" or (mode == "fsdp" and allow_fused_sgd()))
+    opt = build_optimizer(model, SGD, 5e-4, fused=mode == "ddp" or (mode == "fsdp" and allow_fused_sgd()))
     init_momentum_buffers(opt)
 scaler = torch.amp.GradScaler("cpu", init_scale=FP16_SCALE) if mode == "ddp_fp16" else None
 ema = ShardedEMA(model, tau=2.0)  # a short ramp so three updates move the EMA visibly

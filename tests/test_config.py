@@ -39,7 +39,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     ("batch=big", "key 'batch' expects int"),
     ("cos_lr=maybe", "key 'cos_lr' expects bool"),
     ("precision=bf61", "must be one of.*Did you mean 'bf16'"),
-    ("optimizer=adamw", "must be one of.*Did you mean 'AdamW'"),
+    ("optimizer=adamx", "must be one of.*Did you mean 'Adam"),
     ("imgsz=100", "multiple of 32"),
     ("epochs=0", "'epochs' must be > 0"),
     ("imgsz", "not key=value"),

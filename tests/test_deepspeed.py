@@ -33,9 +33,10 @@ def _run_deepspeed_script(code: str, port: int) -> subprocess.CompletedProcess:
 
 # --- the rendered JSON -----------------------------------------------------------------------------------------
 def test_ds_config_fills_the_fields_we_own():
-    ds = render_ds_config(_cfg("backend=zero2", "batch=8", "grad_clip=5"), "bf16", accumulate=4, world=2)
+    ds = render_ds_config(_cfg("backend=zero2", "batch=16", "grad_clip=5"), "bf16", device_batch=8, world=2)
     assert ds["zero_optimization"]["stage"] == 2
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 4, 64)
+    # DeepSpeed's accumulation stays 1: the trainer accumulates and marks the boundaries (Ultralytics' ramp)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 1, 16)
     assert ds["gradient_clipping"] == 5.0
     # fp32 gradient reduction like DDP: DeepSpeed's default reduces Conv2d/Linear gradients in the autocast dtype
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
@@ -48,20 +49,20 @@ def test_ds_config_keeps_a_users_bf16_gradient_reduction(tmp_path):
     user = json.loads((ROOT / "ds_configs/zero2.json").read_text())
     del user["torch_autocast"]["lower_precision_safe_modules"]  # a JSON written for DeepSpeed's defaults: ours apply
     (tmp_path / "plain.json").write_text(json.dumps(user))
-    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'plain.json'}"), "bf16", accumulate=1, world=1)
+    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'plain.json'}"), "bf16", device_batch=16, world=1)
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
     user["torch_autocast"]["lower_precision_safe_modules"] = ["torch.nn.Conv2d"]  # asked for explicitly: kept
     (tmp_path / "bf16.json").write_text(json.dumps(user))
-    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bf16.json'}"), "bf16", accumulate=1, world=1)
+    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bf16.json'}"), "bf16", device_batch=16, world=1)
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == ["torch.nn.Conv2d"]
 
 
 def test_ds_config_offload_and_fp32():
-    ds = render_ds_config(_cfg("backend=zero3", "offload=params"), "fp32", accumulate=1, world=1)
+    ds = render_ds_config(_cfg("backend=zero3", "offload=params"), "fp32", device_batch=16, world=1)
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False  # else DeepSpeed refuses YOLO's SGD when offloading
-    assert "zero_force_ds_cpu_optimizer" not in render_ds_config(_cfg("backend=zero2"), "fp32", accumulate=1, world=1)
+    assert "zero_force_ds_cpu_optimizer" not in render_ds_config(_cfg("backend=zero2"), "fp32", device_batch=16, world=1)
     assert ds["torch_autocast"]["enabled"] is False and "dtype" not in ds["torch_autocast"]  # "auto" is refused
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] >= 1e5  # YOLO's many small tensors stay whole
 
@@ -70,15 +71,15 @@ def test_ds_config_refuses_a_disagreeing_user_file(tmp_path):
     user = json.loads((ROOT / "ds_configs/zero2.json").read_text())
     user["gradient_accumulation_steps"] = 8
     (tmp_path / "ds.json").write_text(json.dumps(user))
-    with pytest.raises(UserError, match=r"gradient_accumulation_steps=8.*accumulate \(2\)"):
-        render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'ds.json'}"), "bf16", accumulate=2, world=1)
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps=8.*accumulate="):
+        render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'ds.json'}"), "bf16", device_batch=16, world=1)
     (tmp_path / "bad.json").write_text('{"zero_optimization": {\n  "stage": 2,,\n}}')
     with pytest.raises(UserError, match="line 2"):
-        render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bad.json'}"), "bf16", accumulate=1, world=1)
+        render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bad.json'}"), "bf16", device_batch=16, world=1)
 
 
 def test_deepspeed_fp16_runs_under_autocast_not_a_whole_model_cast():
-    ds = render_ds_config(_cfg("backend=zero1"), "fp16", accumulate=1, world=1)
+    ds = render_ds_config(_cfg("backend=zero1"), "fp16", device_batch=16, world=1)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}
     assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False
 

@@ -1,39 +1,34 @@
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from yoloscale.config import load_config
-from yoloscale.optim import Schedule, auto_accumulate, build_optimizer, init_momentum_buffers, lr_scale, param_groups
+from yoloscale.optim import (
+    OptimizerChoice,
+    Schedule,
+    build_optimizer,
+    choose_optimizer,
+    init_momentum_buffers,
+    nominal_accumulate,  # fmt: skip
+)
 
 
-@pytest.mark.parametrize("batch, world, accumulate, expected", [(16, 1, 0, 4), (16, 2, 0, 2), (32, 8, 0, 1),
-                                                               (8, 1, 0, 8), (16, 1, 3, 3)])
-def test_accumulate_follows_ultralytics_rule_unless_explicit(batch, world, accumulate, expected):
-    cfg = load_config(None, [f"batch={batch}", f"accumulate={accumulate}", "nbs=64"])
-    assert auto_accumulate(cfg, world) == expected
+@pytest.mark.parametrize("batch, accumulate, batches, expected", [(16, 0, 100, 4), (32, 0, 100, 2), (256, 0, 100, 1),
+                                                               (8, 0, 100, 8), (16, 3, 100, 3), (8, 0, 3, 6)])
+def test_accumulate_follows_ultralytics_rule_unless_explicit(batch, accumulate, batches, expected):
+    """max(round(nbs / global batch), 1), capped at the run's batch count (2 epochs of `batches` here)."""
+    cfg = load_config(None, [f"batch={batch}", f"accumulate={accumulate}", "nbs=64", "epochs=2"])
+    assert nominal_accumulate(cfg, batch, batches) == expected
 
 
-def test_lr_scaling_rule():
-    assert lr_scale(load_config(None, ["nbs=64"]), 256) == 4.0
-    assert lr_scale(load_config(None, ["nbs=64", "lr_scaling=none"]), 256) == 1.0
-
-
-def test_param_groups_match_ultralytics():
-    from ultralytics.engine.trainer import BaseTrainer
-    from ultralytics.nn.tasks import DetectionModel
-
-    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
-    ours = {k: {id(p) for p in v} for k, v in param_groups(model).items()}
-    stub = SimpleNamespace(args=SimpleNamespace(), data={})
-    theirs = BaseTrainer.build_optimizer(stub, model, name="SGD", lr=0.01, momentum=0.9, decay=5e-4)
-    theirs = {g["param_group"]: {id(p) for p in g["params"]} for g in theirs.param_groups}
-    assert ours == theirs
-    opt = build_optimizer(load_config(), model, lr=0.01)
-    decay = {g["name"]: g["weight_decay"] for g in opt.param_groups}
-    assert decay == {"weight": 5e-4, "bn": 0.0, "bias": 0.0}
+def test_optimizer_auto_follows_ultralytics_rule():
+    short = choose_optimizer(load_config(None, ["epochs=10", "batch=16"]), images=1600, nc=5)
+    assert (short.name, short.lr0, short.momentum, short.warmup_bias_lr) == ("AdamW", round(0.01 / 9, 6), 0.9, 0.0)
+    long = choose_optimizer(load_config(None, ["epochs=500", "batch=16"]), images=1600, nc=5)  # 25 x 500 > 10,000
+    assert (long.name, long.lr0, long.momentum, long.warmup_bias_lr) == ("MuSGD", 0.01, 0.9, 0.0)
+    given = choose_optimizer(load_config(None, ["optimizer=sgd", "lr0=0.02"]), images=1600, nc=5)
+    assert (given.name, given.lr0, given.momentum, given.warmup_bias_lr) == ("SGD", 0.02, 0.937, 0.1)
 
 
 def _ultralytics_lr(cfg, nb, ni, epoch, group):
@@ -50,36 +45,18 @@ def _ultralytics_lr(cfg, nb, ni, epoch, group):
 
 
 @pytest.mark.parametrize("cos_lr", [False, True])
-def test_schedule_matches_ultralytics(cos_lr):
-    cfg = load_config(None, ["epochs=5", "warmup_epochs=2", f"cos_lr={cos_lr}"])
+def test_schedule_matches_ultralytics_formulas(cos_lr):
+    cfg = load_config(None, ["epochs=5", "warmup_epochs=2", f"cos_lr={cos_lr}", "optimizer=SGD"])
     nb = 7
-    sched = Schedule.create(cfg, nb, scale=1.0)
+    sched = Schedule.create(cfg, choose_optimizer(cfg, 100, 3), nb, accumulate=4)
     for epoch in range(cfg.epochs):
         for i in range(nb):
             ni = epoch * nb + i
             for group in ("weight", "bn", "bias"):
-                assert sched.lr(group, ni, epoch) == pytest.approx(_ultralytics_lr(cfg, nb, ni, epoch, group))
-    assert sched.momentum(0) == cfg.warmup_momentum and sched.momentum(nb * 2) == cfg.momentum
-
-
-def test_linear_scaling_reproduces_ultralytics_sgd():
-    """Ultralytics: gradient of the loss summed over the global batch, weight decay x global/nbs, lr0.
-    Ours: gradient of nbs x the mean, weight decay unscaled, lr0 x global/nbs. Same SGD trajectory."""
-    torch.manual_seed(0)
-    nbs, global_batch, wd, lr0 = 64, 128, 5e-4, 0.01
-    x, y = torch.randn(global_batch, 5), torch.randn(global_batch, 1)
-    a, b = nn.Linear(5, 1), nn.Linear(5, 1)
-    b.load_state_dict(a.state_dict())
-    k = global_batch / nbs
-    opt_a = torch.optim.SGD(a.parameters(), lr=lr0, momentum=0.9, nesterov=True, weight_decay=wd * k)
-    opt_b = torch.optim.SGD(b.parameters(), lr=lr0 * k, momentum=0.9, nesterov=True, weight_decay=wd)
-    for _ in range(5):
-        for model, opt, loss_fn in ((a, opt_a, lambda l: l.sum()), (b, opt_b, lambda l: l.mean() * nbs)):
-            opt.zero_grad()
-            loss_fn((model(x) - y) ** 2).backward()
-            opt.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb)
+                g = {"param_group": group, "initial_lr": cfg.lr0}
+                assert sched.lr(g, ni, epoch) == pytest.approx(_ultralytics_lr(cfg, nb, ni, epoch, group))
+    assert sched.momentum_at(0) == cfg.warmup_momentum and sched.momentum_at(nb * 2) == cfg.momentum
+    assert [sched.accumulate_at(ni) for ni in (0, 2, 3, 7, 14, 20)] == [1, 1, 2, 2, 4, 4]  # 2.5 rounds to even
 
 
 def test_a_skipped_first_step_leaves_sgd_exactly_as_if_it_never_happened():
@@ -88,8 +65,8 @@ def test_a_skipped_first_step_leaves_sgd_exactly_as_if_it_never_happened():
     torch.manual_seed(0)
     a, b = nn.Linear(64, 64), nn.Linear(64, 64)
     b.load_state_dict(a.state_dict())
-    cfg = load_config()
-    opt_a, opt_b = build_optimizer(cfg, a, lr=0.1), build_optimizer(cfg, b, lr=0.1)
+    sgd = OptimizerChoice("SGD", 0.1, 0.937, 0.1)
+    opt_a, opt_b = build_optimizer(a, sgd, 5e-4), build_optimizer(b, sgd, 5e-4)
     for opt in (opt_a, opt_b):
         init_momentum_buffers(opt)
         assert all(torch.count_nonzero(opt.state[p]["momentum_buffer"]) == 0 for p in opt.param_groups[0]["params"])

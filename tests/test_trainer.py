@@ -70,7 +70,7 @@ def test_export_command_rewrites_the_pt_files(run):
 def test_resume_after_sigkill_continues_exactly(tiny_data, tmp_path):
     """A run killed mid-epoch resumes from its last complete checkpoint and ends bit-identical to an
     uninterrupted run: same data position, step, LR, optimizer state, EMA and RNG."""
-    args = [f"data={tiny_data}", *TINY, "epochs=2", "save_period=5", "val=False", "mosaic=0", f"project={tmp_path}"]
+    args = [f"data={tiny_data}", *TINY, "epochs=2", "save_steps=5", "val=False", "mosaic=0", f"project={tmp_path}"]
     # All three runs in fresh processes with one thread count: Ultralytics sets OMP_NUM_THREADS=1 when imported,
     # and fp32 CPU kernels sum in a different order with a different number of threads.
     env = dict(os.environ, OMP_NUM_THREADS="1")

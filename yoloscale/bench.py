@@ -107,7 +107,7 @@ def measure_bare(trainer, resident: dict, warmup: int, window: int) -> dict:
             if i < warmup or (i - warmup) % window == 0:
                 _sync()
             times.append(time.perf_counter())
-    return steady_img_s(times, trainer.cfg.batch * trainer.world, warmup, window)
+    return steady_img_s(times, trainer.batch, warmup, window)
 
 
 def measure_loop(cfg, warmup: int, window: int) -> dict:
@@ -127,13 +127,13 @@ def loop_and_bare(trainer, warmup: int, window: int) -> tuple[dict, dict]:
         if i < warmup or (i - warmup) % window == 0:
             _sync()
         times.append(time.perf_counter())
-    images = trainer.cfg.batch * trainer.world
+    images = trainer.batch
     # The first micro-batch's time includes the loader's start and, with compile=True, the compilation.
     loop = {**steady_img_s(times, images, warmup, window), **peak_memory(), "first_step_s": times[0] - start}
     resident = trainer.prepare_batch(batch)
     bare = measure_bare(trainer, resident, warmup, window)
     return {"loop": loop, "bare": bare, "devices": trainer.world, "precision": trainer.accelerator.mixed_precision,
-            "skipped_steps": int(trainer.bad_total.item()), "accumulate": trainer.accumulate,
+            "skipped_steps": int(trainer.bad_total.item()), "accumulate": trainer.schedule.accumulate,
             "forward_gflops": forward_gflops(trainer), "is_main": trainer.is_main}, resident  # fmt: skip
 
 
@@ -153,7 +153,7 @@ def measure_loader(cfg, warmup: int, window: int) -> dict:
 
     data = check_dataset(cfg.data)
     dataset = build_dataset(ultralytics_args(cfg, cfg.data), data, "train", cfg.batch, 32)
-    loader = build_train_loader(dataset, cfg, rank=0, world=1, use_cuda=False)
+    loader = build_train_loader(dataset, cfg, cfg.batch, rank=0, world=1, use_cuda=False)
     times = []
     for _ in loader:
         times.append(time.perf_counter())
@@ -302,7 +302,10 @@ def bench(cfg, opts) -> dict:
         # environment it expects (DeepSpeed needs one even for a single GPU).
         launcher = [sys.executable] if not kind.startswith("loop-") else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(_free_port())]
-        cmd = [*launcher, "-m", "yoloscale", "bench", *opts.settings, f"data={cfg.data}", *opts.flags, "--only", kind]
+        # the per-device batch stays what one GPU runs: several GPUs measure weak scaling
+        per_device = [f"device_batch={cfg.device_batch or cfg.batch}"] if kind.startswith("loop-") else []
+        cmd = [*launcher, "-m", "yoloscale", "bench", *opts.settings, f"data={cfg.data}", *per_device, *opts.flags,
+               "--only", kind]  # fmt: skip
         t = time.time()
         with open(opts.out / f"{kind}.log", "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "YOLO_OFFLINE": "1"}).returncode

@@ -23,6 +23,7 @@ from yoloscale import backend
 from yoloscale.errors import UserError
 
 MARKER = "COMPLETE"
+KEEP = "KEEP"  # a checkpoint that save_period keeps: never removed by the rotation
 
 
 @dataclass
@@ -33,12 +34,14 @@ class TrainerState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed by each rank (the data position)
     micro_step: int = 0  # micro-batches consumed since the start of training (Ultralytics' `ni`)
     optimizer_steps: int = 0
+    last_opt_step: int = -1  # micro_step of the last optimizer step (Ultralytics' last_opt_step)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
     ema_updates: int = 0
     best_fitness: float = -1.0
+    best_epoch: int = 0  # epochs completed when the best fitness was reached (early stopping's reference)
+    early_stopped: bool = False
     world_size: int = 1
-    batch: int = 0
-    accumulate: int = 1
+    batch: int = 0  # per-device batch
     backend: str = "ddp"
 
 
@@ -57,8 +60,10 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, ema_state: dict | None, keep: int = 1) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint folder."""
+def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, ema_state: dict | None, keep: int = 1,
+                    keep_this: bool = False) -> Path:  # fmt: skip
+    """Collective: every rank must call it. Returns the final checkpoint folder. The newest `keep` checkpoints stay,
+    and those saved with `keep_this` (save_period)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{state.optimizer_steps:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -71,6 +76,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, ema_state: 
         if ema_state is not None:
             save_weights(ema_state, tmp / "ema.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        if keep_this:
+            (tmp / KEEP).touch()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / MARKER, "w") as f:
@@ -82,7 +89,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, ema_state: 
         os.replace(tmp, final)
         _fsync_dir(root)
         for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not (old / KEEP).exists():
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -110,7 +118,7 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, backend_name: str,
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, backend_name: str, group_names: list[list[str]],
                     check=None) -> tuple[TrainerState, dict | None]:  # fmt: skip
     """Restore model, optimizer and RNG states in place (from any backend and world size: backend.load_state);
     return our counters and the EMA state dict (if saved).
@@ -118,13 +126,15 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, backend_name: str
     `check(state)` runs before anything is loaded, so a checkpoint this run cannot take (e.g. saved mid-epoch with
     another global batch) is refused with its own message instead of failing inside the loader."""
     try:
-        state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
     except Exception as e:
         raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if check is not None:
         check(state)
     try:
-        backend.load_state(accelerator, ckpt, state.backend, state.world_size, backend_name, model, optimizer)
+        backend.load_state(accelerator, ckpt, state.backend, state.world_size, backend_name, model, optimizer,
+                           group_names)  # fmt: skip
         ema_file = ckpt / "ema.safetensors"
         ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
     except Exception as e:

@@ -5,8 +5,10 @@ file, then `key=value` overrides from the command line (the Ultralytics habit). 
 that `yoloscale train --help` prints. Unknown keys and bad values raise `UserError` naming the key (and the file)
 and suggesting the closest valid key.
 
-The defaults describe the embedded quick-start run: a small model on the synthetic shapes set at 160 px, which
-trains on a 2-core CPU in a few minutes. For real data pass at least `data=`, `model=` and `imgsz=640`.
+Keys that Ultralytics' trainer also has mean what they mean there, with its defaults (`batch` is the global batch,
+`save_period` counts epochs, `optimizer=auto`, ...); what is ours has its own name (`device_batch`, `save_steps`,
+`backend`, ...). The one exception is the embedded quick start: with `data=synthetic` (the default) and no `imgsz` or
+`epochs` given, a small run at 160 px for 10 epochs, which trains on a 2-core CPU in a few minutes.
 """
 
 from __future__ import annotations
@@ -28,41 +30,48 @@ def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"doc": doc, "choices": choices})
 
 
+OPTIMIZERS = ("auto", "SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop")
+SYNTHETIC_DEFAULTS = {"imgsz": 160, "epochs": 10}  # the embedded quick start: trains on a 2-core CPU in minutes
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _f("yolo11n.yaml", "Ultralytics detection model YAML (yolov8/yolo11/yolo12/yolo26, n..x, -p6) or a path to one.")
+    model: str = _f("yolo11n.yaml", "What to train: a detection model YAML (yolov8/yolo11/yolo12/yolo26, n..x, -p6, or a path), or a local Ultralytics .pt (its architecture and weights: fine-tuning, as in Ultralytics).")
     data: str = _f("synthetic", "Ultralytics data.yaml, or 'synthetic' for the built-in shapes set (generated on first use).")
-    weights: str = _f("", "Initial weights: a local Ultralytics .pt (trusted sources only: it is a pickle) or our .safetensors.")
-    imgsz: int = _f(160, "Train/val image size in pixels (160 suits the synthetic set; use 640 or more for real data).")
+    weights: str = _f("", "Initial weights for a model YAML: a local Ultralytics .pt (trusted sources only: it is a pickle) or our .safetensors; tensors are matched by name and shape.")
+    trust_pickle: bool = _f(False, "Allow a .pt (model= or weights=) that a weights-only load refuses to be read as a full pickle, which can run code: only for files from a trusted source.")
+    imgsz: int = _f(640, "Train/val image size in pixels (Ultralytics' 640); with data=synthetic and no imgsz given, 160.")
     # --- run directory and resume
     project: str = _f("runs", "Folder that holds run directories.")
     name: str = _f("", "Run directory name under project; empty picks train, train2, ... An existing run is never overwritten.")
     resume: str = _f("", "'' for a fresh run, 'auto' for the latest complete checkpoint of project/name, or a checkpoint/run path.")
-    # --- schedule
-    epochs: int = _f(10, "Number of training epochs.")
-    batch: int = _f(16, "Images per device per micro-step (per GPU; global batch = batch x devices x accumulate).")
-    accumulate: int = _f(0, "Micro-steps per optimizer step; 0 = Ultralytics' rule max(round(nbs / (batch x devices)), 1).")
-    nbs: int = _f(64, "Nominal batch size: lr0 and weight_decay are tuned for this global batch.")
-    lr_scaling: str = _f("linear", "How lr follows the global batch: 'linear' (lr = lr0 x global/nbs, Ultralytics' behaviour) or 'none'.", ("linear", "none"))
-    optimizer: str = _f("SGD", "Optimizer: SGD (Nesterov) or AdamW.", ("SGD", "AdamW"))
-    lr0: float = _f(0.01, "Initial learning rate at the nominal batch size.")
+    # --- schedule (Ultralytics' meanings and defaults)
+    epochs: int = _f(100, "Number of training epochs (Ultralytics' 100); with data=synthetic and no epochs given, 10.")
+    patience: int = _f(100, "Stop after this many epochs without a better validation fitness (Ultralytics' early stopping); 0 disables.")
+    batch: int = _f(16, "Global batch: images per micro-step over all devices, split evenly between them (Ultralytics' meaning).")
+    device_batch: int = _f(0, "Images per device per micro-step; 0 = batch / devices. When set it wins: the global batch is device_batch x devices.")
+    accumulate: int = _f(0, "Micro-steps per optimizer step; 0 = Ultralytics' rule max(round(nbs / batch), 1), ramped up from 1 during warmup.")
+    nbs: int = _f(64, "Nominal batch size: weight_decay is scaled by batch x accumulate / nbs (Ultralytics).")
+    optimizer: str = _f("auto", "Optimizer, Ultralytics' choices: auto picks AdamW (lr0 = 0.002 x 5 / (4 + nc), momentum 0.9) for runs of at most 10,000 iterations, else MuSGD (lr0 0.01, momentum 0.9), and sets warmup_bias_lr=0; or SGD (Nesterov), MuSGD, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop with lr0/momentum as given.", OPTIMIZERS)
+    lr0: float = _f(0.01, "Initial learning rate (ignored under optimizer=auto, which chooses it).")
     lrf: float = _f(0.01, "Final learning rate as a fraction of lr0.")
     cos_lr: bool = _f(False, "Cosine instead of linear learning-rate decay.")
-    momentum: float = _f(0.937, "SGD momentum / AdamW beta1.")
-    weight_decay: float = _f(0.0005, "Weight decay on conv/linear weights (never on BatchNorm or biases).")
-    warmup_epochs: float = _f(3.0, "Warmup length in epochs (linear lr ramp, falling bias lr, rising momentum).")
+    momentum: float = _f(0.937, "SGD momentum / Adam beta1 (ignored under optimizer=auto).")
+    weight_decay: float = _f(0.0005, "Weight decay on conv/linear weights (never on BatchNorm or biases), scaled by batch x accumulate / nbs.")
+    warmup_epochs: float = _f(3.0, "Warmup length in epochs (linear lr ramp, falling bias lr, rising momentum and accumulate).")
     warmup_momentum: float = _f(0.8, "Momentum at the start of warmup.")
-    warmup_bias_lr: float = _f(0.1, "Bias learning rate at the start of warmup.")
+    warmup_bias_lr: float = _f(0.1, "Bias learning rate at the start of warmup (optimizer=auto sets 0).")
     grad_clip: float = _f(10.0, "Max gradient norm (Ultralytics uses 10.0); 0 disables clipping.")
     max_bad_steps: int = _f(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient norm.")
     ema: bool = _f(True, "Keep an exponential moving average of the weights (Ultralytics' ModelEMA); validation/export use it.")
     ema_decay: float = _f(0.9999, "EMA maximum decay.")
     ema_tau: float = _f(2000.0, "EMA decay ramp time constant, in optimizer steps.")
     # --- precision and devices
-    precision: str = _f("auto", "Mixed precision: auto (bf16 on a CUDA GPU that supports it, else fp32), bf16, fp16 (dynamic loss scaling) or fp32.", ("auto", "bf16", "fp16", "fp32"))
+    precision: str = _f("auto", "Mixed precision: auto (fp16 with dynamic loss scaling on a CUDA GPU, Ultralytics' AMP; bf16 where fp16 is not supported; fp32 on the CPU), fp16, bf16 or fp32.", ("auto", "bf16", "fp16", "fp32"))
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under multi-GPU (CUDA) training.")
+    cudnn_benchmark: bool = _f(True, "Let cuDNN autotune the training convolutions (each new input shape costs one autotuning pass; validation never autotunes its many rectangular shapes).")
     channels_last: bool = _f(True, "Feed the input batch as channels_last on CUDA (parameters stay contiguous).")
     compile: bool = _f(False, "torch.compile the training model in place (backend=ddp, grad_ckpt=off). yolo11x on one GPU: 2.8-4.1 min of compilation in the first step, then 1.06-1.12x eager's speed in bf16, none in fp16, 25% less peak memory (docs/benchmarks.md).")
     seed: int = _f(0, "Random seed (model init, data order).")
@@ -74,7 +83,7 @@ class TrainConfig:
     reshard_after_forward: bool = _f(True, "fsdp: free gathered parameters after each layer's forward (less memory, one more all-gather in backward).")
     ds_config: str = _f("", "zero1/2/3: a DeepSpeed JSON to start from instead of ds_configs/zero<N>.json; fields we own must agree.")
     # --- data loading
-    workers: int = _f(2, "Data loader worker processes per device.")
+    workers: int = _f(8, "Data loader worker processes per device (Ultralytics' 8), at most the CPU count; validation uses twice as many.")
     pin_memory: bool = _f(True, "Pinned host memory for faster host-to-GPU copies (ignored on CPU).")
     persistent_workers: bool = _f(True, "Keep loader workers alive between epochs.")
     cache: str = _f("", "Cache decoded images: '' (no), 'ram' or 'disk' (Ultralytics' cache).", ("", "ram", "disk"))
@@ -101,7 +110,8 @@ class TrainConfig:
     # --- validation, checkpoints, logging
     val: bool = _f(True, "Validate (mAP50, mAP50-95 on the EMA weights) at the end of every epoch; the final epoch always validates.")
     val_batch: int = _f(0, "Validation batch per device; 0 = 2 x batch.")
-    save_period: int = _f(0, "Also save a resumable checkpoint every N optimizer steps (0: only at epoch ends).")
+    save_period: int = _f(-1, "Keep the epoch-end checkpoint of every N-th epoch and write weights/epochN.pt (Ultralytics' meaning); < 1 disables.")
+    save_steps: int = _f(0, "Also save a resumable checkpoint every N optimizer steps (0: only at epoch ends).")
     log_interval: int = _f(10, "Optimizer steps between progress/metric updates (after warmup, the loop's only host syncs of its own).")
     plots: bool = _f(True, "Write results.png (training curves) at the end.")
     wandb: str = _f("off", "Weights & Biases logging: off, offline (no key needed) or online.", ("off", "offline", "online"))
@@ -116,6 +126,9 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Ultralytics' keys that are spelled differently here: named in the "unknown key" message (not accepted as aliases).
+ULTRALYTICS_SPELLINGS = {"amp": "precision", "device": "cpu=True, or the launcher's process count",
+                         "exist_ok": "resume=auto, or a new name=", "freeze": "weights= (freezing is not supported)"}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -130,6 +143,8 @@ def field_help() -> list[tuple[str, str, str]]:
 
 
 def _suggest(key: str) -> str:
+    if key in ULTRALYTICS_SPELLINGS:
+        return f" Ultralytics' '{key}' is {ULTRALYTICS_SPELLINGS[key]} here."
     close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else " Run 'yoloscale train --help' for the list of keys."
 
@@ -158,6 +173,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: key '{key}' expects {typ.__name__}, got {value!r}.")
     value = typ(value)
     choices = FIELDS[key].metadata["choices"]
+    if key == "optimizer":  # case-insensitive, as in Ultralytics (sgd, adamw, ...)
+        value = {c.lower(): c for c in choices}.get(str(value).lower(), value)
     if choices and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.3)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -170,7 +187,8 @@ def _validate(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"key '{key}' must be > 0, got {getattr(cfg, key)}.")
-    for key in ("accumulate", "workers", "save_period", "val_batch", "close_mosaic", "grad_clip", "lr0"):
+    for key in ("accumulate", "device_batch", "workers", "save_steps", "patience", "val_batch", "close_mosaic", "grad_clip",
+                "lr0"):
         if getattr(cfg, key) < 0:
             raise UserError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}.")
     from yoloscale.grad_ckpt import parse_selection
@@ -192,6 +210,8 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.compile and (cfg.backend != "ddp" or parse_selection(cfg.grad_ckpt) != "off"):
         raise UserError(f"compile=True is supported with backend=ddp and grad_ckpt=off only (got backend={cfg.backend}, "
                         f"grad_ckpt={cfg.grad_ckpt}): the other combinations are not tested.")
+    if cfg.weights and cfg.model.endswith(".pt"):
+        raise UserError(f"model='{cfg.model}' already carries its weights; leave weights= empty (or give a model YAML).")
     if cfg.imgsz % 32:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
 
@@ -226,6 +246,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         values.update({k: _coerce(k, v, f"config file '{path}'") for k, v in loaded.items()})
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
     values.update({k: _coerce(k, v, "command line") for k, v in items})
+    if values.get("data", FIELDS["data"].default) == "synthetic":
+        values = {**SYNTHETIC_DEFAULTS, **values}
     cfg = TrainConfig(**values)
     _validate(cfg)
     return cfg

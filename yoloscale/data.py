@@ -24,7 +24,7 @@ _ULTRALYTICS_KEYS = (
     "imgsz", "cache", "close_mosaic", "mosaic", "mixup", "cutmix", "copy_paste", "hsv_h", "hsv_s", "hsv_v", "degrees",
     "translate", "scale", "shear", "perspective", "flipud", "fliplr", "box", "cls", "dfl", "batch", "epochs",
     "optimizer", "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
-    "nbs", "cos_lr", "seed", "workers",
+    "nbs", "cos_lr", "seed", "workers", "patience",
 )  # fmt: skip
 
 
@@ -118,15 +118,16 @@ def build_dataset(args: SimpleNamespace, data: dict, split: str, batch: int, str
     return dataset
 
 
-def build_train_loader(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, use_cuda: bool) -> DataLoader:
-    """A DataLoader over a ShardSampler with Ultralytics' collate and worker seeding."""
+def build_train_loader(dataset: Dataset, cfg: TrainConfig, batch: int, rank: int, world: int,
+                       use_cuda: bool) -> DataLoader:  # fmt: skip
+    """A DataLoader of `batch` images per step over a ShardSampler, with Ultralytics' collate and worker seeding."""
     from ultralytics.data.build import seed_worker
 
     sampler = ShardSampler(dataset, rank, world, shuffle=True, seed=cfg.seed)
     workers = min(cfg.workers, os.cpu_count() or 1)
     return DataLoader(
         dataset,
-        batch_size=cfg.batch,
+        batch_size=batch,
         sampler=sampler,
         num_workers=workers,
         pin_memory=cfg.pin_memory and use_cuda,
@@ -139,12 +140,13 @@ def build_train_loader(dataset: Dataset, cfg: TrainConfig, rank: int, world: int
     )
 
 
-def build_val_loader(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, use_cuda: bool) -> DataLoader:
-    """Ultralytics' own validation loader: rectangular batches, and under several processes its contiguous,
-    batch-aligned shards that its validator gathers back together."""
+def build_val_loader(dataset: Dataset, cfg: TrainConfig, device_batch: int, rank: int, world: int,
+                     use_cuda: bool) -> DataLoader:  # fmt: skip
+    """Ultralytics' own validation loader (2 x the batch and 2 x the workers, as its trainer): rectangular batches,
+    and under several processes its contiguous, batch-aligned shards that its validator gathers back together."""
     from ultralytics.data.build import build_dataloader
 
-    batch = cfg.val_batch or 2 * cfg.batch
+    batch = cfg.val_batch or 2 * device_batch
     device = "cuda" if use_cuda else "cpu"
-    return build_dataloader(dataset, batch, cfg.workers, shuffle=False, rank=rank if world > 1 else -1,
+    return build_dataloader(dataset, batch, 2 * cfg.workers, shuffle=False, rank=rank if world > 1 else -1,
                             pin_memory=cfg.pin_memory, device=device)  # fmt: skip

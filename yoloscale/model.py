@@ -1,41 +1,88 @@
-"""Model: an Ultralytics DetectionModel from any detection YAML, with `nc` from the data and optional local weights."""
+"""Model: an Ultralytics DetectionModel from a detection YAML or from a local Ultralytics .pt (its architecture and
+weights, as `yolo train model=yolo11x.pt` fine-tunes), with `nc` from the data; and initial weights from a file."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from yoloscale.errors import UserError
 
+log = logging.getLogger("yoloscale")
+# The classification outputs of Detect (v8/11/12 cv3.i.2; YOLO26's one2one_cv3 too) change shape with the class
+# count: a mismatch there is the expected one when fine-tuning on other classes.
+_CLASS_HEAD = re.compile(r"(^|\.)(one2one_)?cv3\.\d+\.2\.")
 
-def build_model(model_yaml: str, nc: int, names: dict[int, str], args: SimpleNamespace, verbose: bool = False):
-    """Build a DetectionModel; `args` (Ultralytics' namespace) carries the loss gains the criterion reads."""
+
+def model_spec(model: str, trust_pickle: bool = False) -> str | dict:
+    """What DetectionModel is built from: the YAML name/path, or the architecture dict stored in a .pt."""
+    if str(model).endswith(".pt"):
+        return read_ultralytics_pt(model, trust_pickle)[0]
+    if not str(model).endswith((".yaml", ".yml")):
+        raise UserError(f"model '{model}' must be a model YAML (e.g. yolo11n.yaml) or a local Ultralytics .pt.")
+    return model
+
+
+def build_model(spec: str | dict, nc: int, names: dict[int, str], args: SimpleNamespace, verbose: bool = False):
+    """A DetectionModel from a YAML name/path or an architecture dict; `args` (Ultralytics' namespace) carries the
+    loss gains the criterion reads."""
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
-    if not str(model_yaml).endswith((".yaml", ".yml")):
-        raise UserError(f"model '{model_yaml}' must be a model YAML (e.g. yolo11n.yaml); start from a .pt with weights=.")
+    what = spec if isinstance(spec, str) else f"the architecture in {spec.get('yaml_file', 'the .pt')}"
     try:
-        cfg = yaml_model_load(model_yaml)  # resolves bundled names like 'yolo11x.yaml' to their scale
+        cfg = yaml_model_load(spec) if isinstance(spec, str) else dict(spec)  # bundled names -> their scale
         model = DetectionModel(cfg, nc=nc, verbose=verbose)
     except FileNotFoundError:
-        raise UserError(f"model YAML '{model_yaml}' not found (neither a file nor an Ultralytics model name).") from None
+        raise UserError(f"model YAML '{spec}' not found (neither a file nor an Ultralytics model name).") from None
     except Exception as e:
-        raise UserError(f"model YAML '{model_yaml}' could not be built: {e}") from None
+        raise UserError(f"model {what!r} could not be built: {e}") from None
     if not hasattr(model.model[-1], "stride") or not hasattr(model, "stride"):
-        raise UserError(f"model YAML '{model_yaml}' is not a detection model.")
+        raise UserError(f"model {what!r} is not a detection model.")
     model.names = names
     model.args = args
     return model
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> int:
-    """Copy matching tensors from a local file into `model`; returns how many were copied.
+def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(architecture dict, fp32 state dict) of a local Ultralytics checkpoint. `.pt` files are pickles: read with
+    `torch.load(weights_only=True)` and Ultralytics' allow-list of its own model classes (its `safe_only` load);
+    a file that needs anything else is refused unless `trust_pickle=True`, which runs the full pickle."""
+    from ultralytics.nn.tasks import torch_safe_load
 
-    `.safetensors` is read with safetensors. Ultralytics `.pt` files are pickles: they are loaded with Ultralytics'
-    own loader and must come from a trusted source. Nothing is ever downloaded.
-    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"'{path}' not found (nothing is downloaded: give a local .pt, or a model YAML).")
+    try:
+        ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    except Exception as e:
+        if not trust_pickle:
+            raise UserError(f"'{path}' is not a plain Ultralytics checkpoint (a weights-only load refused it: "
+                            f"{_first_line(e)}); if you trust its source, pass trust_pickle=True.") from None
+        log.warning("yoloscale: loading '%s' as a full pickle (trust_pickle=True): it can run code", path)
+        try:
+            ckpt, _ = torch_safe_load(str(path), safe_only=False)
+        except Exception as e2:
+            raise UserError(f"'{path}' could not be read as an Ultralytics checkpoint: {_first_line(e2)}") from None
+    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "yaml", None), dict):
+        raise UserError(f"'{path}' holds no Ultralytics model (expected 'ema' or 'model' with its YAML).")
+    return dict(model.yaml), {k: v.float() for k, v in model.state_dict().items()}
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split("\n")[0].replace("❌", "").split())[:300]
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, trust_pickle: bool = False) -> str:
+    """Copy the tensors of a local file into `model` by name and shape; returns a one-line report.
+
+    Nothing matching is an error, and so is a tensor whose name matches but whose shape does not, except in the
+    classification outputs (a new class count: a warning naming how many were left at their initial values)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file '{path}' not found.")
@@ -47,16 +94,28 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> int:
         except Exception as e:
             raise UserError(f"weights file '{path}' is not a readable safetensors file: {e}") from None
     elif path.suffix == ".pt":
-        from ultralytics.nn.tasks import load_checkpoint
-
-        try:
-            weights, _ = load_checkpoint(str(path))
-        except Exception as e:
-            raise UserError(f"weights file '{path}' could not be loaded as an Ultralytics checkpoint: {e}") from None
-        state = weights.float().state_dict()
+        state = read_ultralytics_pt(path, trust_pickle)[1]
     else:
         raise UserError(f"weights file '{path}' must be .safetensors or an Ultralytics .pt.")
+    return load_matching(model, state, str(path))
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, Any], source: str) -> str:
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and k not in matched}
+    head = sorted(k for k in wrong if _CLASS_HEAD.search(k))
+    other = sorted(set(wrong) - set(head))
+    if not matched:
+        raise UserError(f"weights '{source}': none of its {len(state)} tensors matches this model by name and "
+                        "shape (another architecture?).")  # fmt: skip
+    if other:
+        k = other[0]
+        raise UserError(f"weights '{source}': tensor '{k}' has shape {wrong[k][0]}, the model {wrong[k][1]} "
+                        f"({len(other)} such outside the classification head): another architecture or scale.")  # fmt: skip
     model.load_state_dict(matched, strict=False)
-    return len(matched)
+    report = f"weights '{source}': {len(matched)} of {len(own)} tensors loaded"
+    if head:
+        report += f"; {len(head)} classification-head tensors kept at their initial values (another class count)"
+    missing = len(own) - len(matched) - len(head)
+    return report + (f"; {missing} not in the file" if missing else "")

@@ -66,6 +66,12 @@ def write_run_info(run: Path, info: dict[str, Any]) -> None:
     (run / "run_info.json").write_text(json.dumps(info, indent=1))
 
 
+def update_run_info(run: Path, **values: Any) -> None:
+    path = run / "run_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    write_run_info(run, {**info, **values})
+
+
 def read_run_info(run: Path) -> dict[str, Any]:
     path = Path(run) / "run_info.json"
     if not path.is_file():

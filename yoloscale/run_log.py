@@ -14,6 +14,15 @@ from typing import Any, Iterable
 from yoloscale.config import TrainConfig
 
 
+def seconds_since_start() -> float:
+    """Wall-clock seconds since this process started (what a user measures from the command)."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 class RunLog:
     def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -57,12 +66,7 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv_row(self.csv_path, row)
         shown = {k: v for k, v in row.items() if k.startswith(("val/mAP", "train/", "img_s"))}
         self.message("  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
         if self.wandb is not None:
@@ -75,6 +79,28 @@ class RunLog:
             plot_metrics(self.csv_path, self.png_path)
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def append_csv_row(path: Path, row: dict[str, Any]) -> None:
+    """Append a row; when it brings new columns (validation metrics after epochs without validation), rewrite the
+    file with the widened header, atomically, so every row stays under its own column names."""
+    rows, fields = [], list(row)
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader.fieldnames or [])
+            if set(fields) <= set(old):
+                with open(path, "a", newline="") as out:
+                    csv.DictWriter(out, fieldnames=old).writerow(row)
+                return
+            rows = list(reader)
+        fields = old + [k for k in fields if k not in old]
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows([*rows, row])
+    tmp.replace(path)
 
 
 def _fmt(v: Any) -> str:

@@ -8,6 +8,7 @@ handful of trainer attributes; `_TrainerView` provides exactly those.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,18 +43,27 @@ class Validator:
         self.validator = DetectionValidator(dataloader=loader, save_dir=run_dir / "val", args=val_args)
         self.data, self.world = data, world
 
-    def __call__(self, model: nn.Module, device: torch.device, loss_names: tuple[str, ...]) -> dict[str, float]:
+    def __call__(self, model: nn.Module, device: torch.device, loss_names: tuple[str, ...],
+                 half: bool = False) -> dict[str, float]:  # fmt: skip
         """mAP50, mAP50-95, precision, recall, fitness (Ultralytics' 0.1 x mAP50 + 0.9 x mAP50-95) and val losses.
+        `half`: in fp16, as Ultralytics' trainer validates an AMP run (on a copy: its validator casts the model).
 
         Collective under several processes; every rank gets the same dict (rank 0's, broadcast).
         """
         was_training = model.training
+        target = copy.deepcopy(model) if half else model
         view = _TrainerView(
-            device=device, data=self.data, amp=False, world_size=self.world, epoch=0, epochs=1,
-            ema=SimpleNamespace(ema=model), stopper=SimpleNamespace(possible_stop=False),
+            device=device, data=self.data, amp=half, world_size=self.world, epoch=0, epochs=1,
+            ema=SimpleNamespace(ema=target), stopper=SimpleNamespace(possible_stop=False),
             loss_items={k: torch.zeros((), device=device) for k in loss_names},
         )  # fmt: skip
-        results = self.validator(trainer=view)
+        # Validation batches are rectangular, of many shapes: cuDNN autotuning them cost 25-32 s in the first
+        # validation of a yolo11x run on one H200 (its heuristics' choice, ~5 s)
+        benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        try:
+            results = self.validator(trainer=view)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         model.train(was_training)
         if self.world > 1:
             box = [results]

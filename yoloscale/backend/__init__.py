@@ -10,6 +10,7 @@ zero_reshard.py) resumes a checkpoint on another backend, or a ZeRO checkpoint o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from datetime import timedelta
@@ -46,10 +47,13 @@ def distributed_env_from_slurm(env: dict | None = None) -> None:
 
 
 def resolve_precision(cfg: TrainConfig, use_cuda: bool) -> str:
-    """'auto' -> bf16 on a CUDA GPU that supports it (no loss scaling to go wrong), fp32 on the CPU (CPU autocast is
-    slower than fp32). fp16 may be faster on some GPUs: see docs/benchmarks.md."""
+    """'auto' -> fp16 with dynamic loss scaling on a CUDA GPU (Ultralytics' AMP default, and the fastest setting
+    measured: docs/benchmarks.md), bf16 where this backend cannot scale an fp16 loss (FSDP2 with offload=params),
+    fp32 on the CPU (CPU autocast is slower than fp32)."""
     if cfg.precision == "auto":
-        return "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if not use_cuda:
+            return "fp32"
+        return "bf16" if cfg.backend == "fsdp" and cfg.offload == "params" else "fp16"
     if cfg.precision == "fp16" and not use_cuda:
         raise UserError("precision=fp16 needs a CUDA GPU (loss scaling is CUDA-only); use bf16 or fp32 on the CPU.")
     return cfg.precision
@@ -79,8 +83,9 @@ def check_launcher_agreement(cfg: TrainConfig, env: dict | None = None) -> None:
                         f"(ACCELERATE_MIXED_PRECISION) but our configuration says precision={cfg.precision}.")
 
 
-def build_accelerator(cfg: TrainConfig, accumulate: int):
-    """An Accelerator for the configured backend with our precision and gradient accumulation."""
+def build_accelerator(cfg: TrainConfig, device_batch: int):
+    """An Accelerator for the configured backend and precision. Accumulation is ours (`micro_step`): Accelerate and
+    DeepSpeed see one micro-step per step, and we tell them which micro-steps end an accumulation window."""
     from accelerate import Accelerator
     from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, GradScalerKwargs,
                                   InitProcessGroupKwargs)  # fmt: skip
@@ -91,8 +96,6 @@ def build_accelerator(cfg: TrainConfig, accumulate: int):
     if cfg.backend != "ddp" and not use_cuda:
         raise UserError(f"backend={cfg.backend} needs CUDA GPUs (Accelerate runs FSDP and DeepSpeed on GPUs only); "
                         "use backend=ddp on the CPU.")
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True  # training shapes are fixed (imgsz x imgsz): autotune convolutions once
     kwargs = [
         # YOLO uses every parameter in every step. Buffers (BN running stats) are broadcast from rank 0 at each
         # forward, as in Ultralytics' DDP, so every rank's EMA sees the same statistics.
@@ -110,11 +113,11 @@ def build_accelerator(cfg: TrainConfig, accumulate: int):
         from yoloscale.backend.deepspeed import deepspeed_plugin
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        plugins["deepspeed_plugin"] = deepspeed_plugin(cfg, precision, accumulate, world)
+        plugins["deepspeed_plugin"] = deepspeed_plugin(cfg, precision, device_batch, world)
         precision = "fp32"  # for Accelerate: DeepSpeed's torch_autocast section does the mixed precision
-    # sync_with_dataloader=False: we count micro-steps ourselves and accumulate across epoch boundaries like
-    # Ultralytics; Accelerate skips the gradient all-reduce on every non-final micro-step (no_sync).
-    plugin = GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False)
+    # num_steps=1: Accelerate neither divides the loss nor counts micro-steps; `micro_step` says which micro-steps end
+    # an accumulation window (Ultralytics' warmup changes their number as it goes).
+    plugin = GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False)
     acc = Accelerator(
         cpu=not use_cuda,
         mixed_precision={"fp32": "no"}.get(precision, precision),
@@ -125,6 +128,21 @@ def build_accelerator(cfg: TrainConfig, accumulate: int):
     )
     acc.yoloscale_precision = resolve_precision(cfg, use_cuda)  # what the run computes in, for the log
     return acc
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP's or DeepSpeed's wrapper (FSDP2 shards the model in place). Not Accelerate's
+    unwrap_model: it imports DeepSpeed to check for an engine, a second or more of a DDP run's start-up."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def micro_step(accelerator, model: nn.Module, sync: bool):
+    """One forward/backward. `sync=False`: gradients accumulate locally (DDP/FSDP2 skip their reduction, DeepSpeed
+    is told this is not an accumulation boundary); `sync=True`: they are reduced, and DeepSpeed steps in backward."""
+    accelerator.sync_gradients = sync  # read by Accelerate's optimizer wrapper and its DeepSpeed backward
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        yield
 
 
 def wrap_model(accelerator, cfg: TrainConfig, model: nn.Module) -> nn.Module:
@@ -167,13 +185,25 @@ def fused_optimizer(cfg: TrainConfig) -> bool:
 
 
 def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
-    """Accelerate's prepare; autocast around an FSDP2 model's forward; then zero SGD's momentum buffers where our
-    optimizer steps itself (optim.py says why)."""
+    """Accelerate's prepare; the shard layout for MuSGD on FSDP2/ZeRO; autocast around an FSDP2 model's forward; then
+    zero SGD's momentum buffers where our optimizer steps itself (optim.py says why)."""
     from accelerate.utils import get_mixed_precision_context_manager
 
     from yoloscale.optim import init_momentum_buffers
 
+    from yoloscale.musgd import ShardedMuSGD
+
     model, optimizer = accelerator.prepare(model, optimizer)
+    inner = optimizer.optimizer  # the torch optimizer; under DeepSpeed its ZeRO optimizer, which wraps ours
+    if isinstance(getattr(inner, "optimizer", inner), ShardedMuSGD):  # where each rank's pieces of the weights are
+        if accelerator.distributed_type == "DEEPSPEED":
+            from yoloscale.backend.deepspeed import ZeroLayout
+
+            inner.optimizer.layout = ZeroLayout(inner)
+        else:
+            from yoloscale.backend.fsdp import DTensorLayout
+
+            inner.layout = DTensorLayout()
     if accelerator.is_fsdp2 and accelerator.native_amp:
         # Accelerate wraps the forward in autocast for DDP, but its FSDP2 path leaves mixed precision to FSDP2's
         # param_dtype, which we do not use (it would cast BatchNorm). Without this, FSDP computed in fp32: 0.59x DDP's
@@ -205,7 +235,8 @@ def autocast_forward(model: nn.Module, autocast) -> None:
     model.forward = MethodType(convert_outputs_to_fp32(autocast(forward) if autocast else forward), model)
 
 
-def load_state(accelerator, ckpt, saved_backend: str, saved_world: int, backend: str, model, optimizer) -> None:
+def load_state(accelerator, ckpt, saved_backend: str, saved_world: int, backend: str, model, optimizer,
+               group_names: list[list[str]]) -> None:  # fmt: skip
     """Restore model, optimizer and RNG states from a checkpoint of any backend and world size: Accelerate's own
     load_state where it can (same backend; ZeRO also the same world size), whole tensors otherwise (full_state.py)."""
     zero_resized = backend.startswith("zero") and saved_world != accelerator.num_processes
@@ -214,7 +245,7 @@ def load_state(accelerator, ckpt, saved_backend: str, saved_world: int, backend:
     else:
         from yoloscale.backend.full_state import load_foreign
 
-        load_foreign(accelerator, ckpt, saved_backend, model, optimizer)
+        load_foreign(accelerator, ckpt, saved_backend, model, optimizer, group_names)
 
 
 def optimizer_step(accelerator, model: nn.Module, optimizer, max_norm: float) -> torch.Tensor:

@@ -58,15 +58,16 @@ def _own(ds: dict, dotted: str, value: Any, ours: str, source: str) -> None:
                         f"{ours} ({value!r}); make them agree or write \"auto\" in the JSON.")  # fmt: skip
 
 
-def render_ds_config(cfg: TrainConfig, precision: str, accumulate: int, world: int) -> dict:
-    """The DeepSpeed configuration for this run, every field we own filled in and checked."""
+def render_ds_config(cfg: TrainConfig, precision: str, device_batch: int, world: int) -> dict:
+    """The DeepSpeed configuration for this run, every field we own filled in and checked. DeepSpeed's own
+    accumulation stays at 1: the trainer accumulates (Ultralytics' warmup ramps the count) and marks the boundaries."""
     stage = int(cfg.backend.removeprefix("zero"))
     ds, source = _template(cfg, stage)
     ds = copy.deepcopy(ds)
     _own(ds, "zero_optimization.stage", stage, f"backend={cfg.backend}", source)
-    _own(ds, "train_micro_batch_size_per_gpu", cfg.batch, "batch", source)
-    _own(ds, "gradient_accumulation_steps", accumulate, "accumulate", source)
-    _own(ds, "train_batch_size", cfg.batch * accumulate * world, "batch x accumulate x devices", source)
+    _own(ds, "train_micro_batch_size_per_gpu", device_batch, "the per-device batch", source)
+    _own(ds, "gradient_accumulation_steps", 1, "accumulate= (yoloscale accumulates; DeepSpeed's count stays 1)", source)
+    _own(ds, "train_batch_size", device_batch * world, "the global batch (per micro-step)", source)
     _own(ds, "gradient_clipping", float(cfg.grad_clip), "grad_clip", source)
     optimizer_device = "cpu" if cfg.offload in ("optimizer", "params") else "none"
     _own(ds, "zero_optimization.offload_optimizer.device", optimizer_device, f"offload={cfg.offload}", source)
@@ -94,7 +95,7 @@ def render_ds_config(cfg: TrainConfig, precision: str, accumulate: int, world: i
     return ds
 
 
-def deepspeed_plugin(cfg: TrainConfig, precision: str, accumulate: int, world: int):
+def deepspeed_plugin(cfg: TrainConfig, precision: str, device_batch: int, world: int):
     from accelerate.utils import DeepSpeedPlugin
 
     try:
@@ -102,7 +103,7 @@ def deepspeed_plugin(cfg: TrainConfig, precision: str, accumulate: int, world: i
         import transformers  # noqa: F401  (Accelerate's DeepSpeedPlugin imports it)
     except ImportError as e:
         raise UserError(f"backend={cfg.backend} needs DeepSpeed: pip install 'yoloscale[deepspeed]' ({e}).") from None
-    return DeepSpeedPlugin(hf_ds_config=render_ds_config(cfg, precision, accumulate, world))
+    return DeepSpeedPlugin(hf_ds_config=render_ds_config(cfg, precision, device_batch, world))
 
 
 def gather_whole_layers(model) -> list[int]:
@@ -211,3 +212,71 @@ def stage_of_file(path: str) -> int | None:
     except (OSError, json.JSONDecodeError):
         return None
     return stage if isinstance(stage, int) else None
+
+
+class ZeroLayout:
+    """Whole matrices from DeepSpeed ZeRO's flat fp32 partitions, for ShardedMuSGD (musgd.py): one collective per
+    Muon group and step.
+
+    ZeRO-1/2 (DeepSpeed 0.19.8): each parameter's slice of a rank's partition is `param._hp_mapping`
+    (`hp_fragment_address` in the flat partition, `lp_fragment_address` in the flattened parameter; a parameter may
+    straddle ranks or have no slice here). The whole tensors come from an all-reduce of a zeroed buffer into which
+    every rank writes its slices, as DeepSpeed's own `get_full_hp_param` does, once per group.
+    ZeRO-3: every parameter has an equal-size (padded) partition on each rank, at `grad_position` in the sub-group's
+    flat fp32 tensor; one all-gather of the flat tensors gives every partition of every parameter."""
+
+    def __init__(self, zero_optimizer):
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.by_flat: dict[int, tuple] = {}
+        if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+            for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+                entries, offset = [], 0
+                for p in zero_optimizer.bit16_groups[i]:
+                    m = p._hp_mapping  # None: no slice of this parameter in this rank's partition
+                    frag = m and (m.hp_fragment_address.start, m.lp_fragment_address.start, m.lp_fragment_address.numel)
+                    entries.append((tuple(p.shape), offset, p.numel(), frag))
+                    offset += p.numel()
+                self.by_flat[id(flat)] = ("reduce", entries, offset, zero_optimizer.real_dp_process_group[i])
+        else:  # ZeRO-3
+            subgroups: dict[int, list] = {}
+            for group in zero_optimizer.fp16_groups:
+                for p in group:
+                    sub, start, numel = zero_optimizer.grad_position[zero_optimizer.get_param_id(p)]
+                    subgroups.setdefault(sub, []).append((tuple(p.ds_shape), start, numel, p.ds_numel))
+            for sub, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+                self.by_flat[id(flat)] = ("gather", subgroups.get(sub, []), 0, zero_optimizer.dp_process_group)
+
+    def whole(self, params: list[torch.Tensor], local: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch.distributed as dist
+
+        (flat,), (u,) = params, local
+        how, entries, total, group = self.by_flat[id(flat)]
+        if how == "reduce":
+            buf = torch.zeros(total, dtype=u.dtype, device=u.device)
+            for _, offset, _, frag in entries:
+                if frag is not None:
+                    hp, lp, n = frag
+                    buf[offset + lp : offset + lp + n] = u[hp : hp + n]
+            dist.all_reduce(buf, group=group)
+            return [buf[offset : offset + numel].view(shape) for shape, offset, numel, _ in entries]
+        parts = [torch.empty_like(u) for _ in range(self.world)]
+        dist.all_gather(parts, u.contiguous(), group=group)
+        return [torch.cat([part[start : start + n] for part in parts])[:numel].view(shape)
+                for shape, start, n, numel in entries]  # fmt: skip
+
+    def local(self, params: list[torch.Tensor], whole: list[torch.Tensor]) -> list[torch.Tensor]:
+        (flat,) = params
+        how, entries, _, _ = self.by_flat[id(flat)]
+        out = torch.zeros_like(flat)
+        if how == "reduce":
+            for (_, _, _, frag), w in zip(entries, whole):
+                if frag is not None:
+                    hp, lp, n = frag
+                    out[hp : hp + n] = w.flatten()[lp : lp + n]
+            return [out]
+        for (_, start, n, numel), w in zip(entries, whole):
+            padded = torch.nn.functional.pad(w.flatten(), (0, n * self.world - numel))
+            out[start : start + n] = padded[self.rank * n : (self.rank + 1) * n]
+        return [out]

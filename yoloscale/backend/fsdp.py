@@ -107,3 +107,17 @@ def clip_grad_norm_offloaded(parameters, max_norm: float, device: torch.device) 
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch's clip_grads_with_norm_
     torch._foreach_mul_(local, coef.to(local[0].device) if local else coef)
     return norm
+
+
+class DTensorLayout:
+    """Whole matrices from FSDP2's DTensor shards, for ShardedMuSGD (musgd.py): one all-gather per parameter."""
+
+    def whole(self, params: list, local: list[torch.Tensor]) -> list[torch.Tensor]:
+        from yoloscale.backend.tensors import full_tensor
+
+        return [full_tensor(u, p) for p, u in zip(params, local)]
+
+    def local(self, params: list, whole: list[torch.Tensor]) -> list[torch.Tensor]:
+        from yoloscale.backend.tensors import shard_like
+
+        return [shard_like(w, p) for p, w in zip(params, whole)]

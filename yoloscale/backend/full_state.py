@@ -29,12 +29,10 @@ class FullState:
     counters: dict = field(default_factory=dict)  # DeepSpeed's step counters, when DeepSpeed wrote the checkpoint
 
 
-def optimizer_names(model: nn.Module) -> list[list[str]]:
-    """The parameter names of each of our optimizer groups, in the optimizer's order (optim.build_optimizer)."""
-    from yoloscale.optim import param_groups
-
+def optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The parameter names of each group of `optimizer` (as built: before DeepSpeed flattens its groups)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in group] for group in param_groups(model).values()]
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
 def _read_dcp(folder: Path) -> dict:
@@ -63,7 +61,7 @@ def read_weights(ckpt: Path, backend: str) -> dict[str, torch.Tensor]:
 
 
 def read_full_state(ckpt: Path, backend: str, names: list[list[str]]) -> FullState:
-    """The checkpoint folder `ckpt`, written by `backend`, as whole tensors. `names`: optimizer_names(model)."""
+    """The checkpoint folder `ckpt`, written by `backend`, as whole tensors. `names`: optimizer_names()."""
     ckpt = Path(ckpt)
     weights = read_weights(ckpt, backend)
     if backend == "ddp":
@@ -97,13 +95,15 @@ def write_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: F
     set_optimizer_state_dict(model, optimizer, {"state": full.optim, "param_groups": groups}, options=options)
 
 
-def load_foreign(accelerator, ckpt: Path, saved_backend: str, model: nn.Module, optimizer) -> None:
+def load_foreign(accelerator, ckpt: Path, saved_backend: str, model: nn.Module, optimizer,
+                 names: list[list[str]]) -> None:  # fmt: skip
     """Accelerate's load_state for a checkpoint of another layout: model and optimizer through whole tensors, then
     Accelerate's RNG states (and GradScaler, where both runs have one) from its own files."""
     from accelerate.checkpointing import load_accelerator_state
 
-    raw = accelerator.unwrap_model(model)
-    names = optimizer_names(raw)
+    from yoloscale.backend import unwrap
+
+    raw = unwrap(model)
     engine = accelerator.deepspeed_engine_wrapped.engine if accelerator.distributed_type == "DEEPSPEED" else None
     inner = getattr(optimizer, "optimizer", optimizer)
     write_full_state(raw, inner, read_full_state(ckpt, saved_backend, names), names, engine)
