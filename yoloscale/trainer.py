@@ -33,6 +33,8 @@ from yoloscale.run_log import RunLog, seconds_since_start
 from yoloscale.validate import Validator
 
 OOM_RETRIES = 3  # as Ultralytics' trainer
+AUTOTUNE_TIMED = (10, 40)  # cudnn_benchmark=auto times these micro-steps of a process (after the start-up's)
+AUTOTUNE_WORTH_S = 600.0  # ... and autotunes when more training than this is left
 
 
 class LossMeter:
@@ -136,7 +138,9 @@ class Trainer:
         self.ema = ShardedEMA(self.raw_model, decay=cfg.ema_decay, tau=cfg.ema_tau) if cfg.ema else None
         self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), nominal)
         self.channels_last = cfg.channels_last and self.use_cuda
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and self.use_cuda  # validate.py turns it off there
+        # validate.py turns autotuning off for validation; 'auto' decides after timing the first micro-steps
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark == "on" and self.use_cuda
+        self._autotune_clock: list[float] = []
 
         # --- counters, on-device accumulators (read only at the logging interval) ------------------------------
         self.state = TrainerState(world_size=self.world, batch=self.device_batch, backend=cfg.backend)
@@ -229,6 +233,8 @@ class Trainer:
         for batch in bar:
             stepped = self.train_step(batch)
             st.batch_in_epoch += 1
+            if len(self._autotune_clock) <= AUTOTUNE_TIMED[1]:
+                self._maybe_autotune()
             n = batch["img"].shape[0] * self.world
             images, n_log = images + n, n_log + n
             if stepped and self.first_step_s is None:
@@ -298,6 +304,19 @@ class Trainer:
     def _train_loader(self):
         return build_train_loader(self.train_set, self.cfg, self.device_batch, self.accelerator.process_index,
                                   self.world, self.use_cuda)  # fmt: skip
+
+    def _maybe_autotune(self) -> None:
+        """cudnn_benchmark=auto: time micro-steps AUTOTUNE_TIMED of this process; if the rest of the run at that
+        pace is longer than AUTOTUNE_WORTH_S, switch cuDNN's autotuning on (it pays back ~30 s within ~6 min)."""
+        self._autotune_clock.append(time.perf_counter())
+        first, last = AUTOTUNE_TIMED
+        if len(self._autotune_clock) != last + 1 or self.cfg.cudnn_benchmark != "auto" or not self.use_cuda:
+            return
+        per_step = (self._autotune_clock[last] - self._autotune_clock[first]) / (last - first)
+        left = per_step * (self.cfg.epochs * len(self.train_loader) - self.state.micro_step)
+        if left > AUTOTUNE_WORTH_S:
+            torch.backends.cudnn.benchmark = True
+            self.log.message(f"cudnn_benchmark=auto: {left / 60:.0f} min of training left, cuDNN autotuning on")
 
     def _first_step_done(self) -> None:
         self.first_step_s = seconds_since_start()
