@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a single-node Slurm cluster on localhost (Debian's slurm-wlm + munge, as ../shared/NOTES.md describes), for
-# tests/test_slurm.py. Needs root. Safe to run twice.
+# tests/distributed/test_slurm.py. Needs root. Safe to run twice.
 set -euo pipefail
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v shellcheck >/dev/null; then
   apt-get update -qq

@@ -162,10 +162,11 @@ def measure_loader(cfg, warmup: int, window: int) -> dict:
 
 def measure_ultralytics(cfg, out: Path, warmup: int, window: int) -> dict:
     import torch
-    import ultralytics.engine.trainer as ul_trainer
     from ultralytics import YOLO
 
-    ul_trainer.check_amp = lambda model: True  # offline: its check would download yolo26n.pt
+    from yoloscale.compat import offline_ultralytics_trainer
+
+    offline_ultralytics_trainer()
     times: list[float] = []
     model = YOLO(cfg.model)
     model.add_callback("on_train_batch_end", lambda trainer: times.append(time.perf_counter()))

@@ -93,7 +93,7 @@ def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: st
     unless the configuration names one itself (then they must agree)."""
     import yaml
 
-    from yoloscale.backend.deepspeed import stage_of_file
+    from yoloscale.backend.zero import stage_of_file
     from yoloscale.config import parse_override
 
     stage = stage_of_file(ds_file)

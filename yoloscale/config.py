@@ -81,7 +81,7 @@ class TrainConfig:
     grad_ckpt: str = _f("off", "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: yolo11x -63% peak at 1.31x step on an H100), or layer indices like '2-8,10'.")
     grad_ckpt_recompute: str = _f("all", "With grad_ckpt: 'all' recomputes a checkpointed layer's whole forward (least memory); 'cheap' keeps convolution/matmul outputs and recomputes only BatchNorm, activations and concatenations (less recompute on the CPU; on a GPU slower than 'all' and saving less: docs/backends.md).", ("all", "cheap"))
     reshard_after_forward: bool = _f(True, "fsdp: free gathered parameters after each layer's forward (less memory, one more all-gather in backward).")
-    ds_config: str = _f("", "zero1/2/3: a DeepSpeed JSON to start from instead of ds_configs/zero<N>.json; fields we own must agree.")
+    ds_config: str = _f("", "zero1/2/3: a DeepSpeed JSON to start from instead of yoloscale/templates/ds_configs/zero<N>.json; fields we own must agree.")
     # --- data loading
     workers: int = _f(8, "Data loader worker processes per device (Ultralytics' 8), at most the CPU count; validation uses twice as many.")
     pin_memory: bool = _f(True, "Pinned host memory for faster host-to-GPU copies (ignored on CPU).")
@@ -196,22 +196,12 @@ def _validate(cfg: TrainConfig) -> None:
     from yoloscale.grad_ckpt import parse_selection
 
     parse_selection(cfg.grad_ckpt)  # raises UserError naming the key
-    if cfg.offload == "optimizer" and cfg.backend == "fsdp":
-        raise UserError("offload=optimizer is not available with backend=fsdp: FSDP2 offloads parameters, gradients "
-                        "and optimizer state together (offload=params), or use backend=zero2 offload=optimizer.")
-    if cfg.offload == "params" and cfg.backend == "fsdp" and cfg.precision == "fp16":
-        raise UserError("precision=fp16 with backend=fsdp offload=params is not supported: torch's GradScaler "
-                        "all-reduces its overflow check where the gradients are, in CPU memory, which NCCL cannot "
-                        "(2 x H200, torch 2.11, 2026-11-24). Use precision=bf16 with offload, or fp16 without it.")
-    if cfg.offload == "params" and cfg.backend not in ("fsdp", "zero3"):
-        raise UserError(f"offload=params needs backend=fsdp or zero3 (only they shard parameters); got backend={cfg.backend}.")
-    if cfg.offload != "none" and cfg.backend == "ddp":
-        raise UserError("offload needs a sharded backend (fsdp, zero1, zero2, zero3); got backend=ddp.")
-    if cfg.ds_config and not cfg.backend.startswith("zero"):
-        raise UserError(f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend={cfg.backend}; use backend=zero1/2/3.")
-    if cfg.compile and (cfg.backend != "ddp" or parse_selection(cfg.grad_ckpt) != "off"):
-        raise UserError(f"compile=True is supported with backend=ddp and grad_ckpt=off only (got backend={cfg.backend}, "
-                        f"grad_ckpt={cfg.grad_ckpt}): the other combinations are not tested.")
+    if cfg.compile and parse_selection(cfg.grad_ckpt) != "off":
+        raise UserError(f"compile=True is supported with grad_ckpt=off only (got grad_ckpt={cfg.grad_ckpt}): the "
+                        "combination is not tested.")  # fmt: skip
+    from yoloscale import backend
+
+    backend.get(cfg).validate()  # each backend's own rules (offload, sync_bn, compile, ds_config)
     if cfg.weights and cfg.model.endswith(".pt"):
         raise UserError(f"model='{cfg.model}' already carries its weights; leave weights= empty (or give a model YAML).")
     if cfg.imgsz % 32:

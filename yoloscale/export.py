@@ -65,13 +65,14 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     DDP's safetensors, FSDP2's DCP shards or DeepSpeed's ZeRO partitions, consolidated on this machine."""
     import json
 
-    from yoloscale.backend.full_state import read_weights
+    from yoloscale.backend import layout_of
+    from yoloscale.checkpoint.full_state import read_weights
 
     if (ckpt / "ema.safetensors").is_file():
         return load_file(str(ckpt / "ema.safetensors"))
     try:
         backend = json.loads((ckpt / "trainer_state.json").read_text())["backend"]
-        return {k: v.contiguous() for k, v in read_weights(ckpt, backend).items()}
+        return {k: v.contiguous() for k, v in read_weights(ckpt, layout_of(backend)).items()}
     except Exception as e:
         raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
 

@@ -16,7 +16,7 @@ What is recomputed (`grad_ckpt_recompute=`): `all` keeps only each checkpointed 
 forward. `cheap` keeps the outputs of the compute-bound ops (convolutions, matmuls, attention) through torch's
 selective checkpointing and recomputes only the memory-bound ones (BatchNorm, SiLU, concatenations, upsampling,
 pooling, adds). A Conv block saves three tensors for backward (conv output, BatchNorm output, SiLU output); `cheap`
-keeps one. On the CPU (yolo11x, 640 px, batch 2, fp32; tests/grad_ckpt_memory.py, docs/backends.md) the peak grew
+keeps one. On the CPU (yolo11x, 640 px, batch 2, fp32; benchmarks/grad_ckpt_memory.py, docs/backends.md) the peak grew
 by 3.23 GiB without checkpointing, 1.39 GiB with `all` and 1.80 GiB with `cheap`, at 1.41x and 1.13x the step time.
 On a GPU `cheap` lost on both counts (-46% peak at 2.2x, one H200): there half the step is the BatchNorm/SiLU work
 it still recomputes, and its per-op policy costs host time. `grad_ckpt=highres` is the GPU setting that pays.
@@ -34,7 +34,6 @@ import re
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from yoloscale.errors import UserError
@@ -163,7 +162,9 @@ def _running_stats_frozen(layer: nn.Module):
     """BatchNorm momentum 0 during the recomputation: new = 1 x old + 0 x batch, exactly the old statistics, while
     the op itself (and the tensors it saves for backward) stays the same as in the original forward.
     `num_batches_tracked`, counted again by the recomputation, is set back."""
-    norms = [m for m in layer.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    from yoloscale.compat import batchnorm_base
+
+    norms = [m for m in layer.modules() if isinstance(m, batchnorm_base()) and m.track_running_stats]
     saved = [(m, m.momentum) for m in norms]
     for m in norms:
         m.momentum = 0.0

@@ -18,7 +18,7 @@ step, so the per-node launchers are started with SIGUSR1 ignored (its default ac
 with it, the run); the training processes install their own handler.
 
 `--generic` writes a reusable template instead: the training arguments come from the sbatch command line
-(`sbatch FILE.sbatch my.yaml name=exp1`) and a requeued job resumes with `resume=auto`. launch/slurm/ holds those.
+(`sbatch FILE.sbatch my.yaml name=exp1`) and a requeued job resumes with `resume=auto`. yoloscale/templates/launch/slurm/ holds those.
 
 Every value that reaches the script is validated and shell-quoted, so a configuration value containing `$(...)`,
 `;`, quotes or newlines stays literal.
@@ -176,7 +176,7 @@ def render_sbatch(cfg_file: str | None, overrides: list[str], nodes: int, gpus_p
 def render_generic(launcher: str, nodes: int, gpus_per_node: int, tasks_per_node: int = 1, cpus_per_task: int = 8,
                    time_limit: str = "24:00:00", signal_lead: int = 90, partition: str = "",
                    account: str = "") -> str:  # fmt: skip
-    """A reusable template: `sbatch FILE [config.yaml] [key=value ...]` (the files in launch/slurm/)."""
+    """A reusable template: `sbatch FILE [config.yaml] [key=value ...]` (the files in yoloscale/templates/launch/slurm/)."""
     return _script(
         launcher, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
         cpus_per_task=cpus_per_task, time_limit=time_limit, partition=partition, account=account,

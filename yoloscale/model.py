@@ -52,20 +52,21 @@ def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[d
     """(architecture dict, fp32 state dict) of a local Ultralytics checkpoint. `.pt` files are pickles: read with
     `torch.load(weights_only=True)` and Ultralytics' allow-list of its own model classes (its `safe_only` load);
     a file that needs anything else is refused unless `trust_pickle=True`, which runs the full pickle."""
-    from ultralytics.nn.tasks import torch_safe_load
+    from yoloscale.compat import torch_safe_load
 
+    safe_load = torch_safe_load()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"'{path}' not found (nothing is downloaded: give a local .pt, or a model YAML).")
     try:
-        ckpt, _ = torch_safe_load(str(path), safe_only=True)
+        ckpt, _ = safe_load(str(path), safe_only=True)
     except Exception as e:
         if not trust_pickle:
             raise UserError(f"'{path}' is not a plain Ultralytics checkpoint (a weights-only load refused it: "
                             f"{_first_line(e)}); if you trust its source, pass trust_pickle=True.") from None
         log.warning("yoloscale: loading '%s' as a full pickle (trust_pickle=True): it can run code", path)
         try:
-            ckpt, _ = torch_safe_load(str(path), safe_only=False)
+            ckpt, _ = safe_load(str(path), safe_only=False)
         except Exception as e2:
             raise UserError(f"'{path}' could not be read as an Ultralytics checkpoint: {_first_line(e2)}") from None
     model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None

@@ -12,7 +12,7 @@ the result. That is one collective per Muon group and step, of the size of the u
 weights).
 
 Where the pieces are is the backend's knowledge: it attaches a `layout` (backend/fsdp.py `DTensorLayout`,
-backend/deepspeed.py `ZeroLayout`) after the model is sharded.
+backend/zero.py `ZeroLayout`) after the model is sharded.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class MatrixLayout(Protocol):
 def orthogonalize(updates: list[torch.Tensor]) -> list[torch.Tensor]:
     """Ultralytics' Muon orthogonalisation of whole update matrices (Newton-Schulz in bf16, batched by shape, scaled
     by the matrix aspect), without its momentum: `muon_update` with beta 0 returns exactly the orthogonalised input."""
-    from ultralytics.optim.muon import muon_update
+    from yoloscale.compat import muon_update
 
-    return muon_update(updates, [torch.zeros_like(u) for u in updates], beta=0.0, nesterov=False)
+    return muon_update()(updates, [torch.zeros_like(u) for u in updates], beta=0.0, nesterov=False)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Optimizer, parameter groups, and the learning-rate / momentum / accumulation schedule: Ultralytics' trainer
 (`ultralytics/engine/trainer.py`, the version pinned in .ci/constraints.txt), rule for rule.
 
-What a step means (tests/test_parity.py runs Ultralytics' own trainer beside ours and compares):
+What a step means (tests/unit/test_parity.py runs Ultralytics' own trainer beside ours and compares):
   * `batch` is the global batch. Each micro-step back-propagates Ultralytics' loss (summed over the images of the
     micro-batch) times the number of devices, and DDP/FSDP2/DeepSpeed average over devices: the applied gradient is
     the sum over every image since the last optimizer step, as in Ultralytics' trainer.

@@ -74,11 +74,12 @@ def ultralytics_settings(cfg, given: list[str], gpus: int) -> dict[str, Any]:
 def run_ultralytics(spec_file: str) -> None:
     """Child process: Ultralytics' trainer with timing callbacks; writes the events next to the spec."""
     import psutil
-    import ultralytics.engine.trainer as ul_trainer
     from ultralytics import YOLO
 
+    from yoloscale.compat import offline_ultralytics_trainer
+
     spec = json.loads(Path(spec_file).read_text())
-    ul_trainer.check_amp = lambda model: True  # offline: its check would download yolo26n.pt
+    offline_ultralytics_trainer()
     start = psutil.Process().create_time()
     events: dict[str, Any] = {"first_step_s": None, "epochs": []}
     epoch_start, train_s = [0.0], [None]

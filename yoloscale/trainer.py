@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from yoloscale import backend
-from yoloscale.backend.full_state import optimizer_names
 from yoloscale.checkpoint import TrainerState, load_checkpoint, save_checkpoint, save_weights
+from yoloscale.checkpoint.full_state import optimizer_names
 from yoloscale.config import TrainConfig
 from yoloscale.data import (build_dataset, build_train_loader, build_val_loader, check_dataset, synthetic_dataset,
                             ultralytics_args)  # fmt: skip
@@ -77,7 +77,8 @@ class Trainer:
         backend.distributed_env_from_slurm()
         world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; Accelerate reads the same variable
         self.device_batch = device_batch_of(cfg, world)
-        self.accelerator = acc = backend.build_accelerator(cfg, self.device_batch)
+        self.backend = backend.get(cfg)
+        self.accelerator = acc = self.backend.build_accelerator(self.device_batch)
         self.world, self.is_main = acc.num_processes, acc.is_main_process
         self.device = acc.device
         set_seed(cfg.seed)
@@ -126,11 +127,11 @@ class Trainer:
         self.args.optimizer, self.args.lr0, self.args.warmup_bias_lr = self.choice.name, self.choice.lr0, self.choice.warmup_bias_lr
         nominal = nominal_accumulate(cfg, self.batch, len(self.train_loader))
         self.weight_decay = scaled_weight_decay(cfg, self.batch, cfg.accumulate or max(round(cfg.nbs / self.batch), 1))
-        model = backend.wrap_model(acc, cfg, model)  # SyncBN; FSDP2 shards here, before the optimizer sees the model
-        optimizer = build_optimizer(model, self.choice, self.weight_decay, fused=backend.fused_optimizer(cfg),
-                                    sharded=cfg.backend != "ddp")  # fmt: skip
+        model = self.backend.wrap(acc, model)  # SyncBN; FSDP2 shards here, before the optimizer sees the model
+        optimizer = build_optimizer(model, self.choice, self.weight_decay, fused=self.backend.fused_optimizer(),
+                                    sharded=self.backend.sharded)  # fmt: skip
         self.group_names = optimizer_names(model, optimizer)  # resuming another backend's checkpoint needs them
-        self.model, self.optimizer = backend.prepare(acc, model, optimizer)
+        self.model, self.optimizer = self.backend.prepare(acc, model, optimizer)
         self.raw_model = backend.unwrap(self.model)
         # Ultralytics' criterion takes its device (and Detect's strides) from the model's parameters: built from the
         # plain copy on the compute device, as with offload=params the trained model's parameters are in CPU memory.
@@ -166,7 +167,7 @@ class Trainer:
         cfg, c = self.cfg, self.choice
         return (
             f"yoloscale: {self.world} process(es) on {self.device.type}, backend={cfg.backend}, precision="
-            f"{self.accelerator.yoloscale_precision}, gradient checkpointing on {ckpt_layers} of {layers} layers"
+            f"{self.backend.precision_name}, gradient checkpointing on {ckpt_layers} of {layers} layers"
             f"{f' (recompute={cfg.grad_ckpt_recompute})' if ckpt_layers else ''}; batch {self.batch} = "
             f"{self.device_batch}/device x {self.world}, accumulate {self.schedule.accumulate}"
             f"{' (from 1 during warmup)' if self.schedule.warmup_batches and self.schedule.accumulate > 1 else ''}; "
@@ -202,7 +203,7 @@ class Trainer:
         self._check_bad_steps()
         self._refresh_eval_model()  # collective under sharding
         if cfg.val or st.epoch + 1 == cfg.epochs:
-            half = self.use_cuda and self.accelerator.yoloscale_precision != "fp32"  # Ultralytics: AMP runs val in fp16
+            half = self.use_cuda and self.backend.precision_name != "fp32"  # Ultralytics: AMP runs val in fp16
             metrics = self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half)
         epoch = st.epoch
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
@@ -266,12 +267,12 @@ class Trainer:
         oom = None
         try:
             batch = self.prepare_batch(batch)
-            with backend.micro_step(acc, self.model, sync):
+            with self.backend.micro_step(self.model, sync, acc):
                 preds = self.model(batch["img"])  # autocast inside forward (Accelerate's, or DeepSpeed's)
                 loss, loss_items = self.criterion(preds, batch)
                 # Ultralytics: its loss is summed over the micro-batch, and x devices since DDP averages: the
                 # gradient of the loss summed over every image since the last step (DeepSpeed steps in here).
-                acc.backward(loss.sum() * self.world)
+                self.backend.backward(loss.sum() * self.world, self.model, sync, acc)
         except torch.OutOfMemoryError as e:
             oom = str(e)  # raised below, outside this block, so the failed forward's tensors are freed first
         if oom is not None:
@@ -281,7 +282,7 @@ class Trainer:
         self.epoch_losses.add(loss_items)
         if not sync:
             return False
-        bad = backend.optimizer_step(acc, self.model, self.optimizer, cfg.grad_clip)
+        bad = self.backend.step(self.model, self.optimizer, cfg.grad_clip, acc)
         if self.ema is not None:
             self.ema.update(self.raw_model)
         self.bad_run = (self.bad_run + 1) * bad
@@ -442,7 +443,7 @@ class Trainer:
                     f"{self.device_batch})."
                 )
 
-        state, ema_state = load_checkpoint(self.accelerator, ckpt, self.model, self.optimizer, self.cfg.backend,
+        state, ema_state = load_checkpoint(self.accelerator, ckpt, self.model, self.optimizer, self.backend,
                                            self.group_names, check)  # fmt: skip
         if state.backend != self.cfg.backend:
             self.log.message(f"resuming a backend={state.backend} checkpoint with backend={self.cfg.backend}")

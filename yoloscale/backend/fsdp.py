@@ -1,4 +1,4 @@
-"""FSDP2 for Ultralytics models: the YOLO-aware wrap policy and Accelerate's plugin.
+"""FSDP2 for Ultralytics models: the backend class, the YOLO-aware wrap policy and Accelerate's plugin.
 
 Wrap policy: one FSDP unit per layer of `model.model` (a Conv, C3k2, SPPF, C2PSA, Detect, ...), then the root.
 Accelerate's size-based policy tries `fully_shard` on the ModuleLists inside C3k2 and fails; its class-based policy
@@ -14,12 +14,91 @@ is small for YOLO: yolo11x has 57M parameters and its step time is dominated by 
 
 from __future__ import annotations
 
-import functools
+import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from yoloscale.config import TrainConfig
+from yoloscale.backend.base import Backend, autocast_forward
+from yoloscale.errors import UserError
+
+if TYPE_CHECKING:
+    from yoloscale.config import TrainConfig
+
+
+class FSDP(Backend):
+    name = "fsdp"
+    accelerate_name = "fsdp"
+    layout = "fsdp"
+    sharded = True
+
+    def validate(self) -> None:
+        cfg = self.cfg
+        if cfg.offload == "optimizer":
+            raise UserError("offload=optimizer is not available with backend=fsdp: FSDP2 offloads parameters, "
+                            "gradients and optimizer state together (offload=params), or use backend=zero2 "
+                            "offload=optimizer.")  # fmt: skip
+        if cfg.offload == "params" and cfg.precision == "fp16":
+            raise UserError("precision=fp16 with backend=fsdp offload=params is not supported: torch's GradScaler "
+                            "all-reduces its overflow check where the gradients are, in CPU memory, which NCCL cannot "
+                            "(2 x H200, torch 2.11, 2026-11-24). Use precision=bf16 with offload, or fp16 without it.")
+        if cfg.ds_config:
+            raise UserError(f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend=fsdp; use "
+                            "backend=zero1/2/3.")  # fmt: skip
+        if cfg.compile:
+            raise UserError("compile=True is supported with backend=ddp only: the other backends are not tested.")
+
+    def precision(self, use_cuda: bool) -> str:
+        if self.cfg.precision == "auto" and use_cuda and self.cfg.offload == "params":
+            return "bf16"  # fp16 cannot be loss-scaled here (validate)
+        return super().precision(use_cuda)
+
+    def plugins(self, precision: str, device_batch: int, world: int) -> dict:
+        return {"fsdp_plugin": fsdp_plugin(self.cfg)}
+
+    def wrap(self, accelerator, model: nn.Module) -> nn.Module:
+        model = super().wrap(accelerator, model)
+        model.to(accelerator.device)
+        return shard_model(model, self.cfg.reshard_after_forward, offload=self.cfg.offload == "params")
+
+    def fused_optimizer(self) -> bool:
+        if self.cfg.offload == "params":
+            return False  # the optimizer steps in CPU memory, where the skip flag (a GPU tensor) is not
+        return self.cfg.optimizer != "SGD" or allow_fused_sgd()
+
+    def prepare(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
+        from yoloscale.compat import mixed_precision_context
+        from yoloscale.musgd import ShardedMuSGD
+
+        model, optimizer = super().prepare(accelerator, model, optimizer)
+        if isinstance(optimizer.optimizer, ShardedMuSGD):
+            optimizer.optimizer.layout = DTensorLayout()
+        if accelerator.native_amp:
+            # Accelerate wraps the forward in autocast for DDP, but its FSDP2 path leaves mixed precision to FSDP2's
+            # param_dtype, which we do not use (it would cast BatchNorm). Without this, FSDP computed in fp32: 0.59x
+            # DDP's img/s and twice its activation memory per image (yolo11x, 2 x H200, 2026-11-23).
+            autocast_forward(model, mixed_precision_context(accelerator.native_amp, accelerator.autocast_handler))
+        return model, optimizer
+
+    def no_sync(self, model: nn.Module):
+        return _gradient_sync_off(model)
+
+    def clip(self, model: nn.Module, max_norm: float, accelerator=None) -> torch.Tensor:
+        first = next(model.parameters())
+        device = accelerator.device if accelerator is not None else first._local_tensor.device
+        if first._local_tensor.device.type != device.type:  # offload=params: the shards are in CPU memory
+            return clip_grad_norm_offloaded(model.parameters(), max_norm, device)
+        return super().clip(model, max_norm, accelerator)
+
+
+@contextlib.contextmanager
+def _gradient_sync_off(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def shard_model(model: nn.Module, reshard_after_forward: bool = True, offload: bool = False, mesh=None) -> nn.Module:
@@ -39,37 +118,14 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True, offload: b
     return model
 
 
-@functools.cache
 def allow_fused_sgd() -> bool:
-    """Let torch's fused SGD step FSDP2's DTensor parameters; False where that is not possible (foreach SGD then).
+    """Fused SGD on FSDP2's DTensors (compat.register_fused_sgd_for_dtensor): the foreach SGD that FSDP2 + SGD
+    otherwise needs cost 15 ms of DTensor dispatch per step on yolo11x (2 x H200 profile) and a host sync to skip a
+    non-finite step, which the fused kernel does on the device (`found_inf`). tests/distributed checks the fused
+    FSDP2 step against DDP's."""
+    from yoloscale.compat import register_fused_sgd_for_dtensor
 
-    The fused SGD kernel is elementwise like the fused AdamW kernel, which DTensor runs shard by shard, but torch
-    (2.11 to 2.14) registers no sharding strategy for it ("aten._fused_sgd_.default does not have a sharding strategy
-    registered"). The foreach SGD that FSDP2 + SGD then needs cost 15 ms of DTensor dispatch per step on yolo11x
-    (2 x H200 profile, docs/backends.md) and a host sync to skip a non-finite step, which the fused kernel does on
-    the device (`found_inf`). We register the strategy the way this torch registers fused Adam's (private APIs,
-    hence the fallback): torch 2.14 through `_register_single_dim_pointwise`, torch 2.11 (the GPU machine's; it has
-    no such helper, and there FSDP + SGD ran foreach) through `register_op_strategy` with the list-pointwise rule.
-    tests/sharded_parity_worker.py checks the fused FSDP2 step against DDP's."""
-    ops = (torch.ops.aten._fused_sgd_.default, torch.ops.aten._fused_sgd_.tensor_lr)
-    try:
-        from torch.distributed.tensor._ops import _pointwise_ops as pointwise
-    except ImportError:
-        return False
-    try:
-        if hasattr(pointwise, "_register_single_dim_pointwise"):
-            for op in ops:
-                pointwise._register_single_dim_pointwise(op)
-        else:
-            from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
-            from torch.distributed.tensor._ops.utils import register_op_strategy
-
-            for op in ops:
-                register = register_op_strategy(op, schema_info=RuntimeSchemaInfo(needs_pytree=True))
-                register(pointwise.list_pointwise_strategy)
-    except (ImportError, AttributeError, TypeError):
-        return False
-    return True
+    return register_fused_sgd_for_dtensor()
 
 
 def fsdp_plugin(cfg: TrainConfig):

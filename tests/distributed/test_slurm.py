@@ -1,0 +1,82 @@
+"""Against a real Slurm (CI starts a one-node cluster with .ci/slurm-up.sh): a rendered sbatch script trains a
+2-process CPU DDP run under each launcher (srun tasks, torchrun, accelerate launch); SIGUSR1 leads to a checkpoint,
+a requeue and a completed, resumed run, also through a per-node launcher that must not die of the signal."""
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from helpers import run_cli
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    return "UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _slurm_up(), reason="no Slurm cluster (.ci/slurm-up.sh)")]
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A failed test must not leave its job running (or queued) for the next one."""
+    yield
+    for job in _submitted:
+        subprocess.run(["scancel", job], capture_output=True)
+    _submitted.clear()
+
+
+_submitted: list[str] = []
+
+
+def _submit(tmp_path, tiny_data, name, *extra, launcher="srun"):
+    proc = run_cli("launch", "slurm", f"--launcher={launcher}", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8",
+                   "workers=0", "plots=False", "close_mosaic=0", f"project={tmp_path}", f"name={name}", *extra,
+                   "--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--time=20", "--submit")
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[-1]  # "Submitted batch job N"
+    _submitted.append(job)
+    return job
+
+
+def _in_queue(job: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip())
+
+
+def _wait_gone(job: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while _in_queue(job) and time.time() < deadline:
+        time.sleep(1)
+    assert not _in_queue(job), f"job {job} still queued after {timeout}s"
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", "accelerate"])
+def test_sbatch_runs_two_process_ddp(tiny_data, tmp_path, launcher):
+    job = _submit(tmp_path, tiny_data, "ddp", "epochs=1", launcher=launcher)
+    _wait_gone(job, 300)
+    run = tmp_path / "ddp"
+    log = (tmp_path / f"ddp-slurm-{job}.out").read_text()
+    assert "2 process(es)" in log, log[-3000:]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2
+    assert list((run / "checkpoints").glob("step-*/COMPLETE"))
+    assert (run / "weights" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_usr1_checkpoints_requeues_and_the_job_resumes(tiny_data, tmp_path, launcher):
+    job = _submit(tmp_path, tiny_data, "pre", "epochs=3", "log_interval=1", "val=False", launcher=launcher)
+    run = tmp_path / "pre"
+    deadline = time.time() + 300
+    while not (run / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into training
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    _wait_gone(job, 600)  # the stop, the requeue and the resumed run to its end
+    log = (tmp_path / f"pre-slurm-{job}.out").read_text()
+    assert "stop signal received: checkpoint" in log and f"requeued Slurm job {job}" in log, log[-3000:]
+    assert "resumed from" in log, log[-3000:]
+    assert (run / "weights" / "last.pt").exists()
+    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036"  # 3 epochs x 96/(2 x 4) steps

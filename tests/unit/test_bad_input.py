@@ -1,0 +1,84 @@
+"""Bad input: a clear one-line error naming the problem, exit code 2, no traceback, nothing on disk damaged."""
+
+import hashlib
+import shutil
+
+import pytest
+
+from helpers import TINY, run_cli
+
+
+def _fails(argv, message):
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("yoloscale: error:")
+
+
+def test_missing_data_yaml(tmp_path):
+    _fails(["train", f"data={tmp_path}/nope.yaml", f"project={tmp_path}"], "nope.yaml' not found")
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "images/train").mkdir(parents=True)
+    (tmp_path / "images/val").mkdir(parents=True)
+    (tmp_path / "d.yaml").write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: [a]\n")
+    _fails(["train", f"data={tmp_path}/d.yaml", *TINY, f"project={tmp_path}/runs"], "train split")
+
+
+def test_unknown_model_yaml(tiny_data, tmp_path):
+    _fails(["train", f"data={tiny_data}", "model=yolo99z.yaml", f"project={tmp_path}"],
+           "model YAML 'yolo99z.yaml' not found")
+
+
+def test_unknown_key_and_bad_value():
+    _fails(["train", "epoch=3"], "unknown key 'epoch'. Did you mean 'epochs'?")
+    _fails(["train", "batch=-1"], "'batch' must be > 0")
+
+
+def test_missing_config_file():
+    _fails(["train", "nothere.yaml"], "config file 'nothere.yaml' not found")
+
+
+def test_existing_run_directory_is_never_touched(trained_run):
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.rglob("*") if p.is_file()}
+    _fails(["train", f"project={trained_run.parent}", f"name={trained_run.name}"],
+           "already exists and holds results")
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_empty_name_picks_a_fresh_directory(tmp_path):
+    from yoloscale.config import load_config
+    from yoloscale.run_dir import new_run_dir
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.csv").write_text("x")
+    assert new_run_dir(load_config(None, [f"project={tmp_path}"])).name == "train2"
+
+
+def test_bad_labels_are_skipped_and_counted(tiny_data, tmp_path):
+    """Malformed label lines and class ids >= nc: Ultralytics skips those images and reports the count."""
+    from yoloscale.config import load_config
+    from yoloscale.data import build_dataset, check_dataset, ultralytics_args
+
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+    (root / "data.yaml").write_text((root / "data.yaml").read_text().replace(str(tiny_data.parent), str(root)))
+    (root / "labels/train/000000.txt").write_text("0 0.5 0.5\n")  # too few columns
+    (root / "labels/train/000001.txt").write_text("zero 0.5 0.5 0.1 0.1\n")  # not a number
+    (root / "labels/train/000002.txt").write_text("7 0.5 0.5 0.1 0.1\n")  # class id >= nc (3)
+    data = check_dataset(root / "data.yaml")
+    args = ultralytics_args(load_config(None, TINY), root / "data.yaml")
+    dataset = build_dataset(args, data, "train", 8, 32)
+    assert len(dataset) == 96 - 3
+    assert not any(f.endswith(("000000.png", "000001.png", "000002.png")) for f in dataset.im_files)
+    cache = __import__("ultralytics.data.utils", fromlist=["load_dataset_cache_file"]).load_dataset_cache_file(
+        root / "labels/train.cache")
+    assert cache["results"][3] == 3  # Ultralytics' corrupt-image count, which it prints
+
+
+@pytest.mark.parametrize("argv, message", [(["export", "/nonexistent"], "not a yoloscale run directory")])
+def test_export_of_a_non_run(argv, message):
+    _fails(argv, message)

@@ -1,0 +1,96 @@
+"""Checkpoint discovery and integrity, and the non-finite-step guard."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from helpers import TINY, run_cli
+from yoloscale.checkpoint import MARKER, complete_checkpoints, find_checkpoint
+from yoloscale.errors import UserError
+
+
+def _fake(run, name, complete=True):
+    d = run / "checkpoints" / name
+    d.mkdir(parents=True)
+    if complete:
+        (d / MARKER).write_text("")
+    return d
+
+
+def test_latest_complete_checkpoint_wins(tmp_path):
+    _fake(tmp_path, "step-00000010")
+    newest = _fake(tmp_path, "step-00000020")
+    _fake(tmp_path, "step-00000030", complete=False)  # killed while saving
+    _fake(tmp_path, ".tmp-step-00000040", complete=True)  # renamed only when complete
+    assert complete_checkpoints(tmp_path)[-1] == newest
+    assert find_checkpoint(tmp_path) == newest
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    with pytest.raises(UserError, match="incomplete"):
+        find_checkpoint(_fake(tmp_path, "step-00000030", complete=False))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained_run, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(trained_run, run)
+    ckpt = complete_checkpoints(run)[-1]
+    model = ckpt / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: 1000])  # truncated
+    proc = run_cli("train", f"resume={run}")
+    assert proc.returncode == 2
+    assert "is corrupt or unreadable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer, TrainingDiverged
+
+    cfg = load_config(None, [f"data={tiny_data}", *TINY, "max_bad_steps=2", "accumulate=1", f"project={tmp_path}"])
+    trainer = Trainer(cfg)
+    batch = next(iter(trainer.train_loader))
+    good = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    batch["img"] = batch["img"].float() * math.nan  # NaN images -> NaN loss and gradients
+    assert trainer.train_step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))  # weights untouched
+    trainer._check_bad_steps()  # one bad step: below the limit
+    assert trainer.state.skipped_steps == 1
+    assert trainer.train_step(good)  # a good step resets the streak and moves the weights
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))
+    for _ in range(2):
+        bad = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in good.items()}
+        bad["img"] = bad["img"].float() * math.nan
+        trainer.train_step(bad)
+    with pytest.raises(TrainingDiverged, match="2 consecutive optimizer steps"):
+        trainer._check_bad_steps()
+
+
+def test_a_skipped_step_is_counted_and_the_schedule_moves_on_as_in_ultralytics(tiny_data, tmp_path):
+    """fp16 overflows and non-finite gradients skip the optimizer step and are counted; the schedule's position is
+    the batch index, as in Ultralytics' trainer (whose GradScaler skips such a step the same way)."""
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer
+
+    cfg = load_config(None, [f"data={tiny_data}", *TINY, "accumulate=1", f"project={tmp_path}"])
+    trainer = Trainer(cfg)
+    positions = []
+    apply = trainer.schedule.apply
+    trainer.schedule.apply = lambda optimizer, position, epoch: (positions.append(position),
+                                                                 apply(optimizer, position, epoch))  # fmt: skip
+    prepare, calls = trainer.prepare_batch, []
+
+    def first_batch_nan(batch):
+        batch = prepare(batch)
+        if not calls:
+            batch["img"] = batch["img"] * math.nan
+        calls.append(1)
+        return batch
+
+    trainer.prepare_batch = first_batch_nan
+    trainer.train_epoch()
+    trainer._check_bad_steps()
+    assert trainer.state.skipped_steps == 1 and trainer.state.optimizer_steps == 12
+    assert positions == list(range(12))

@@ -1,0 +1,126 @@
+"""`yoloscale doctor`: topology parsing of nvidia-smi matrices, recommendations, and its CPU-only behaviour."""
+
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+from yoloscale.doctor import describe, parse_topo_matrix, recommend
+
+TOPO = Path(__file__).parent / "fixtures" / "topo"
+
+
+def _load(name):
+    return parse_topo_matrix((TOPO / name).read_text())
+
+
+def test_eight_gpu_nvswitch_node():
+    topo = _load("dgx-h100-8gpu-nvswitch.txt")
+    assert topo.gpus == [f"GPU{i}" for i in range(8)] and len(topo.links) == 56
+    assert set(topo.links.values()) == {"NV18"}
+    assert topo.nics == {f"NIC{k}": f"mlx5_{k}" for k in range(4)}
+    words = " ".join(describe(topo))
+    assert "NVSwitch" in words and "two-socket" in words
+    recs = {v: val for v, val, _ in recommend(topo, ["mlx5_0", "mlx5_1"], ["eth0"], {})}
+    assert recs["NCCL_IB_HCA"] == "mlx5_0,mlx5_1" and "NCCL_SOCKET_IFNAME" not in recs
+    assert "NCCL_P2P_LEVEL" not in recs  # NVLink everywhere: NCCL's default is right
+
+
+def test_two_gpu_nvlink_node():
+    topo = _load("h200x2-nvlink.txt")
+    assert topo.links == {("GPU0", "GPU1"): "NV18", ("GPU1", "GPU0"): "NV18"}
+    assert "direct NVLink" in " ".join(describe(topo))
+    recs = {v: val for v, val, _ in recommend(topo, [], ["ens5"], {})}
+    assert recs["NCCL_SOCKET_IFNAME"] == "ens5"  # no InfiniBand
+
+
+def test_pcie_only_nodes():
+    one = _load("pcie-2gpu-one-switch.txt")
+    assert "one PCIe switch" in " ".join(describe(one))
+    two = _load("pcie-4gpu-two-socket.txt")
+    words = " ".join(describe(two))
+    assert "across the CPU interconnect" in words and "2 NUMA nodes" in words
+    recs = {v: val for v, val, _ in recommend(two, [], ["eth0"], {})}
+    assert recs["NCCL_P2P_LEVEL"] == "NODE"
+
+
+def test_environment_is_never_overridden():
+    topo = _load("h200x2-nvlink.txt")
+    env = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    recs = {v: (val, why) for v, val, why in recommend(topo, [], ["ens5"], env)}
+    assert recs["NCCL_SOCKET_IFNAME"] == ("ib0", "kept from the environment")
+    assert recs["TORCH_NCCL_ASYNC_ERROR_HANDLING"][0] == "1"
+    assert recs["NCCL_NVLS_ENABLE"][0] == "0"  # multicast stays off where it is set off
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvidia-smi") is not None, reason="this machine has NVIDIA GPUs")
+def test_doctor_without_gpus_says_so():
+    proc = run_cli("doctor", "--bench")
+    assert proc.returncode == 0, proc.stderr
+    assert "no NVIDIA GPUs found" in proc.stdout
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=3" in proc.stdout
+    assert "needs at least 2 CUDA GPUs on this node; skipped" in proc.stdout
+
+
+@pytest.mark.slow
+def test_allreduce_bandwidth_arithmetic_over_gloo():
+    """The bench's measuring code, on two CPU processes over gloo (the CLI itself needs 2 GPUs)."""
+    import torch.multiprocessing as mp
+
+    from yoloscale.bench import _free_port
+
+    mp.spawn(_gloo_worker, args=(2, _free_port()), nprocs=2)
+
+
+def _gloo_worker(rank, world, port):
+    import os
+
+    import torch.distributed as dist
+
+    from yoloscale.doctor import allreduce_busbw
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    (size, busbw), = allreduce_busbw(rank, world, [1], "cpu", iters=3)
+    assert size == 2**20 and busbw > 0
+    dist.destroy_process_group()
+
+
+def test_link_peak_and_judgement():
+    from yoloscale.doctor import judge_busbw, link_peak
+
+    assert link_peak(_load("dgx-h100-8gpu-nvswitch.txt"), "NVIDIA H100 80GB HBM3") == (450.0, "18 NVLink links x 25 GB/s")
+    assert link_peak(_load("h200x2-nvlink.txt"), "NVIDIA H200")[0] == 450.0
+    assert link_peak(_load("h200x2-nvlink.txt"), "NVIDIA B200")[0] == 900.0  # NVLink 5: 50 GB/s per link
+    peak, how = link_peak(_load("pcie-2gpu-one-switch.txt"), "NVIDIA L40S", pcie_gen=4, pcie_width=16)
+    assert round(peak, 1) == 31.5 and how == "PCIe gen4 x16"
+    assert link_peak(_load("pcie-2gpu-one-switch.txt")) is None  # PCIe generation unknown: no expectation
+    assert link_peak(parse_topo_matrix("")) is None  # one GPU or none
+    assert "as expected" in judge_busbw(380.0, 450.0)
+    assert "below expectation" in judge_busbw(120.0, 450.0)
+
+
+def test_export_lines_only_set_what_is_missing_and_quote_values():
+    from yoloscale.doctor import export_lines
+
+    recs = recommend(_load("h200x2-nvlink.txt"), [], ["ens5"], {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
+    lines = export_lines(recs, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
+    assert lines == ["export YOLOSCALE_DIST_TIMEOUT=1800", "export NCCL_SOCKET_IFNAME=ens5"]
+    assert export_lines([("NCCL_SOCKET_IFNAME", "a b;$(x)", "")], {}) == ["export NCCL_SOCKET_IFNAME='a b;$(x)'"]
+
+
+def test_doctor_export_prints_only_shell_lines():
+    proc = run_cli("doctor", "--export")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and all(line.startswith("export ") for line in proc.stdout.splitlines())
+
+
+def test_captured_matrix_with_underlined_header():
+    """Captured on a 2 x H200 host (driver 580, 2026-11-23): nvidia-smi underlines the header with ANSI escapes,
+    which hid every GPU from the parser before."""
+    from yoloscale.doctor import link_peak
+
+    topo = _load("captured-h200x2-driver580.txt")
+    assert topo.gpus == ["GPU0", "GPU1"] and topo.links[("GPU0", "GPU1")] == "NV18"
+    assert topo.gpu_numa == {"GPU0": "0", "GPU1": "0"}
+    assert link_peak(topo, "NVIDIA H200")[0] == 450.0
