@@ -133,7 +133,7 @@ def loop_and_bare(trainer, warmup: int, window: int) -> tuple[dict, dict]:
     resident = trainer.prepare_batch(batch)
     bare = measure_bare(trainer, resident, warmup, window)
     return {"loop": loop, "bare": bare, "devices": trainer.world, "precision": trainer.accelerator.mixed_precision,
-            "skipped_steps": int(trainer.bad_total.item()), "accumulate": trainer.schedule.accumulate,
+            "skipped_steps": trainer.health.skipped(), "accumulate": trainer.schedule.accumulate,
             "forward_gflops": forward_gflops(trainer), "is_main": trainer.is_main}, resident  # fmt: skip
 
 

@@ -111,6 +111,7 @@ class TrainConfig:
     val: bool = _f(True, "Validate (mAP50, mAP50-95 on the EMA weights) at the end of every epoch; the final epoch always validates.")
     val_batch: int = _f(0, "Validation batch per device; 0 = 2 x batch.")
     save_period: int = _f(-1, "Keep the epoch-end checkpoint of every N-th epoch and write weights/epochN.pt (Ultralytics' meaning); < 1 disables.")
+    keep_checkpoints: int = _f(2, "How many of the newest complete checkpoints to keep; resume falls back to an older one when the newest is damaged.")
     save_steps: int = _f(0, "Also save a resumable checkpoint every N optimizer steps (0: only at epoch ends).")
     log_interval: int = _f(10, "Optimizer steps between progress/metric updates (after warmup, the loop's only host syncs of its own).")
     plots: bool = _f(True, "Write results.png (training curves) at the end.")
@@ -185,7 +186,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    positive = ("imgsz", "epochs", "batch", "nbs", "log_interval", "max_bad_steps")
+    positive = ("imgsz", "epochs", "batch", "nbs", "log_interval", "max_bad_steps", "keep_checkpoints")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"key '{key}' must be > 0, got {getattr(cfg, key)}.")
@@ -202,6 +203,9 @@ def _validate(cfg: TrainConfig) -> None:
     from yoloscale import backend
 
     backend.get(cfg).validate()  # each backend's own rules (offload, sync_bn, compile, ds_config)
+    name = Path(cfg.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise UserError(f"key 'name' must be a folder inside project (no '..', not absolute), got {cfg.name!r}.")
     if cfg.weights and cfg.model.endswith(".pt"):
         raise UserError(f"model='{cfg.model}' already carries its weights; leave weights= empty (or give a model YAML).")
     if cfg.imgsz % 32:

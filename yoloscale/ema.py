@@ -63,6 +63,13 @@ class ShardedEMA:
         self.shadow = {k: shard_like(state[k], self.like[k]).float() for k in self.shadow}
         self.updates = updates
 
+    def state_dict(self) -> dict:
+        """Collective under sharding: the update count and the whole EMA ('tensors' goes to ema.safetensors)."""
+        return {"updates": self.updates, "tensors": self.full_state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_full_state_dict(state["tensors"], state["updates"])
+
     def load_into(self, model: nn.Module) -> nn.Module:
         """Collective: copy the whole EMA into a plain (unsharded) model, e.g. the one used for validation."""
         full = self.full_state_dict()

@@ -6,3 +6,10 @@ class UserError(Exception):
 
     The message must name the offending file/key/value and, where possible, what to do instead.
     """
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (rank 0's and every other rank's: they see the same inputs)."""
+    import sys
+
+    print(f"yoloscale: warning: {message}", file=sys.stderr, flush=True)

@@ -71,7 +71,9 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / "ema.safetensors").is_file():
         return load_file(str(ckpt / "ema.safetensors"))
     try:
-        backend = json.loads((ckpt / "trainer_state.json").read_text())["backend"]
+        from yoloscale.checkpoint import read_state
+
+        backend = read_state(ckpt)["progress"].get("backend", "ddp")
         return {k: v.contiguous() for k, v in read_weights(ckpt, layout_of(backend)).items()}
     except Exception as e:
         raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
@@ -81,7 +83,7 @@ def export_run(run: Path) -> list[Path]:
     """`yoloscale export RUN`: write weights/last.pt from the latest checkpoint (its EMA, or with ema=False its model
     weights, whatever the backend; else weights/last.safetensors) and weights/best.pt from weights/best.safetensors,
     without needing the training data or GPUs. A run killed before its end gets weights/last.safetensors too."""
-    from yoloscale.checkpoint import complete_checkpoints, save_weights
+    from yoloscale.checkpoint import complete_checkpoints, find_checkpoint, save_weights
     from yoloscale.config import load_config
     from yoloscale.data import ultralytics_args
     from yoloscale.run_dir import read_run_info
@@ -93,9 +95,8 @@ def export_run(run: Path) -> list[Path]:
     weights = run / "weights"
     weights.mkdir(exist_ok=True)
     sources: dict = {"best": weights / "best.safetensors", "last": weights / "last.safetensors"}
-    ckpts = complete_checkpoints(run)
-    if ckpts:
-        sources["last"] = checkpoint_weights(ckpts[-1])
+    if complete_checkpoints(run):
+        sources["last"] = checkpoint_weights(find_checkpoint(run))  # the newest that verifies
         if not (weights / "last.safetensors").exists():
             save_weights(sources["last"], weights / "last.safetensors")
     written = [pt_from_weights(src, weights / f"{kind}.pt", info["model"], info["names"], args)

@@ -3,7 +3,6 @@ weights, as `yolo train model=yolo11x.pt` fine-tunes), with `nc` from the data; 
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,9 +10,8 @@ from typing import Any
 
 import torch
 
-from yoloscale.errors import UserError
+from yoloscale.errors import UserError, warn
 
-log = logging.getLogger("yoloscale")
 # The classification outputs of Detect (v8/11/12 cv3.i.2; YOLO26's one2one_cv3 too) change shape with the class
 # count: a mismatch there is the expected one when fine-tuning on other classes.
 _CLASS_HEAD = re.compile(r"(^|\.)(one2one_)?cv3\.\d+\.2\.")
@@ -64,7 +62,7 @@ def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[d
         if not trust_pickle:
             raise UserError(f"'{path}' is not a plain Ultralytics checkpoint (a weights-only load refused it: "
                             f"{_first_line(e)}); if you trust its source, pass trust_pickle=True.") from None
-        log.warning("yoloscale: loading '%s' as a full pickle (trust_pickle=True): it can run code", path)
+        warn(f"loading '{path}' as a full pickle (trust_pickle=True): it can run code")
         try:
             ckpt, _ = safe_load(str(path), safe_only=False)
         except Exception as e2:

@@ -53,9 +53,10 @@ def choose_optimizer(cfg: TrainConfig, images: int, nc: int) -> OptimizerChoice:
 
 def nominal_accumulate(cfg: TrainConfig, batch: int, batches_per_epoch: int) -> int:
     """Micro-steps per optimizer step after warmup: explicit, or Ultralytics' `max(round(nbs / batch), 1)`; never
-    more than the run has batches (Ultralytics caps it the same way)."""
+    more than an epoch has batches, so that every epoch steps (Ultralytics caps it at the run's batches, which can
+    leave epochs of a small data set without a step)."""
     accumulate = cfg.accumulate or max(round(cfg.nbs / batch), 1)
-    return max(min(accumulate, batches_per_epoch * cfg.epochs), 1)
+    return max(min(accumulate, batches_per_epoch), 1)
 
 
 def scaled_weight_decay(cfg: TrainConfig, batch: int, accumulate: int) -> float:

@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +22,90 @@ from yoloscale.config import TrainConfig, load_config, parse_override
 from yoloscale.errors import UserError
 
 
+LOCK = ".lock"
+
+
 def _holds_results(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+    return path.exists() and (not path.is_dir() or any(p.name != LOCK for p in path.iterdir()))
 
 
-def new_run_dir(cfg: TrainConfig) -> Path:
-    """project/name, or the first free project/train, train2, ... when name is empty."""
+class RunLock:
+    """An exclusive lock on a run directory for as long as this process lives (flock: the kernel releases it when the
+    process dies, however it dies), so two runs can never write into one directory."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _claim(run: Path) -> RunLock | None:
+    """The run directory's lock, or None when another live process holds it."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create run directory '{run}': {e.strerror}. Choose a writable project=.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return RunLock(fd)
+
+
+def _mark_holder(lock: RunLock) -> None:
+    os.ftruncate(lock.fd, 0)
+    os.write(lock.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+
+def _holder(run: Path) -> str:
+    try:
+        pid, host = (run / LOCK).read_text().split()
+        return f"process {pid} on {host}"
+    except (OSError, ValueError):
+        return "another process"
+
+
+def new_run_dir(cfg: TrainConfig) -> tuple[Path, RunLock]:
+    """project/name, or the first free project/train, train2, ... when name is empty; claimed for this run."""
     root = Path(cfg.project)
     if cfg.name:
         run = root / cfg.name
-        if _holds_results(run):
+        lock = None if _holds_results(run) else _claim(run)  # a directory with results is not even locked
+        if lock is None and (run / LOCK).exists() and not _holds_results(run):
+            raise UserError(f"run directory '{run}' is in use by {_holder(run)}; choose another name=.")
+        if lock is None or _holds_results(run):  # (the second check: results written while we claimed it)
             raise UserError(f"run directory '{run}' already exists and holds results; it is never overwritten. "
                             "Continue it with resume=auto, or choose another name=.")  # fmt: skip
-        return run
+        _mark_holder(lock)
+        return run, lock
     for i in itertools.count(1):
         run = root / ("train" if i == 1 else f"train{i}")
-        if not _holds_results(run):
-            return run
+        if _holds_results(run):
+            continue
+        lock = _claim(run)
+        if lock is not None and not _holds_results(run):
+            _mark_holder(lock)
+            return run, lock
+        if lock is not None:
+            lock.release()
     raise AssertionError("unreachable")
+
+
+def lock_run_dir(run: Path) -> RunLock:
+    """The lock of an existing run directory that this process resumes."""
+    lock = _claim(run)
+    if lock is None:
+        raise UserError(f"run directory '{run}' is in use by {_holder(run)}: it cannot be resumed while that runs.")
+    _mark_holder(lock)
+    return lock
 
 
 def resolve_resume(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, Path, Path]:

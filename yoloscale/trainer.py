@@ -1,22 +1,23 @@
 """The training loop. Read top to bottom: `__init__` builds everything, `train()` runs epochs, `train_epoch()` one
-epoch, `train_step()` one micro-batch. Ultralytics supplies the model, loss, data and metrics; Accelerate supplies
-devices, DDP and precision; the semantics of a step are Ultralytics' trainer's (optim.py).
+epoch, `train_step()` one micro-batch. Ultralytics supplies the model, loss, data and metrics; Accelerate and the
+backend (backend/) supply devices, sharding and precision; the semantics of a step are Ultralytics' (optim.py). What
+a checkpoint holds is `self.pieces()`: objects with state_dict/load_state_dict (state.py).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 
 from yoloscale import backend
-from yoloscale.checkpoint import TrainerState, load_checkpoint, save_checkpoint, save_weights
+from yoloscale.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from yoloscale.checkpoint.full_state import optimizer_names
 from yoloscale.config import TrainConfig
 from yoloscale.data import (build_dataset, build_train_loader, build_val_loader, check_dataset, synthetic_dataset,
@@ -28,36 +29,14 @@ from yoloscale.grad_ckpt import apply_grad_ckpt
 from yoloscale.model import build_model, load_matching, load_weights, model_spec, read_ultralytics_pt
 from yoloscale.optim import Schedule, build_optimizer, choose_optimizer, nominal_accumulate, scaled_weight_decay
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
-from yoloscale.run_dir import new_run_dir, update_run_info, write_run_info
+from yoloscale.run_dir import lock_run_dir, new_run_dir, update_run_info, write_run_info
 from yoloscale.run_log import RunLog, seconds_since_start
+from yoloscale.state import LossMeter, Progress, StepHealth
 from yoloscale.validate import Validator
 
 OOM_RETRIES = 3  # as Ultralytics' trainer
 AUTOTUNE_TIMED = (10, 40)  # cudnn_benchmark=auto times these micro-steps of a process (after the start-up's)
 AUTOTUNE_WORTH_S = 600.0  # ... and autotunes when more training than this is left
-
-
-class LossMeter:
-    """Running mean of Ultralytics' loss items, kept on the device until read."""
-
-    def __init__(self) -> None:
-        self.names: tuple[str, ...] = ()
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, loss_items: dict[str, torch.Tensor]) -> None:
-        self.names = self.names or tuple(loss_items)
-        items = torch.stack([loss_items[k].detach().float() for k in self.names])
-        self.total = items if self.total is None else self.total + items
-        self.count += 1
-
-    def read(self) -> dict[str, float]:
-        """Means since the last read (rank-local: Ultralytics shows rank 0's losses too); a host sync."""
-        if self.total is None:
-            return {}
-        means = (self.total / self.count).tolist()
-        self.total, self.count = None, 0
-        return dict(zip(self.names, means))
 
 
 class TrainingDiverged(UserError):
@@ -81,13 +60,13 @@ class Trainer:
         self.accelerator = acc = self.backend.build_accelerator(self.device_batch)
         self.world, self.is_main = acc.num_processes, acc.is_main_process
         self.device = acc.device
+        self.use_cuda = self.device.type == "cuda"
         set_seed(cfg.seed)
 
-        # --- run directory (decided on rank 0, shared with the others) ---------------------------------------
-        run = [Path(cfg.project) / cfg.name if cfg.resume else None]
-        if self.is_main and not cfg.resume:
-            run[0] = new_run_dir(cfg)
-            run[0].mkdir(parents=True, exist_ok=True)
+        # --- run directory: claimed by rank 0 (an exclusive lock for the run's life), shared with the others -----
+        run, self.run_lock = [Path(cfg.project) / cfg.name], None
+        if self.is_main:
+            run[0], self.run_lock = (run[0], lock_run_dir(run[0])) if cfg.resume else new_run_dir(cfg)
         self.run_dir: Path = broadcast_object_list(run)[0] if self.world > 1 else run[0]
 
         # --- data description and Ultralytics' argument namespace --------------------------------------------
@@ -98,7 +77,7 @@ class Trainer:
         self.data = check_dataset(data_yaml)
         self.args = ultralytics_args(cfg, data_yaml)
 
-        # --- model, loss, EMA --------------------------------------------------------------------------------
+        # --- model, its initial weights, a plain copy for validation and export -------------------------------
         spec = model_spec(cfg.model, cfg.trust_pickle)
         model = build_model(spec, self.data["nc"], self.data["names"], self.args, verbose=self.is_main)
         weights_report = ""
@@ -107,15 +86,13 @@ class Trainer:
         elif cfg.weights and not cfg.resume:
             weights_report = load_weights(model, cfg.weights, cfg.trust_pickle)
         stride = max(int(model.stride.max()), 32)
-        # A plain, unsharded copy for validation and export: the (EMA) weights are copied into it when needed.
-        self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
+        self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
         ckpt_layers = apply_grad_ckpt(model, cfg.grad_ckpt, cfg.grad_ckpt_recompute)
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
         with acc.main_process_first():
             self.train_set = build_dataset(self.args, self.data, "train", self.device_batch, stride)
             val_set = build_dataset(self.args, self.data, "val", cfg.val_batch or 2 * self.device_batch, stride)
-        self.use_cuda = self.device.type == "cuda"
         self.train_loader = self._train_loader()
         val_loader = build_val_loader(val_set, cfg, self.device_batch, acc.process_index, self.world, self.use_cuda)
         self.validator = Validator(self.args, self.data, val_loader, self.run_dir, self.world)
@@ -124,7 +101,8 @@ class Trainer:
         self.batch = self.device_batch * self.world  # the global batch
         self.choice = choose_optimizer(cfg, len(self.train_set), self.data["nc"])
         # what exported checkpoints record as their training arguments, as Ultralytics' trainer records them
-        self.args.optimizer, self.args.lr0, self.args.warmup_bias_lr = self.choice.name, self.choice.lr0, self.choice.warmup_bias_lr
+        self.args.optimizer, self.args.lr0 = self.choice.name, self.choice.lr0
+        self.args.warmup_bias_lr = self.choice.warmup_bias_lr
         nominal = nominal_accumulate(cfg, self.batch, len(self.train_loader))
         self.weight_decay = scaled_weight_decay(cfg, self.batch, cfg.accumulate or max(round(cfg.nbs / self.batch), 1))
         model = self.backend.wrap(acc, model)  # SyncBN; FSDP2 shards here, before the optimizer sees the model
@@ -143,25 +121,31 @@ class Trainer:
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark == "on" and self.use_cuda
         self._autotune_clock: list[float] = []
 
-        # --- counters, on-device accumulators (read only at the logging interval) ------------------------------
-        self.state = TrainerState(world_size=self.world, batch=self.device_batch, backend=cfg.backend)
-        self.bad_run = torch.zeros((), device=self.device)  # current streak of non-finite steps
-        self.bad_max = torch.zeros((), device=self.device)  # longest streak since the last check
-        self.bad_total = torch.zeros((), device=self.device)
-        self.interval_losses, self.epoch_losses = LossMeter(), LossMeter()
+        # --- the resumable state (state.py), logging, signals -------------------------------------------------
+        self.progress = Progress(world_size=self.world, device_batch=self.device_batch, backend=cfg.backend)
+        self.health = StepHealth(self.device)
+        self.interval_losses, self.epoch_losses = LossMeter(self.device), LossMeter(self.device)
         self.log = RunLog(cfg, self.run_dir, enabled=self.is_main)
         self.stop_signal = StopSignal()
         self.first_step_s: float | None = None
+        self.on_micro_step: Callable[[], None] | None = None  # bench's timing hook: called after every micro-step
         if cfg.resume:
             self._resume(Path(cfg.resume))
         elif self.is_main:
             cfg.save(self.run_dir / "config.yaml")
-            write_run_info(self.run_dir, {"model": str(Path(spec).resolve()) if isinstance(spec, str) and
-                                          Path(spec).is_file() else spec, "data": str(data_yaml),
-                                          "names": self.data["names"], "imgsz": cfg.imgsz})  # fmt: skip
+            model_file = str(Path(spec).resolve()) if isinstance(spec, str) and Path(spec).is_file() else spec
+            write_run_info(self.run_dir, {"model": model_file, "data": str(data_yaml), "names": self.data["names"],
+                                          "imgsz": cfg.imgsz})  # fmt: skip
         if weights_report:
             self.log.message(weights_report)
+        if nominal < (cfg.accumulate or max(round(cfg.nbs / self.batch), 1)):
+            self.log.message(f"accumulate capped at {nominal}: an epoch has only {len(self.train_loader)} batches")
         self.log.message(self._describe(len(ckpt_layers), len(model.model)))
+
+    def pieces(self) -> dict:
+        """What a checkpoint holds besides the backend's state: name -> object with state_dict/load_state_dict."""
+        pieces = {"progress": self.progress, "health": self.health, "epoch_losses": self.epoch_losses}
+        return pieces if self.ema is None else {**pieces, "ema": self.ema}
 
     def _describe(self, ckpt_layers: int, layers: int) -> str:
         cfg, c = self.cfg, self.choice
@@ -180,9 +164,9 @@ class Trainer:
         """Run the remaining epochs; returns the last validation metrics."""
         metrics: dict[str, float] = {}
         self.stop_signal.install()  # SIGUSR1/SIGTERM: checkpoint at the next logging interval, then stop
-        first_epoch = self.state.epoch
+        first_epoch = self.progress.epoch
         try:
-            while self.state.epoch < self.cfg.epochs and not self.state.early_stopped:
+            while self.progress.epoch < self.cfg.epochs and not self.progress.early_stopped:
                 start = time.perf_counter()
                 try:
                     images = self.train_epoch()
@@ -190,31 +174,34 @@ class Trainer:
                     self._retry_smaller(first_epoch, e)
                     continue
                 metrics = self.end_epoch(images / max(time.perf_counter() - start, 1e-9), metrics)
+            self._finish(metrics)
         finally:
             self.stop_signal.uninstall()
-        self._finish(metrics)
+            if self.run_lock is not None:
+                self.run_lock.release()  # the run is over (or failed): the directory may be resumed
         return metrics
 
     def end_epoch(self, img_s: float, metrics: dict[str, float]) -> dict[str, float]:
         """E2E loss update, validation, best weights, early stopping, the metrics row and the epoch-end checkpoint."""
-        cfg, st = self.cfg, self.state
+        cfg, pr = self.cfg, self.progress
         if hasattr(self.criterion, "update"):  # YOLO26's E2ELoss: once per epoch
             self.criterion.update()
-        self._check_bad_steps()
+        self._check_health()
         self._refresh_eval_model()  # collective under sharding
-        if cfg.val or st.epoch + 1 == cfg.epochs:
+        if cfg.val or pr.epoch + 1 == cfg.epochs:
             half = self.use_cuda and self.backend.precision_name != "fp32"  # Ultralytics: AMP runs val in fp16
             metrics = self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half)
-        epoch = st.epoch
-        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        epoch = pr.epoch
+        pr.epoch, pr.batch_in_epoch = pr.epoch + 1, 0
         self._save_best(metrics)
-        if cfg.patience and st.epoch - st.best_epoch >= cfg.patience and "fitness" in metrics:
-            st.early_stopped = True
+        if cfg.patience and pr.epoch - pr.best_epoch >= cfg.patience and "fitness" in metrics:
+            pr.early_stopped = True
             self.log.message(f"early stopping: no better fitness for {cfg.patience} epochs (best at epoch "
-                             f"{st.best_epoch}); patience=0 disables it")  # fmt: skip
-        self.log.epoch_end(self._epoch_row(metrics, img_s), step=st.optimizer_steps)
+                             f"{pr.best_epoch}); patience=0 disables it")  # fmt: skip
+        self.log.epoch_end(self._epoch_row(metrics, img_s), step=pr.optimizer_steps)
+        self.epoch_losses.reset()
         keep = cfg.save_period > 0 and epoch % cfg.save_period == 0  # Ultralytics' epoch{N}.pt, N 0-based
-        save_checkpoint(self.accelerator, self.run_dir, st, self._ema_state(), keep_this=keep)
+        self._checkpoint(epoch_end=True, keep_this=keep)
         if keep and self.is_main:
             (self.run_dir / "weights").mkdir(exist_ok=True)
             write_ultralytics_pt(self.eval_model, self.args, self.run_dir / "weights" / f"epoch{epoch}.pt", metrics)
@@ -222,48 +209,50 @@ class Trainer:
 
     def train_epoch(self) -> int:
         """One epoch (or what is left of it after a resume); returns the number of images processed."""
-        cfg, st = self.cfg, self.state
-        if cfg.close_mosaic and st.epoch >= cfg.epochs - cfg.close_mosaic and self.args.mosaic > 0:
+        cfg, pr = self.cfg, self.progress
+        if cfg.close_mosaic and pr.epoch >= cfg.epochs - cfg.close_mosaic and self.args.mosaic > 0:
             self.log.message(f"closing mosaic for the last {cfg.close_mosaic} epochs")
             self.train_loader.dataset.close_mosaic(self.args)  # Ultralytics' own switch (zeroes mosaic/mixup/...)
             self.train_loader = self._train_loader()
-        self.train_loader.sampler.set_epoch(st.epoch, skip=st.batch_in_epoch * self.device_batch)
+        self.train_loader.sampler.set_epoch(pr.epoch, skip=pr.batch_in_epoch * self.device_batch)
         self.model.train()
         images, t_log, n_log = 0, time.perf_counter(), 0
-        bar = self.log.epoch_bar(self.train_loader, len(self.train_loader), st.epoch, cfg.epochs)
+        bar = self.log.epoch_bar(self.train_loader, len(self.train_loader), pr.epoch, cfg.epochs)
         for batch in bar:
             stepped = self.train_step(batch)
-            st.batch_in_epoch += 1
+            pr.batch_in_epoch += 1
+            if self.on_micro_step is not None:
+                self.on_micro_step()
             if len(self._autotune_clock) <= AUTOTUNE_TIMED[1]:
                 self._maybe_autotune()
             n = batch["img"].shape[0] * self.world
             images, n_log = images + n, n_log + n
             if stepped and self.first_step_s is None:
                 self._first_step_done()
-            if stepped and st.optimizer_steps % cfg.log_interval == 0:
-                values = {"step": st.optimizer_steps, **self.interval_losses.read()}  # the interval's one host sync
+            if stepped and pr.optimizer_steps % cfg.log_interval == 0:
+                values = {"step": pr.optimizer_steps, **self.interval_losses.means()}  # the interval's host sync
+                self.interval_losses.reset()
                 values["lr"] = self.optimizer.param_groups[0]["lr"]
-                self._check_bad_steps()
+                self._check_health()
                 now = time.perf_counter()
                 values["img_s"] = n_log / (now - t_log)
                 if self.use_cuda:
                     values["mem_GiB"] = torch.cuda.max_memory_reserved(self.device) / 2**30
                 t_log, n_log = now, 0
-                self.log.step(values, st.optimizer_steps)
+                self.log.step(values, pr.optimizer_steps)
                 self._stop_if_signalled()
-            if stepped and cfg.save_steps and st.optimizer_steps % cfg.save_steps == 0:
-                self._check_bad_steps()
-                save_checkpoint(self.accelerator, self.run_dir, st, self._ema_state())
+            if stepped and cfg.save_steps and pr.optimizer_steps % cfg.save_steps == 0:
+                self._checkpoint()
         return images
 
     def train_step(self, batch: dict) -> bool:
         """Forward, loss and backward of one micro-batch; at the end of an accumulation window also clip, step
         (skipped on the device if the gradient norm is not finite) and update the EMA. Returns whether the optimizer
         stepped. No host synchronisation of ours (Ultralytics' loss has one: docs/benchmarks.md)."""
-        acc, cfg, st = self.accelerator, self.cfg, self.state
-        ni = st.micro_step  # Ultralytics' batch index: the schedule's position
-        self.schedule.apply(self.optimizer, ni, st.epoch)
-        sync = ni - st.last_opt_step >= self.schedule.accumulate_at(ni)
+        acc, cfg, pr = self.accelerator, self.cfg, self.progress
+        ni = pr.micro_step  # Ultralytics' batch index: the schedule's position
+        self.schedule.apply(self.optimizer, ni, pr.epoch)
+        sync = ni - pr.last_opt_step >= self.schedule.accumulate_at(ni)
         oom = None
         try:
             batch = self.prepare_batch(batch)
@@ -277,19 +266,16 @@ class Trainer:
             oom = str(e)  # raised below, outside this block, so the failed forward's tensors are freed first
         if oom is not None:
             raise OutOfMemory(oom)
-        st.micro_step += 1
+        pr.micro_step += 1
         self.interval_losses.add(loss_items)
         self.epoch_losses.add(loss_items)
         if not sync:
             return False
-        bad = self.backend.step(self.model, self.optimizer, cfg.grad_clip, acc)
+        self.health.record(self.backend.step(self.model, self.optimizer, cfg.grad_clip, acc))
         if self.ema is not None:
             self.ema.update(self.raw_model)
-        self.bad_run = (self.bad_run + 1) * bad
-        self.bad_max = torch.maximum(self.bad_max, self.bad_run)
-        self.bad_total += bad
-        st.optimizer_steps += 1
-        st.last_opt_step = ni
+        pr.optimizer_steps += 1
+        pr.last_opt_step = ni
         return True
 
     # --- helpers of the loop ---------------------------------------------------------------------------------------
@@ -306,6 +292,12 @@ class Trainer:
         return build_train_loader(self.train_set, self.cfg, self.device_batch, self.accelerator.process_index,
                                   self.world, self.use_cuda)  # fmt: skip
 
+    def _checkpoint(self, epoch_end: bool = False, keep_this: bool = False) -> Path:
+        """Collective. The skip count is read first, so the checkpoint holds the exact number."""
+        self._check_health()
+        return save_checkpoint(self.accelerator, self.run_dir, self.progress.optimizer_steps, self.pieces(),
+                               epoch_end=epoch_end, keep=self.cfg.keep_checkpoints, keep_this=keep_this)  # fmt: skip
+
     def _maybe_autotune(self) -> None:
         """cudnn_benchmark=auto: time micro-steps AUTOTUNE_TIMED of this process; if the rest of the run at that
         pace is longer than AUTOTUNE_WORTH_S, switch cuDNN's autotuning on (it pays back ~30 s within ~6 min)."""
@@ -314,7 +306,7 @@ class Trainer:
         if len(self._autotune_clock) != last + 1 or self.cfg.cudnn_benchmark != "auto" or not self.use_cuda:
             return
         per_step = (self._autotune_clock[last] - self._autotune_clock[first]) / (last - first)
-        left = per_step * (self.cfg.epochs * len(self.train_loader) - self.state.micro_step)
+        left = per_step * (self.cfg.epochs * len(self.train_loader) - self.progress.micro_step)
         if left > AUTOTUNE_WORTH_S:
             torch.backends.cudnn.benchmark = True
             self.log.message(f"cudnn_benchmark=auto: {left / 60:.0f} min of training left, cuDNN autotuning on")
@@ -328,13 +320,17 @@ class Trainer:
     def _retry_smaller(self, first_epoch: int, error: OutOfMemory) -> None:
         """A CUDA out-of-memory error in the first epoch of a single-process run: restart the epoch with half the
         per-device batch and twice the accumulation (the global batch, lr and weight decay stay; BatchNorm sees
-        half the images per forward). Otherwise, or after OOM_RETRIES, a one-line error with what would fit."""
-        st, cfg = self.state, self.cfg
+        half the images per forward); config.yaml records it for a resume. Otherwise, or after OOM_RETRIES, a
+        one-line error with what would fit."""
+        pr, cfg = self.progress, self.cfg
         peak = torch.cuda.max_memory_reserved(self.device) / 2**30 if self.use_cuda else 0.0
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30 if self.use_cuda else 0.0
-        self._free_memory()
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.use_cuda:
+            torch.cuda.empty_cache()
         retries = getattr(self, "_oom_retries", 0)
-        if self.world > 1 or st.epoch != first_epoch or retries >= OOM_RETRIES or self.device_batch == 1:
+        if self.world > 1 or pr.epoch != first_epoch or retries >= OOM_RETRIES or self.device_batch == 1:
             hint = "" if cfg.grad_ckpt != "off" else ", or grad_ckpt=highres (about 60% less activation memory)"
             raise UserError(
                 f"out of memory at device_batch {self.device_batch} (batch {self.batch} over {self.world} "
@@ -342,41 +338,35 @@ class Trainer:
                 f"device_batch={max(self.device_batch // 2, 1)} with accumulate={2 * self.schedule.accumulate} "
                 f"(same global batch){hint}. ({_first_line(str(error))})")  # fmt: skip
         self._oom_retries = retries + 1
-        old = self.device_batch
-        self.device_batch = max(old // 2, 1)
+        old, self.device_batch = self.device_batch, max(self.device_batch // 2, 1)
         self.train_loader = self._train_loader()
         accumulate = self.schedule.accumulate * old // self.device_batch
         self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), accumulate)
-        st.batch, st.batch_in_epoch, st.micro_step, st.last_opt_step = self.device_batch, 0, 0, -1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.interval_losses, self.epoch_losses = LossMeter(), LossMeter()
+        self.batch = self.device_batch * self.world
+        pr.device_batch, pr.batch_in_epoch, pr.micro_step, pr.last_opt_step = self.device_batch, 0, 0, -1
+        self.interval_losses.reset()
+        self.epoch_losses.reset()
+        cfg.device_batch, cfg.accumulate = self.device_batch, accumulate
+        cfg.save(self.run_dir / "config.yaml")
         self.log.message(
             f"CUDA out of memory at device_batch {old} ({peak:.1f} of {total:.1f} GiB): retrying the epoch with "
-            f"device_batch {self.device_batch} and accumulate {self.schedule.accumulate} ({self._oom_retries}/"
-            f"{OOM_RETRIES}); the global batch per optimizer step and the lr stay, BatchNorm now sees "
-            f"{self.device_batch} images per forward instead of {old}")  # fmt: skip
-
-    def _free_memory(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        if self.use_cuda:
-            torch.cuda.empty_cache()
+            f"device_batch {self.device_batch} and accumulate {accumulate} ({self._oom_retries}/{OOM_RETRIES}); "
+            f"the images per optimizer step and the lr stay, BatchNorm now sees {self.device_batch} images per "
+            f"forward instead of {old}")  # fmt: skip
 
     def _stop_if_signalled(self) -> None:
         """At a logging interval: if any rank got SIGUSR1/SIGTERM, all save a checkpoint here and stop together."""
         got = torch.tensor(float(self.stop_signal.received is not None), device=self.device)
         if self.accelerator.reduce(got, reduction="max").item() == 0:
             return
-        ckpt = save_checkpoint(self.accelerator, self.run_dir, self.state, self._ema_state())
+        ckpt = self._checkpoint()
         requeued = requeue_slurm_job() if self.is_main else None
         raise Preempted(f"stop signal received: checkpoint {ckpt} written"
                         + (f"; {requeued}" if requeued else "") + f". Continue with resume={self.run_dir}")
 
-    def _check_bad_steps(self) -> None:
+    def _check_health(self) -> None:
         """Every rank sees the same all-reduced gradient norm, so every rank raises here together."""
-        worst, total = (int(v) for v in torch.stack([self.bad_max, self.bad_total]).tolist())  # one host sync
-        self.bad_max.zero_()
-        self.state.skipped_steps = total
+        worst, total = self.health.check()  # one host sync
         if worst >= self.cfg.max_bad_steps:
             raise TrainingDiverged(
                 f"training stopped: {worst} consecutive optimizer steps had a non-finite loss or gradient norm "
@@ -391,25 +381,20 @@ class Trainer:
         else:
             self.eval_model.load_state_dict(full_model_state(self.raw_model), strict=False)
 
-    def _ema_state(self) -> dict | None:
-        """Collective: the whole EMA (rank 0 writes it)."""
-        self.state.ema_updates = self.ema.updates if self.ema is not None else 0
-        return self.ema.full_state_dict() if self.ema is not None else None
-
     def _epoch_row(self, metrics: dict[str, float], img_s: float) -> dict:
-        row = {"epoch": self.state.epoch, "time": round(seconds_since_start(), 2),
-               "optimizer_steps": self.state.optimizer_steps}  # fmt: skip
-        row.update({f"train/{k}": v for k, v in self.epoch_losses.read().items()})
+        pr = self.progress
+        row = {"epoch": pr.epoch, "time": round(seconds_since_start(), 2), "optimizer_steps": pr.optimizer_steps}
+        row.update({f"train/{k}": v for k, v in self.epoch_losses.means().items()})
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row.update({f"val/{k}": v for k, v in metrics.items()})
-        row.update(img_s=img_s, skipped_steps=self.state.skipped_steps)
+        row.update(img_s=img_s, skipped_steps=self.health.skipped())
         return row
 
     def _save_best(self, metrics: dict[str, float]) -> None:
         fitness = metrics.get("fitness")
-        if fitness is None or fitness <= self.state.best_fitness:
+        if fitness is None or fitness <= self.progress.best_fitness:
             return
-        self.state.best_fitness, self.state.best_epoch = fitness, self.state.epoch
+        self.progress.best_fitness, self.progress.best_epoch = fitness, self.progress.epoch
         if self.is_main:
             (self.run_dir / "weights").mkdir(exist_ok=True)
             save_weights(self.eval_model.state_dict(), self.run_dir / "weights" / "best.safetensors")
@@ -435,29 +420,29 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _resume(self, ckpt: Path) -> None:
-        def check(state: TrainerState) -> None:
-            if state.batch_in_epoch and (state.world_size, state.batch) != (self.world, self.device_batch):
+        def check(saved: dict) -> None:
+            if saved.get("batch_in_epoch") and (saved.get("world_size"), saved.get("device_batch")) != (
+                    self.world, self.device_batch):  # fmt: skip
                 raise UserError(
-                    f"checkpoint '{ckpt}' was saved mid-epoch with {state.world_size} process(es) x device_batch "
-                    f"{state.batch}; resume it with the same, or from an epoch-end checkpoint (now {self.world} x "
-                    f"{self.device_batch})."
+                    f"checkpoint '{ckpt}' was saved mid-epoch with {saved.get('world_size')} process(es) x "
+                    f"device_batch {saved.get('device_batch')}; resume it with the same, or from an epoch-end "
+                    f"checkpoint (now {self.world} x {self.device_batch})."
                 )
 
-        state, ema_state = load_checkpoint(self.accelerator, ckpt, self.model, self.optimizer, self.backend,
-                                           self.group_names, check)  # fmt: skip
-        if state.backend != self.cfg.backend:
-            self.log.message(f"resuming a backend={state.backend} checkpoint with backend={self.cfg.backend}")
-        if self.ema is not None and ema_state is not None:
-            self.ema.load_full_state_dict(ema_state, state.ema_updates)
+        load_checkpoint(self.accelerator, ckpt, self.model, self.optimizer, self.backend, self.group_names,
+                        self.pieces(), check)  # fmt: skip
+        pr = self.progress
+        if pr.backend != self.cfg.backend:
+            self.log.message(f"resuming a backend={pr.backend} checkpoint with backend={self.cfg.backend}")
         if hasattr(self.criterion, "update"):
-            for _ in range(state.epoch):  # replay E2ELoss's per-epoch schedule
+            for _ in range(pr.epoch):  # replay E2ELoss's per-epoch schedule
                 self.criterion.update()
-        self.bad_total.fill_(state.skipped_steps)
         if self.is_main:  # the continuing run's settings (overrides such as epochs= included) for the next resume
-            dataclasses.replace(self.cfg, resume="").save(self.run_dir / "config.yaml")
-        state.world_size, state.batch, state.backend = self.world, self.device_batch, self.cfg.backend
-        self.state = state
-        self.log.message(f"resumed from {ckpt}: epoch {state.epoch + 1}, optimizer step {state.optimizer_steps}")
+            self.cfg.resume = ""
+            self.cfg.save(self.run_dir / "config.yaml")
+            self.cfg.resume = str(ckpt)
+        pr.world_size, pr.device_batch, pr.backend = self.world, self.device_batch, self.cfg.backend
+        self.log.message(f"resumed from {ckpt}: epoch {pr.epoch + 1}, optimizer step {pr.optimizer_steps}")
 
 
 def device_batch_of(cfg: TrainConfig, world: int) -> int:

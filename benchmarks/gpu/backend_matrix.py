@@ -107,7 +107,7 @@ def measure(out: Path, backend: str, data: dict, spec: str) -> tuple:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         row["bare"] = {**measure_bare(trainer, resident, WARMUP, WINDOW), **peak_memory()}
-        row.update(devices=trainer.world, accumulate=trainer.schedule.accumulate, skipped_steps=int(trainer.bad_total.item()))
+        row.update(devices=trainer.world, accumulate=trainer.schedule.accumulate, skipped_steps=trainer.health.skipped())
     if torch.cuda.is_available():
         row["max_batch"] = max_batch_estimate(trainer, resident, int(batch))
     return row, trainer, resident

@@ -6,7 +6,7 @@ The bare step (`train_step` on a batch kept on the GPU, as `yoloscale bench` mea
 alternating three ways:
 - `no_sync`: as the loop runs. Ultralytics' detection loss still synchronises once per micro-step: its `preprocess`
   sizes the padded targets from `unique(...).max()` of the image indices on the GPU.
-- `sync_per_step`: plus `bad_total.item()` after each optimizer step (reading the skip flag on the host);
+- `sync_per_step`: plus `health.total.item()` after each optimizer step (reading the skip flag on the host);
 - `loss_without_sync`: the loss's `preprocess` given the largest number of boxes per image from the host (counted
   once here; a loader could count it on the CPU), so the loss does not wait for the forward to finish.
 5 windows of each after 6 warm-up steps; the medians and every window go to OUT.json.
@@ -49,7 +49,7 @@ def window(trainer, batch: dict, sync: bool) -> float:
     start = time.perf_counter()
     for _ in range(WINDOW):
         if trainer.train_step(dict(batch)) and sync:
-            trainer.bad_total.item()
+            trainer.health.total.item()
     torch.cuda.synchronize()
     return WINDOW * trainer.batch / (time.perf_counter() - start)
 

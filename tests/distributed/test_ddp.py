@@ -49,8 +49,8 @@ def test_two_process_training_run(tiny_data, tmp_path):
     run = tmp_path / "ddp"
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and "val/mAP50" in rows[0]
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000006"]  # 96 images / (2 x 8)
-    assert (run / "checkpoints/step-00000006/random_states_1.pkl").exists()  # every rank's RNG is saved
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000006-end"]  # 96 images / (2 x 8)
+    assert (run / "checkpoints/step-00000006-end/random_states_1.pkl").exists()  # every rank's RNG is saved
     assert (run / "weights/last.pt").exists()
 
 
@@ -74,7 +74,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_data, tmp_path):
     os.kill(int(workers[-1]), signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    (ckpt,) = sorted((run / "checkpoints").glob("step-*"))
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]  # the stop's checkpoint
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     assert not (run / "weights" / "last.pt").exists()
 

@@ -79,4 +79,4 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(tiny_data, tmp_path, laun
     assert "stop signal received: checkpoint" in log and f"requeued Slurm job {job}" in log, log[-3000:]
     assert "resumed from" in log, log[-3000:]
     assert (run / "weights" / "last.pt").exists()
-    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036"  # 3 epochs x 96/(2 x 4) steps
+    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036-end"  # 3 epochs x 96/(2 x 4) steps

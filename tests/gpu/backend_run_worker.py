@@ -35,5 +35,5 @@ metrics = trainer.train()
 if trainer.is_main:
     json.dump({"steps": steps, "metrics": metrics, "seconds": time.perf_counter() - start,
                "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
-               "skipped_steps": trainer.state.skipped_steps, "devices": trainer.world, "run_dir": str(trainer.run_dir)},
+               "skipped_steps": trainer.health.skipped(), "devices": trainer.world, "run_dir": str(trainer.run_dir)},
               open(out, "w"), indent=1)  # fmt: skip

@@ -21,6 +21,6 @@ def test_auto_turns_autotuning_on_only_for_a_long_run(tiny_data, tmp_path, monke
     monkeypatch.setattr(trainer_module, "AUTOTUNE_WORTH_S", 60.0)  # a CPU micro-step is ~0.05 s
     for _ in range(4):  # 12 micro-steps an epoch: past the timed ones
         trainer.train_epoch()
-        trainer.state.epoch += 1
-        trainer.state.batch_in_epoch = 0
+        trainer.progress.epoch += 1
+        trainer.progress.batch_in_epoch = 0
     assert torch.backends.cudnn.benchmark is expected

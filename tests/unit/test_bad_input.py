@@ -55,7 +55,7 @@ def test_empty_name_picks_a_fresh_directory(tmp_path):
 
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "metrics.csv").write_text("x")
-    assert new_run_dir(load_config(None, [f"project={tmp_path}"])).name == "train2"
+    assert new_run_dir(load_config(None, [f"project={tmp_path}"]))[0].name == "train2"
 
 
 def test_bad_labels_are_skipped_and_counted(tiny_data, tmp_path):

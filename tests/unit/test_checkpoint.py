@@ -7,25 +7,28 @@ import pytest
 import torch
 
 from helpers import TINY, run_cli
-from yoloscale.checkpoint import MARKER, complete_checkpoints, find_checkpoint
+from yoloscale.checkpoint import complete_checkpoints, find_checkpoint, folder
 from yoloscale.errors import UserError
 
 
 def _fake(run, name, complete=True):
     d = run / "checkpoints" / name
     d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"weights")
     if complete:
-        (d / MARKER).write_text("")
+        folder.seal(d)  # manifest, then the marker
     return d
 
 
 def test_latest_complete_checkpoint_wins(tmp_path):
     _fake(tmp_path, "step-00000010")
-    newest = _fake(tmp_path, "step-00000020")
+    newest = _fake(tmp_path, "step-00000020-end")
     _fake(tmp_path, "step-00000030", complete=False)  # killed while saving
-    _fake(tmp_path, ".tmp-step-00000040", complete=True)  # renamed only when complete
     assert complete_checkpoints(tmp_path)[-1] == newest
     assert find_checkpoint(tmp_path) == newest
+    # a kill between the two renames of a save leaves the complete copy under .tmp-: it counts
+    switched_late = _fake(tmp_path, ".tmp-step-00000040")
+    assert find_checkpoint(tmp_path) == switched_late
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
@@ -33,15 +36,15 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
         find_checkpoint(_fake(tmp_path, "step-00000030", complete=False))
 
 
-def test_corrupt_checkpoint_is_a_clear_error(trained_run, tmp_path):
+def test_every_checkpoint_damaged_is_a_clear_error(trained_run, tmp_path):
     run = tmp_path / "r"
     shutil.copytree(trained_run, run)
-    ckpt = complete_checkpoints(run)[-1]
-    model = ckpt / "model.safetensors"
-    model.write_bytes(model.read_bytes()[: 1000])  # truncated
+    for ckpt in complete_checkpoints(run):
+        model = ckpt / "model.safetensors"
+        model.write_bytes(model.read_bytes()[:1000])  # truncated
     proc = run_cli("train", f"resume={run}")
-    assert proc.returncode == 2
-    assert "is corrupt or unreadable" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "every checkpoint" in proc.stderr and "is damaged" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
@@ -56,8 +59,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
     batch["img"] = batch["img"].float() * math.nan  # NaN images -> NaN loss and gradients
     assert trainer.train_step(batch)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))  # weights untouched
-    trainer._check_bad_steps()  # one bad step: below the limit
-    assert trainer.state.skipped_steps == 1
+    trainer._check_health()  # one bad step: below the limit
+    assert trainer.health.skipped() == 1
     assert trainer.train_step(good)  # a good step resets the streak and moves the weights
     assert not all(torch.equal(a, b) for a, b in zip(before, trainer.raw_model.parameters()))
     for _ in range(2):
@@ -65,7 +68,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
         bad["img"] = bad["img"].float() * math.nan
         trainer.train_step(bad)
     with pytest.raises(TrainingDiverged, match="2 consecutive optimizer steps"):
-        trainer._check_bad_steps()
+        trainer._check_health()
 
 
 def test_a_skipped_step_is_counted_and_the_schedule_moves_on_as_in_ultralytics(tiny_data, tmp_path):
@@ -91,6 +94,6 @@ def test_a_skipped_step_is_counted_and_the_schedule_moves_on_as_in_ultralytics(t
 
     trainer.prepare_batch = first_batch_nan
     trainer.train_epoch()
-    trainer._check_bad_steps()
-    assert trainer.state.skipped_steps == 1 and trainer.state.optimizer_steps == 12
+    trainer._check_health()
+    assert trainer.health.skipped() == 1 and trainer.progress.optimizer_steps == 12
     assert positions == list(range(12))

@@ -47,7 +47,7 @@ def test_oom_retry_trains_like_a_run_at_half_the_batch(tiny_data, tmp_path):
     assert (retried.device_batch, retried.schedule.accumulate) == (4, 2)
     direct = _trainer(tiny_data, tmp_path, "direct", "batch=4", "nbs=8")  # accumulate 2 from the start
     direct.train()
-    assert retried.state.optimizer_steps == direct.state.optimizer_steps > 24  # 48 micro-steps, accumulate 1 -> 2
+    assert retried.progress.optimizer_steps == direct.progress.optimizer_steps > 24  # 48 micro-steps, accumulate 1 -> 2
     assert _losses(tmp_path / "retried") == pytest.approx(_losses(tmp_path / "direct"), rel=1e-6)
     a, b = (load_file(str(tmp_path / n / "weights/last.safetensors")) for n in ("retried", "direct"))
     for k in a:

@@ -15,9 +15,9 @@ from yoloscale.optim import (
 
 
 @pytest.mark.parametrize("batch, accumulate, batches, expected", [(16, 0, 100, 4), (32, 0, 100, 2), (256, 0, 100, 1),
-                                                               (8, 0, 100, 8), (16, 3, 100, 3), (8, 0, 3, 6)])
+                                                               (8, 0, 100, 8), (16, 3, 100, 3), (8, 0, 3, 3)])
 def test_accumulate_follows_ultralytics_rule_unless_explicit(batch, accumulate, batches, expected):
-    """max(round(nbs / global batch), 1), capped at the run's batch count (2 epochs of `batches` here)."""
+    """max(round(nbs / global batch), 1), capped at an epoch's batch count (so every epoch steps)."""
     cfg = load_config(None, [f"batch={batch}", f"accumulate={accumulate}", "nbs=64", "epochs=2"])
     assert nominal_accumulate(cfg, batch, batches) == expected
 

@@ -64,7 +64,7 @@ def _ours(data, project, settings: dict, batches: int) -> list[dict]:
     records, step = [], trainer.train_step
 
     def recorded_step(batch):
-        ni = trainer.state.micro_step
+        ni = trainer.progress.micro_step
         stepped = step(batch)
         records.append({"optimizer": type(trainer.optimizer.optimizer).__name__, "groups": _groups(trainer.optimizer),
                         "accumulate": trainer.schedule.accumulate_at(ni), "steps": trainer.optimizer.optimizer.steps_taken})  # fmt: skip

@@ -41,7 +41,7 @@ def test_run_directory(run):
 
     assert load_config(run / "config.yaml").epochs == 8
     ckpts = sorted((run / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == ["step-00000096"]  # 8 epochs x 12 steps; older ones removed after
+    assert [c.name for c in ckpts] == ["step-00000084-end", "step-00000096-end"]  # 8 epochs x 12 steps; the newest 2 kept
     assert {p.name for p in (run / "weights").iterdir()} >= {"best.pt", "last.pt", "best.safetensors",
                                                              "last.safetensors"}
 
@@ -94,7 +94,7 @@ def test_resume_after_sigkill_continues_exactly(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     last_a = sorted((tmp_path / "straight/checkpoints").iterdir())[-1].name
     last_b = sorted((tmp_path / "killed/checkpoints").iterdir())[-1].name
-    assert last_a == last_b == "step-00000024"
+    assert last_a == last_b == "step-00000024-end"
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -132,13 +132,14 @@ def test_sigusr1_saves_a_checkpoint_and_stops_then_the_run_resumes(tiny_data, tm
     assert "stop signal received: checkpoint" in err
     import json
 
-    (ckpt,) = sorted((run / "checkpoints").glob("step-*"))
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]  # the stop's, after the epoch ends before it
+    assert not ckpt.name.endswith("-end")
+    state = json.loads((ckpt / "trainer_state.json").read_text())["progress"]
     assert state["optimizer_steps"] > 0 and state["epoch"] < 3
     assert not (run / "weights" / "last.pt").exists()  # stopped, not finished
     assert main(["train", f"resume={run}"]) == 0
     assert (run / "weights" / "last.pt").exists()
-    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036"  # 3 epochs x 12 steps
+    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036-end"  # 3 epochs x 12 steps
 
 
 def test_export_without_ema_consolidates_the_checkpoint(tiny_data, tmp_path):

@@ -1,11 +1,15 @@
-"""Resumable checkpoints, written atomically.
+"""Resumable checkpoints: the trainer's stateful pieces and the backend's state, in a folder that is safe at every
+instant and verified when read (folder.py says how).
 
-A checkpoint is a folder `RUN/checkpoints/step-NNNNNNNN/` holding Accelerate's state (model as safetensors,
-optimizer, loss scaler, every rank's RNG states), our EMA (`ema.safetensors`) and `trainer_state.json`
-(epoch, data position, counters). It is written as `.tmp-step-NNNNNNNN/`, completed by a `COMPLETE` marker, then
-renamed into place in one `os.replace`; only after that are older checkpoints removed. A folder without the marker
-or with the temporary prefix is never resumed from, so a run killed at any instant resumes from its last complete
-checkpoint.
+    RUN/checkpoints/step-NNNNNNNN[-end]/
+        Accelerate's state: the model, optimizer, loss scaler, every rank's RNG states, in the backend's layout
+        trainer_state.json   every piece's state_dict (state.py: progress, step health, epoch losses; the EMA's count)
+        ema.safetensors      the EMA's tensors ("tensors" of its state_dict)
+        MANIFEST.json        size and hash of every file;  COMPLETE  the marker, written last
+
+`-end` marks the save at an epoch's end, so a periodic save on the epoch's last step and the epoch-end save of the
+same step are two folders. The newest `keep_checkpoints` are kept; resume takes the newest that verifies and falls
+back to an older one with a warning naming the damaged one.
 """
 
 from __future__ import annotations
@@ -13,131 +17,161 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from yoloscale.errors import UserError
+from yoloscale.checkpoint import folder
+from yoloscale.checkpoint.folder import KEEP, MARKER
+from yoloscale.errors import UserError, warn
 
-MARKER = "COMPLETE"
-KEEP = "KEEP"  # a checkpoint that save_period keeps: never removed by the rotation
-
-
-@dataclass
-class TrainerState:
-    """The trainer's own counters: everything besides tensors that a resumed run needs."""
-
-    epoch: int = 0  # current epoch (0-based)
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed by each rank (the data position)
-    micro_step: int = 0  # micro-batches consumed since the start of training (Ultralytics' `ni`)
-    optimizer_steps: int = 0
-    last_opt_step: int = -1  # micro_step of the last optimizer step (Ultralytics' last_opt_step)
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
-    ema_updates: int = 0
-    best_fitness: float = -1.0
-    best_epoch: int = 0  # epochs completed when the best fitness was reached (early stopping's reference)
-    early_stopped: bool = False
-    world_size: int = 1
-    batch: int = 0  # per-device batch
-    backend: str = "ddp"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+STATE = "trainer_state.json"
+__all__ = ["KEEP", "MARKER", "complete_checkpoints", "find_checkpoint", "load_checkpoint", "save_checkpoint",
+           "save_weights"]  # fmt: skip
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Atomically write a state dict as safetensors (tmp file + rename)."""
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        error = folder.io_error(e, path, 4 * sum(v.numel() for v in state_dict.values()))
+        if error is None:
+            raise
+        raise error from None
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, ema_state: dict | None, keep: int = 1,
-                    keep_this: bool = False) -> Path:  # fmt: skip
-    """Collective: every rank must call it. Returns the final checkpoint folder. The newest `keep` checkpoints stay,
-    and those saved with `keep_this` (save_period)."""
-    root = run_dir / "checkpoints"
-    final = root / f"step-{state.optimizer_steps:08d}"
-    tmp = root / f".tmp-{final.name}"
+def _split(pieces: dict[str, Any]) -> tuple[dict, dict[str, dict]]:
+    """Every piece's state_dict: the JSON part, and the tensors (a piece's 'tensors' entry) by piece."""
+    state, tensors = {}, {}
+    for name, piece in pieces.items():
+        sd = dict(piece.state_dict())
+        if "tensors" in sd:
+            tensors[name] = sd.pop("tensors")
+        state[name] = sd
+    return state, tensors
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, pieces: dict[str, Any], epoch_end: bool = False,
+                    keep: int = 2, keep_this: bool = False) -> Path:  # fmt: skip
+    """Collective: every rank must call it. `pieces`: name -> object with state_dict(). Returns the folder."""
+    root = Path(run_dir) / "checkpoints"
+    name = f"step-{step:08d}" + ("-end" if epoch_end else "")
+    final, tmp = root / name, root / f".tmp-{name}"
+    state, tensors = _split(pieces)  # collective (the EMA gathers), before anything is written
+    error = None
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save killed before its marker
+            tmp.mkdir()
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # model, optimizer, scaler, per-rank RNG states
+        if accelerator.is_main_process:
+            for piece, t in tensors.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in t.items()}, str(tmp / f"{piece}.safetensors"))
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+            if keep_this:
+                (tmp / KEEP).touch()
+    except (OSError, RuntimeError) as e:
+        error = folder.io_error(e, tmp, folder.size_of(_newest(root)))
+        if error is None:
+            raise
+    if _any_rank(accelerator, error is not None):  # every rank stops together, the main one says why
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error or UserError(f"another process could not write its part of checkpoint '{final}'.")
+    folder.fault("written")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scaler, per-rank RNG states
-    if accelerator.is_main_process:
-        if ema_state is not None:
-            save_weights(ema_state, tmp / "ema.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-        if keep_this:
-            (tmp / KEEP).touch()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / MARKER, "w") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # same step saved twice (e.g. periodic save right before an epoch end)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            if not (old / KEEP).exists():
-                shutil.rmtree(old, ignore_errors=True)
+        folder.seal(tmp)
+        folder.switch(tmp, final)
+        folder.rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
 
 
+def _any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="max").item())
+
+
+def _newest(root: Path) -> Path | None:
+    done = folder.complete(root)
+    return done[-1] if done else None
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
+    """Complete checkpoints of a run, oldest first (not yet verified)."""
+    return folder.complete(Path(run_dir) / "checkpoints")
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or the latest complete one of a run directory; a clear error when there is none."""
+    """A checkpoint folder that verifies: the one named, or the newest of a run directory that does, with a warning
+    for each newer one that does not. A clear error when there is none."""
     path = Path(path)
     if (path / MARKER).is_file():
+        problem = folder.verify(path)
+        if problem:
+            raise UserError(f"checkpoint '{path}' is damaged: {problem}. Resume the run directory instead to fall "
+                            "back to an older checkpoint.")  # fmt: skip
         return path
-    if path.name.startswith(".tmp-") or (path.parent.name == "checkpoints" and path.is_dir()):
+    if folder.step_name(path) or (path.parent.name == "checkpoints" and path.is_dir()):
         raise UserError(f"checkpoint '{path}' is incomplete (no {MARKER} marker): the save was interrupted.")
     if not path.is_dir():
         raise UserError(f"resume: '{path}' does not exist.")
     found = complete_checkpoints(path)
     if not found:
         raise UserError(f"resume: run directory '{path}' holds no complete checkpoint under checkpoints/.")
-    return found[-1]
+    for ckpt in reversed(found):
+        problem = folder.verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"checkpoint '{ckpt}' is damaged ({problem}); trying an older one")
+    raise UserError(f"resume: every checkpoint of '{path}' is damaged (the newest: {folder.verify(found[-1])}).")
+
+
+def read_state(ckpt: Path) -> dict:
+    """trainer_state.json (an older flat file is read as the progress piece)."""
+    try:
+        saved = json.loads((ckpt / STATE).read_text())
+    except Exception as e:
+        raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    if "progress" not in saved:  # written before the pieces had their own entries
+        saved = {"progress": {**saved, "device_batch": saved.get("batch", 0)},
+                 "health": {"skipped": saved.get("skipped_steps", 0)}, "ema": {"updates": saved.get("ema_updates", 0)}}
+    return saved
 
 
 def load_checkpoint(accelerator, ckpt: Path, model, optimizer, backend, group_names: list[list[str]],
-                    check=None) -> tuple[TrainerState, dict | None]:  # fmt: skip
-    """Restore model, optimizer and RNG states in place (from any backend and world size: Backend.load_state);
-    return our counters and the EMA state dict (if saved).
+                    pieces: dict[str, Any], check=None) -> None:  # fmt: skip
+    """Restore the backend's state (from any backend and world size: Backend.load_state) and every piece in place.
+    `check(progress_state)` runs before anything is loaded, so a checkpoint this run cannot take (e.g. saved
+    mid-epoch with another per-device batch) is refused with its own message instead of failing inside the loader."""
+    from yoloscale.backend import layout_of
 
-    `check(state)` runs before anything is loaded, so a checkpoint this run cannot take (e.g. saved mid-epoch with
-    another global batch) is refused with its own message instead of failing inside the loader."""
-    try:
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
-        state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
-    except Exception as e:
-        raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    saved = read_state(ckpt)
+    progress = saved["progress"]
     if check is not None:
-        check(state)
+        check(progress)
     try:
-        from yoloscale.backend import layout_of
-
-        backend.load_state(accelerator, ckpt, layout_of(state.backend), state.world_size, model, optimizer,
-                           group_names)  # fmt: skip
-        ema_file = ckpt / "ema.safetensors"
-        ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
+        backend.load_state(accelerator, ckpt, layout_of(progress.get("backend", "ddp")), progress.get("world_size", 1),
+                           model, optimizer, group_names)  # fmt: skip
+        for name, piece in pieces.items():
+            state = dict(saved.get(name, {}))
+            tensors = ckpt / f"{name}.safetensors"
+            if tensors.is_file():
+                state["tensors"] = load_file(str(tensors))
+            elif name == "ema":
+                raise UserError(f"checkpoint '{ckpt}' has no ema.safetensors, and this run keeps an EMA.")
+            piece.load_state_dict(state)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
-    return state, ema_state
