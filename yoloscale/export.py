@@ -63,7 +63,6 @@ def pt_from_weights(src: Path | dict, dst: Path, model_yaml: str, names: dict, a
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's EMA, or (a run with ema=False) its model weights in whichever layout its backend wrote:
     DDP's safetensors, FSDP2's DCP shards or DeepSpeed's ZeRO partitions, consolidated on this machine."""
-    import json
 
     from yoloscale.backend import layout_of
     from yoloscale.checkpoint.full_state import read_weights
