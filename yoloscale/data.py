@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -115,7 +116,31 @@ def build_dataset(args: SimpleNamespace, data: dict, split: str, batch: int, str
         raise UserError(f"{split} split '{data[split]}': {_one_line(e)}") from None
     if len(dataset) == 0:
         raise UserError(f"{split} split '{data[split]}': no usable images.")
+    _explain_skipped(dataset)
     return dataset
+
+
+# Ultralytics' reasons for a skipped image that name a cause other than the real one
+_CRYPTIC = {"pi_heif": "not an image it can decode (an empty or damaged file?)"}
+
+
+def _explain_skipped(dataset: Dataset) -> None:
+    """One clearer line for each skipped image whose reason in Ultralytics' label cache is cryptic."""
+    from ultralytics.data.utils import load_dataset_cache_file
+
+    from yoloscale.errors import warn
+
+    files = getattr(dataset, "label_files", None)
+    cache = Path(files[0]).parent.with_suffix(".cache") if files else None
+    try:
+        messages = load_dataset_cache_file(cache).get("msgs", []) if cache and cache.is_file() else []
+    except Exception:
+        return
+    for message in messages:
+        for token, meaning in _CRYPTIC.items():
+            if token in message:
+                image = re.sub(r"\x1b\[[0-9;]*m", "", message).split(": ignoring", 1)[0].split(" ")[-1]
+                warn(f"'{image}' was skipped: {meaning}")
 
 
 def build_train_loader(dataset: Dataset, cfg: TrainConfig, batch: int, rank: int, world: int,

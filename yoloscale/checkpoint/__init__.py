@@ -38,7 +38,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # torch raises RuntimeError, safetensors SafetensorError on a full disk
         tmp.unlink(missing_ok=True)
         error = folder.io_error(e, path, 4 * sum(v.numel() for v in state_dict.values()))
         if error is None:
@@ -78,7 +78,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, pieces: dict[str, Any
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             if keep_this:
                 (tmp / KEEP).touch()
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # torch raises RuntimeError, safetensors SafetensorError on a full disk
         error = folder.io_error(e, tmp, folder.size_of(_newest(root)))
         if error is None:
             raise

@@ -8,7 +8,7 @@ Writing (`write`), in this order, each step durable (fsync) before the next:
   4. only then are older checkpoints removed (the newest `keep`, and those marked KEEP, stay).
 A folder counts as a checkpoint once it has its marker, whatever its name (`.tmp-`/`.old-` included: a kill between
 the renames of step 3 leaves the complete copy there), and it is resumed from only if its manifest verifies.
-`YOLOSCALE_FAULT=<point>` makes the process die at that point of the protocol (tests/unit/test_survival.py).
+`YOLOSCALE_FAULT=<point>[@N]` makes the process die at that point of the protocol (tests/unit/test_survival.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,20 @@ _NAME = re.compile(r"^(?:\.tmp-|\.old-)?(step-\d{8}(?:-end)?)$")
 FAULT_POINTS = ("written", "manifest", "complete", "aside", "switched", "rotated")
 
 
+_reached: dict[str, int] = {}
+
+
 def fault(point: str) -> None:
-    """Die here if the environment asks for it (a kill at an exact instant of the protocol, for the tests)."""
-    if os.environ.get("YOLOSCALE_FAULT") == point:
-        os._exit(137)
+    """Die here if the environment asks for it (`YOLOSCALE_FAULT=point` or `point@N`: the N-th time this point is
+    reached), a kill at an exact instant of the protocol, for the tests."""
+    want = os.environ.get("YOLOSCALE_FAULT", "")
+    if not want:
+        return
+    name, _, nth = want.partition("@")
+    if name == point:
+        _reached[point] = _reached.get(point, 0) + 1
+        if _reached[point] == int(nth or 1):
+            os._exit(137)
 
 
 def fsync_dir(path: Path) -> None:
