@@ -94,6 +94,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, trust_pickle: bool = 
             raise UserError(f"weights file '{path}' is not a readable safetensors file: {e}") from None
     elif path.suffix == ".pt":
         state = read_ultralytics_pt(path, trust_pickle)[1]
+        return load_matching(model, state, f"{path} (a pickle, read weights-only: Ultralytics' allow-list)")
     else:
         raise UserError(f"weights file '{path}' must be .safetensors or an Ultralytics .pt.")
     return load_matching(model, state, str(path))

@@ -82,7 +82,8 @@ class Trainer:
         model = build_model(spec, self.data["nc"], self.data["names"], self.args, verbose=self.is_main)
         weights_report = ""
         if not cfg.resume and cfg.model.endswith(".pt"):
-            weights_report = load_matching(model, read_ultralytics_pt(cfg.model, cfg.trust_pickle)[1], cfg.model)
+            weights_report = load_matching(model, read_ultralytics_pt(cfg.model, cfg.trust_pickle)[1],
+                                           f"{cfg.model} (a pickle, read weights-only: Ultralytics' allow-list)")
         elif cfg.weights and not cfg.resume:
             weights_report = load_weights(model, cfg.weights, cfg.trust_pickle)
         stride = max(int(model.stride.max()), 32)

@@ -82,3 +82,23 @@ def test_bad_labels_are_skipped_and_counted(tiny_data, tmp_path):
 @pytest.mark.parametrize("argv, message", [(["export", "/nonexistent"], "not a yoloscale run directory")])
 def test_export_of_a_non_run(argv, message):
     _fails(argv, message)
+
+
+def test_an_empty_image_file_is_named_plainly(tiny_data, tmp_path):
+    """Ultralytics reports a zero-byte image as a missing `pi_heif` module; one more line says what it is."""
+    from yoloscale.config import load_config
+    from yoloscale.data import build_dataset, check_dataset, ultralytics_args
+
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+    (root / "data.yaml").write_text((root / "data.yaml").read_text().replace(str(tiny_data.parent), str(root)))
+    (root / "images/train/000003.png").write_bytes(b"")
+    data = check_dataset(root / "data.yaml")
+    args = ultralytics_args(load_config(None, TINY), root / "data.yaml")
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        build_dataset(args, data, "train", 8, 32)
+    assert "000003.png' was skipped: not an image it can decode" in err.getvalue()

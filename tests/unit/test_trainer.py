@@ -92,6 +92,8 @@ def test_resume_after_sigkill_continues_exactly(tiny_data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # the resumed epoch's metrics row covers the whole epoch (its loss sums were in the checkpoint)
+    assert _rows(tmp_path / "killed")[0]["train/box_loss"] == _rows(tmp_path / "straight")[0]["train/box_loss"]
     last_a = sorted((tmp_path / "straight/checkpoints").iterdir())[-1].name
     last_b = sorted((tmp_path / "killed/checkpoints").iterdir())[-1].name
     assert last_a == last_b == "step-00000024-end"
