@@ -1,17 +1,18 @@
 """`yoloscale bench`: Ultralytics' trainer, our loop, the bare-step ceiling and the data loader, side by side.
 
-    yoloscale bench [config.yaml] [key=value ...] [--out DIR] [--precisions bf16,fp16] [--gpus 1,2]
-                    [--loader-workers 4,8,16] [--skip ultralytics,loader]
+    yoloscale bench [config.yaml] [key=value ...] [out=DIR] [precisions=bf16,fp16] [gpus=1,2]
+                    [loader_workers=4,8,16] [skip=ultralytics,loader]
 
 Settings (model, imgsz, batch, data, workers...) are the training configuration's; `data=synthetic` writes a
 synthetic set of the right size at `imgsz`. Every measurement runs in a fresh process (torchrun for several GPUs),
 so peak memory is its own. Method, also written into the JSON:
-  * steady state: the first `--warmup` micro-batches are dropped; img/s is the median over windows of `--window`
+  * steady state: the first `warmup` micro-batches are dropped; img/s is the median over windows of `window`
     micro-batches, each closed by a device synchronisation. Several GPUs: global img/s (timed on rank 0).
   * ultralytics: `YOLO(model).train(...)`, default AMP (fp16 + GradScaler), timed per batch from its
     `on_train_batch_end` callback (its loop reads the losses on the host every batch). Its online AMP check, which
     downloads weights, is replaced by `True`, the answer it gives on a healthy GPU.
-  * loop: our Trainer's loader + train_step(); bare: the same train_step() on one batch kept on the device.
+  * loop: our Trainer's own train_epoch(), timed through its on_micro_step hook; bare: the same train_step() on
+    one batch kept on the device.
   * loader: our train loader alone (Ultralytics' dataset and augmentation), img/s per worker count.
   * MFU = img/s x 3 x forward FLOPs per image (Ultralytics' count at imgsz) / (GPUs x peak), peak measured in the
     same run with an 8192^3 bf16 matmul on CUDA (a 2048^3 fp32 matmul on the CPU).
@@ -30,6 +31,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from yoloscale.config import _f
 from yoloscale.errors import UserError
 
 
@@ -117,20 +121,24 @@ def measure_loop(cfg, warmup: int, window: int) -> dict:
 
 
 def loop_and_bare(trainer, warmup: int, window: int) -> tuple[dict, dict]:
-    """Our loop over one epoch of the real loader, then the bare step on its last batch. Returns the results and
-    that batch (on the device)."""
-    trainer.model.train()
-    trainer.train_loader.sampler.set_epoch(0)
-    times, batch, start = [], None, time.perf_counter()
-    for i, batch in enumerate(trainer.train_loader):
-        trainer.train_step(batch)
+    """One epoch of our real loop (Trainer.train_epoch, timed after each micro-step through its on_micro_step
+    hook), then the bare step on a batch of the same data. Returns the results and that batch (on the device)."""
+    times: list[float] = []
+
+    def clock() -> None:
+        i = len(times)
         if i < warmup or (i - warmup) % window == 0:
             _sync()
         times.append(time.perf_counter())
+
+    trainer.on_micro_step = clock
+    start = time.perf_counter()
+    trainer.train_epoch()
+    trainer.on_micro_step = None
     images = trainer.batch
     # The first micro-batch's time includes the loader's start and, with compile=True, the compilation.
     loop = {**steady_img_s(times, images, warmup, window), **peak_memory(), "first_step_s": times[0] - start}
-    resident = trainer.prepare_batch(batch)
+    resident = trainer.prepare_batch(next(iter(trainer.train_loader)))
     bare = measure_bare(trainer, resident, warmup, window)
     return {"loop": loop, "bare": bare, "devices": trainer.world, "precision": trainer.accelerator.mixed_precision,
             "skipped_steps": trainer.health.skipped(), "accumulate": trainer.schedule.accumulate,
@@ -306,7 +314,7 @@ def bench(cfg, opts) -> dict:
         # the per-device batch stays what one GPU runs: several GPUs measure weak scaling
         per_device = [f"device_batch={cfg.device_batch or cfg.batch}"] if kind.startswith("loop-") else []
         cmd = [*launcher, "-m", "yoloscale", "bench", *opts.settings, f"data={cfg.data}", *per_device, *opts.flags,
-               "--only", kind]  # fmt: skip
+               f"--only={kind}"]  # fmt: skip
         t = time.time()
         with open(opts.out / f"{kind}.log", "w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "YOLO_OFFLINE": "1"}).returncode
@@ -330,30 +338,40 @@ def _int_list(text: str, flag: str, minimum: int) -> list[int]:
     return values
 
 
-def run(args: argparse.Namespace) -> None:
-    """Entry point of `yoloscale bench` (see cli.py for the flags)."""
+@dataclass
+class BenchSettings:
+    out: str = _f("runs/bench", "Output folder (bench.json, bench.png, logs).")
+    precisions: str = _f("bf16,fp16", "Precisions of our loop to measure (comma list of bf16, fp16, fp32).")
+    gpus: str = _f("1", "Device counts, e.g. 1,2,8 (several: launched with torchrun); the per-device batch stays.")
+    loader_workers: str = _f("4,8,16", "Worker counts for the loader-alone measurement.")
+    skip: str = _f("", "Comma list of parts to skip: ultralytics, loader.")
+    warmup: int = _f(14, "Micro-batches dropped before timing.")
+    window: int = _f(10, "Micro-batches per timing window.")
+
+
+def run(args: list[str], only: str | None = None) -> None:
+    """Entry point of `yoloscale bench [config.yaml] key=value ...` (`only`: one measurement, in a child)."""
     import dataclasses
 
-    from yoloscale.config import load_config
+    from yoloscale.config import load_config, parse_command
 
-    cfg_file = args.args[0] if args.args and "=" not in args.args[0] else None
-    overrides = args.args[1:] if cfg_file else args.args
-    opts = argparse.Namespace(out=Path(args.out), warmup=args.warmup, window=args.window,
-                              precisions=[p for p in args.precisions.split(",") if p],
-                              gpus=_int_list(args.gpus, "--gpus", minimum=1),
-                              loader_workers=_int_list(args.loader_workers, "--loader-workers", minimum=0),
-                              skip=set(args.skip.split(",")) - {""})  # fmt: skip
+    ns, cfg_file, overrides = parse_command(BenchSettings, args, "bench")
+    opts = argparse.Namespace(out=Path(ns.out), warmup=ns.warmup, window=ns.window,
+                              precisions=[p for p in ns.precisions.split(",") if p],
+                              gpus=_int_list(ns.gpus, "gpus", minimum=1),
+                              loader_workers=_int_list(ns.loader_workers, "loader_workers", minimum=0),
+                              skip=set(ns.skip.split(",")) - {""})  # fmt: skip
     bad = [p for p in opts.precisions if p not in ("bf16", "fp16", "fp32")] + sorted(opts.skip - {"ultralytics", "loader"})
-    if bad or not opts.precisions or args.warmup < 0 or args.window < 1:
-        raise UserError(f"bench: bad value(s) {bad or ''}: --precisions takes bf16,fp16,fp32; --skip takes "
-                        "ultralytics,loader; --warmup >= 0 and --window >= 1.")
-    # what each child process is given: the same settings (data replaced by the prepared set) and timing flags
-    opts.settings = [a for a in args.args if not a.startswith("data=")]
-    opts.flags = [f"--out={opts.out}", f"--warmup={opts.warmup}", f"--window={opts.window}"]
+    if bad or not opts.precisions or ns.warmup < 0 or ns.window < 1:
+        raise UserError(f"bench: bad value(s) {bad or ''}: precisions= takes bf16,fp16,fp32; skip= takes "
+                        "ultralytics,loader; warmup >= 0 and window >= 1.")
+    # what each child process is given: the same settings (data replaced by the prepared set) and timing keys
+    opts.settings = ([cfg_file] if cfg_file else []) + [a for a in overrides if not a.startswith("data=")]
+    opts.flags = [f"out={opts.out}", f"warmup={opts.warmup}", f"window={opts.window}"]
     cfg = load_config(cfg_file, overrides)
-    if args.only:
+    if only:
         cfg = dataclasses.replace(cfg, epochs=1, val=False, plots=False, close_mosaic=0, project=str(opts.out / "runs"),
-                                  name=args.only)  # fmt: skip
-        _measure_one(args.only, cfg, opts)
+                                  name=only)  # fmt: skip
+        _measure_one(only, cfg, opts)
     else:
         bench(cfg, opts)

@@ -1,5 +1,11 @@
-"""Command line: `yoloscale train [cfg.yaml] [key=value ...]`, `yoloscale data synth --out DIR`, `yoloscale export RUN`.
+"""The command line. One convention for every command, as Ultralytics' `yolo MODE key=value`:
 
+    yoloscale train [config.yaml] [key=value ...]        yoloscale bench [config.yaml] [key=value ...]
+    yoloscale race [config.yaml] [key=value ...]         yoloscale launch slurm [config.yaml] [key=value ...]
+    yoloscale launch templates out=DIR                   yoloscale data synth out=DIR [key=value ...]
+    yoloscale export RUN                                  yoloscale doctor [bench=True] [export=True]
+
+`yoloscale COMMAND --help` lists the command's keys (config.parse_command checks them, with "did you mean").
 Bad input ends with one line `yoloscale: error: ...` and exit code 2, never a traceback.
 """
 
@@ -17,11 +23,32 @@ from yoloscale.preemption import Preempted
 def _train_help() -> str:
     from yoloscale.config import field_help
 
-    lines = ["configuration keys (key=value; defaults train the embedded synthetic quick start):", ""]
+    lines = ["configuration keys (key=value; defaults are Ultralytics' where it has the key):", ""]
     for name, default, doc in field_help():
         lines.append(f"  {name} (default {default})")
         lines.extend(textwrap.wrap(doc, 100, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
+
+
+def _command(sub, name: str, help: str, settings: str | None, train_keys: bool = True, usage: str | None = None):
+    """A subcommand taking `[config.yaml] key=value ...`; `settings` names its dataclass (module:class) for --help
+    (imported only when help is asked for: `doctor export=True` runs in every job script)."""
+    epilog = ""
+    if settings and _HELP:
+        import importlib
+
+        from yoloscale.config import command_help
+
+        module, _, cls = settings.partition(":")
+        epilog = command_help(getattr(importlib.import_module(module), cls), name, train_keys)
+    p = sub.add_parser(name.split()[-1], help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       usage=usage or f"yoloscale {name} {'[config.yaml] ' if train_keys else ''}[key=value ...]")  # fmt: skip
+    p.add_argument("args", nargs="*", help="key=value settings" + (", after an optional YAML file" if train_keys else ""))
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launchers add it
+    return p
+
+
+_HELP = False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,58 +60,27 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        usage="yoloscale train [config.yaml] [key=value ...]")  # fmt: skip
     t.add_argument("args", nargs="*", help="an optional YAML config file, then key=value overrides")
-    # DeepSpeed's launcher appends --local_rank=N; the rank is also in the environment, so it is only accepted.
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # DeepSpeed's launcher passes its JSON this way (`deepspeed ... --deepspeed FILE`): accepted as it comes.
     t.add_argument("--deepspeed", "--deepspeed_config", metavar="JSON", default=None,
                    help="DeepSpeed JSON (as `deepspeed ... --deepspeed FILE` passes it): sets ds_config= and, unless "
                         "backend= is given, backend=zero<stage of the file>")  # fmt: skip
-    d = sub.add_parser("data", help="data utilities")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="write the synthetic shapes detection set (data.yaml + YOLO labels)")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--train", type=int, default=256, help="number of train images")
-    s.add_argument("--val", type=int, default=64, help="number of val images")
-    s.add_argument("--size", type=int, default=160, help="image size in pixels")
-    s.add_argument("--seed", type=int, default=0)
-    b = sub.add_parser("bench", help="throughput, memory and MFU beside Ultralytics' own trainer",
-                       usage="yoloscale bench [config.yaml] [key=value ...] [options]")  # fmt: skip
-    b.add_argument("args", nargs="*", help="an optional YAML config file, then key=value settings (model, imgsz, ...)")
-    b.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.png, logs)")
-    b.add_argument("--precisions", default="bf16,fp16", help="precisions of our loop to measure")
-    b.add_argument("--gpus", default="1", help="device counts, e.g. 1,2,8 (several: launched with torchrun)")
-    b.add_argument("--loader-workers", default="4,8,16", help="worker counts for the loader-alone measurement")
-    b.add_argument("--skip", default="", help="comma list of parts to skip: ultralytics, loader")
-    b.add_argument("--warmup", type=int, default=14, help="micro-batches dropped before timing")
-    b.add_argument("--window", type=int, default=10, help="micro-batches per timing window")
+    b = _command(sub, "bench", "throughput, memory and MFU beside Ultralytics' own trainer", "yoloscale.bench:BenchSettings")
     b.add_argument("--only", help=argparse.SUPPRESS)  # internal: one measurement in this process
-    b.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    la = sub.add_parser("launch", help="launch recipes")
-    lsub = la.add_subparsers(dest="launch_command", required=True)
-    sl = lsub.add_parser("slurm", help="write (and optionally submit) an sbatch script for a training run",
-                         usage="yoloscale launch slurm [config.yaml] [key=value ...] [options]")  # fmt: skip
-    sl.add_argument("args", nargs="*", help="an optional YAML config file, then key=value training settings")
-    sl.add_argument("--nodes", type=int, default=1)
-    sl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one task each (0: CPU nodes)")
-    sl.add_argument("--tasks-per-node", type=int, default=1, help="processes per node when --gpus-per-node 0")
-    sl.add_argument("--cpus-per-task", type=int, default=8)
-    sl.add_argument("--time", default="24:00:00", help="Slurm time limit")
-    sl.add_argument("--partition", default="")
-    sl.add_argument("--account", default="")
-    sl.add_argument("--signal-lead", type=int, default=90, help="seconds of warning (SIGUSR1) before the limit")
-    sl.add_argument("--launcher", default="srun", choices=["srun", "torchrun", "accelerate", "deepspeed"],
-                    help="srun: one task per GPU (default); torchrun / accelerate / deepspeed: one launcher per node")
-    sl.add_argument("--submit", action="store_true", help="run sbatch on the written script")
-    sl.add_argument("--generic", action="store_true",
-                    help="print a reusable template that takes the training arguments from sbatch's command line")
-    r = sub.add_parser("race", help="Ultralytics' trainer and ours on the same data, one after the other",
-                       usage="yoloscale race [config.yaml] [key=value ...]  (out=, gpus=, sides= are the race's own)")
-    r.add_argument("args", nargs="*", help="an optional YAML config file, then key=value settings")
-    dr = sub.add_parser("doctor", help="this node's GPU/network topology and the NCCL settings we recommend")
-    dr.add_argument("--bench", action="store_true", help="also measure all-reduce bus bandwidth over the local GPUs")
-    dr.add_argument("--export", action="store_true",
-                    help="print only `export VAR=value` lines for the recommendations not already set (for scripts)")
-    e = sub.add_parser("export", help="write best.pt/last.pt (Ultralytics) from a run's EMA weights")
-    e.add_argument("run", help="run directory")
+    _command(sub, "race", "Ultralytics' trainer and ours on the same data, one after the other",
+             "yoloscale.race:RaceSettings")  # fmt: skip
+    d = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    _command(d, "data synth", "write the synthetic shapes detection set (data.yaml + YOLO labels)",
+             "yoloscale.synth:SynthSettings", train_keys=False)  # fmt: skip
+    la = sub.add_parser("launch", help="launch recipes").add_subparsers(dest="launch_command", required=True)
+    _command(la, "launch slurm", "write (and optionally submit) an sbatch script for a training run",
+             "yoloscale.launch:SlurmSettings")  # fmt: skip
+    _command(la, "launch templates", "copy the shipped Accelerate, Slurm and DeepSpeed templates into a folder",
+             "yoloscale.launch:TemplateSettings", train_keys=False)  # fmt: skip
+    _command(sub, "doctor", "this node's GPU/network topology and the NCCL settings we recommend",
+             "yoloscale.doctor:DoctorSettings", train_keys=False)  # fmt: skip
+    _command(sub, "export", "write best.pt/last.pt (Ultralytics) from a run's EMA weights",
+             "yoloscale.export:ExportSettings", train_keys=False, usage="yoloscale export RUN")  # fmt: skip
     return p
 
 
@@ -128,38 +124,46 @@ def train(args: list[str], ds_file: str | None = None) -> None:
     Trainer(cfg).train()
 
 
+def _run(ns: argparse.Namespace) -> None:
+    if ns.command == "train":
+        train(ns.args, ns.deepspeed)
+    elif ns.command == "bench":
+        from yoloscale import bench
+
+        bench.run(ns.args, ns.only)
+    elif ns.command == "race":
+        from yoloscale import race
+
+        race.main(ns.args)
+    elif ns.command == "data":
+        from yoloscale import synth
+
+        synth.run(ns.args)
+    elif ns.command == "launch" and ns.launch_command == "slurm":
+        from yoloscale.launch import launch_slurm
+
+        launch_slurm(ns.args)
+    elif ns.command == "launch":
+        from yoloscale.launch import copy_templates
+
+        copy_templates(ns.args)
+    elif ns.command == "doctor":
+        from yoloscale import doctor
+
+        doctor.run(ns.args)
+    elif ns.command == "export":
+        from yoloscale import export
+
+        export.run(ns.args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _HELP
     os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics: no online checks or downloads, ever
+    _HELP = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     ns = _parser().parse_args(argv)
     try:
-        if ns.command == "train":
-            train(ns.args, ns.deepspeed)
-        elif ns.command == "data":
-            from yoloscale.synth import write_synthetic_dataset
-
-            path = write_synthetic_dataset(ns.out, ns.train, ns.val, ns.size, ns.seed)
-            print(f"wrote {path}")
-        elif ns.command == "bench":
-            from yoloscale import bench
-
-            bench.run(ns)
-        elif ns.command == "race":
-            from yoloscale import race
-
-            race.main(ns.args)
-        elif ns.command == "launch":
-            from yoloscale.launch import launch_slurm
-
-            launch_slurm(ns)
-        elif ns.command == "doctor":
-            from yoloscale import doctor
-
-            doctor.run(ns)
-        elif ns.command == "export":
-            from yoloscale.export import export_run
-
-            for path in export_run(ns.run):
-                print(f"wrote {path}")
+        _run(ns)
     except UserError as e:
         print(f"yoloscale: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,37 +131,45 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Ultralytics' keys that are spelled differently here: named in the "unknown key" message (not accepted as aliases).
 ULTRALYTICS_SPELLINGS = {"amp": "precision", "device": "cpu=True, or the launcher's process count",
                          "exist_ok": "resume=auto, or a new name=", "freeze": "weights= (freezing is not supported)"}
-_TYPES = typing.get_type_hints(TrainConfig)
+# text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
+_BOOLISH = {"grad_ckpt": {True: "all", False: "off"}, "cudnn_benchmark": {True: "on", False: "off"},
+            "cache": {True: "ram", False: ""}}
 
 
-def field_help() -> list[tuple[str, str, str]]:
-    """(name, default, doc) for every field, in declaration order: the body of `yoloscale train --help`."""
+@functools.cache
+def _fields(cls: type) -> tuple[dict, dict]:
+    return {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+
+
+def field_help(cls: type = TrainConfig) -> list[tuple[str, str, str]]:
+    """(name, default, doc) for every field, in declaration order: the body of a command's `--help`."""
     rows = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         choices = f.metadata["choices"]
         doc = f.metadata["doc"] + (f" Choices: {', '.join(repr(c) for c in choices)}." if choices else "")
         rows.append((f.name, repr(f.default), doc))
     return rows
 
 
-def _suggest(key: str) -> str:
+def _suggest(key: str, keys=FIELDS, command: str = "train") -> str:
     if key in ULTRALYTICS_SPELLINGS:
         return f" Ultralytics' '{key}' is {ULTRALYTICS_SPELLINGS[key]} here."
-    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else " Run 'yoloscale train --help' for the list of keys."
+    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Run 'yoloscale {command} --help' for the list of keys."
 
 
-def _coerce(key: str, value: Any, where: str) -> Any:
+def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: str = "train") -> Any:
     """Check (and gently convert) one value against its field's type and choices."""
-    if key not in FIELDS:
-        raise UserError(f"{where}: unknown key '{key}'.{_suggest(key)}")
-    typ = _TYPES[key]
+    fields, types = _fields(cls)
+    if key not in fields:
+        raise UserError(f"{where}: unknown key '{key}'.{_suggest(key, fields, command)}")
+    typ = types[key]
     if value is None and typ is str:
         value = ""
-    if key == "grad_ckpt" and isinstance(value, bool):  # YAML reads off/on/true/false as booleans
-        value = "all" if value else "off"
-    if key == "cudnn_benchmark" and isinstance(value, bool):
-        value = "on" if value else "off"
+    if key in _BOOLISH and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if key in _BOOLISH and isinstance(value, bool):  # YAML reads off/on/true/false as booleans
+        value = _BOOLISH[key][value]
     if typ is float and isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
         try:
             value = float(value)
@@ -175,7 +184,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     if not ok(value):
         raise UserError(f"{where}: key '{key}' expects {typ.__name__}, got {value!r}.")
     value = typ(value)
-    choices = FIELDS[key].metadata["choices"]
+    choices = fields[key].metadata["choices"]
     if key == "optimizer":  # case-insensitive, as in Ultralytics (sgd, adamw, ...)
         value = {c.lower(): c for c in choices}.get(str(value).lower(), value)
     if choices and value not in choices:
@@ -212,16 +221,58 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
 
 
-def parse_override(arg: str) -> tuple[str, Any]:
-    """'key=value' -> (key, YAML-parsed value), so numbers, booleans and lists get their natural types."""
+def split_override(arg: str) -> tuple[str, str]:
+    """'key=value' -> (key, the value's text)."""
     if "=" not in arg:
         raise UserError(f"argument '{arg}' is not key=value (and not a YAML file).{_suggest(arg)}")
     key, raw = arg.split("=", 1)
+    return key.strip(), raw
+
+
+def parse_override(arg: str, cls: type = TrainConfig) -> tuple[str, Any]:
+    """'key=value' -> (key, value): the text itself for a text key (so `time=24:00:00` or `name=0123` stay as
+    written), else YAML-parsed, so numbers, booleans and lists get their natural types."""
+    key, raw = split_override(arg)
+    if _fields(cls)[1].get(key) is str:
+        return key, raw
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        return key, yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+        return key, raw
+
+
+def parse_command(cls: type, args: list[str], command: str, train_keys: bool = True) -> tuple[Any, str | None, list[str]]:
+    """`[config.yaml] key=value ...` for a command whose own keys are the fields of the dataclass `cls`: (its
+    settings, the config file, the key=value of the training configuration, which `load_config` checks). One
+    convention for every command; an unknown key names the command's keys and the closest one."""
+    cfg_file = args[0] if args and "=" not in args[0] and train_keys else None
+    if cfg_file and not cfg_file.endswith((".yaml", ".yml")):
+        raise UserError(f"'{cfg_file}' is neither a YAML config file nor key=value.")
+    own_fields, _ = _fields(cls)
+    own, train = {}, []
+    for arg in args[1:] if cfg_file else args:
+        key, value = parse_override(arg, cls if split_override(arg)[0] in own_fields else TrainConfig)
+        if key in own_fields:
+            own[key] = _coerce(key, value, "command line", cls, command)
+        elif train_keys and key in FIELDS:
+            train.append(arg)
+        else:
+            keys = [*own_fields, *(FIELDS if train_keys else ())]
+            raise UserError(f"command line: unknown key '{key}' for yoloscale {command}.{_suggest(key, keys, command)}")
+    return cls(**own), cfg_file, train
+
+
+def command_help(cls: type, command: str, train_keys: bool) -> str:
+    """The epilog of a command's --help: its own keys, and where the training keys are listed."""
+    import textwrap
+
+    lines = [f"keys of yoloscale {command} (key=value):", ""]
+    for name, default, doc in field_help(cls):
+        lines.append(f"  {name} (default {default})")
+        lines.extend(textwrap.wrap(doc, 100, initial_indent="      ", subsequent_indent="      "))
+    if train_keys:
+        lines += ["", "and every training key (yoloscale train --help lists them), optionally after a config.yaml"]
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()) -> TrainConfig:

@@ -1,11 +1,11 @@
 """`yoloscale doctor`: what this node's topology is, and the NCCL / torch environment we recommend, with reasons.
 
-    yoloscale doctor [--bench]
+    yoloscale doctor [bench=True] [export=True]
 
 Reads the GPUs and their link matrix (`nvidia-smi topo -m`), NUMA nodes, InfiniBand/RoCE devices
 (/sys/class/infiniband), network interfaces (/sys/class/net) and the torch/NCCL versions. Recommendations never
 override the environment: a variable that is already set is reported as kept (NVLink multicast, NCCL_NVLS_ENABLE,
-is never switched on). Works without GPUs (it says so), e.g. on a login node. `--bench` measures all-reduce bus
+is never switched on). Works without GPUs (it says so), e.g. on a login node. `bench=True` measures all-reduce bus
 bandwidth over the local GPUs (nccl-tests' definition: busbw = bytes / time x 2 (n - 1) / n).
 """
 
@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+
+from yoloscale.config import _f
 from pathlib import Path
 
 
@@ -209,9 +211,19 @@ def _gpu_info() -> tuple[str, int, int]:
         return "", 0, 0
 
 
-def run(ns) -> None:
+@dataclass
+class DoctorSettings:
+    bench: bool = _f(False, "Also measure all-reduce bus bandwidth over the local GPUs.")
+    export: bool = _f(False, "Print only `export VAR=value` lines for the recommendations not already set (for scripts).")
+
+
+def run(args: list[str]) -> None:
+    """Entry point of `yoloscale doctor [bench=True] [export=True]`."""
+    from yoloscale.config import parse_command
+
+    ns, _, _ = parse_command(DoctorSettings, args, "doctor", train_keys=False)
     topo, ib, interfaces = read_node()
-    if ns.export:  # for `eval "$(yoloscale doctor --export)"` in job scripts: nothing but export lines
+    if ns.export:  # for `eval "$(yoloscale doctor export=True)"` in job scripts: nothing but export lines
         print("\n".join(export_lines(recommend(topo, ib, interfaces, dict(os.environ)), dict(os.environ))))
         return
     import torch

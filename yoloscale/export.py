@@ -8,6 +8,7 @@ An Ultralytics checkpoint is a pickle of the model object plus `train_args`; we 
 from __future__ import annotations
 
 from copy import deepcopy
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file
 
+from yoloscale.config import _f
 from yoloscale.errors import UserError
 
 
@@ -102,4 +104,24 @@ def export_run(run: Path) -> list[Path]:
                for kind, src in sources.items() if isinstance(src, dict) or src.is_file()]  # fmt: skip
     if not written:
         raise UserError(f"'{run}' has no weights to export (no checkpoint and no weights/*.safetensors).")
+    return written
+
+
+@dataclass
+class ExportSettings:
+    run: str = _f("", "The run directory (required; may also be given first, without run=).")
+
+
+def run(args: list[str]) -> list[Path]:
+    """Entry point of `yoloscale export [RUN] [run=RUN]`."""
+    from yoloscale.config import parse_command
+
+    if args and "=" not in args[0]:
+        args = [f"run={args[0]}", *args[1:]]
+    ns, _, _ = parse_command(ExportSettings, args, "export", train_keys=False)
+    if not ns.run:
+        raise UserError("export: give the run directory (yoloscale export RUN).")
+    written = export_run(Path(ns.run))
+    for path in written:
+        print(f"wrote {path}")
     return written

@@ -1,7 +1,8 @@
-"""`yoloscale launch slurm`: render (and optionally submit) an sbatch script for a training run.
+"""`yoloscale launch slurm`: render (and optionally submit) an sbatch script for a training run; `yoloscale launch
+templates`: copy the shipped launcher templates out of the package.
 
-    yoloscale launch slurm [config.yaml] [key=value ...] --nodes 2 --gpus-per-node 8 [--launcher srun]
-                           [--partition P] [--account A] [--time 24:00:00] [--cpus-per-task 12] [--submit]
+    yoloscale launch slurm [config.yaml] [key=value ...] nodes=2 gpus_per_node=8 [launcher=srun]
+                           [partition=P] [account=A] [time=24:00:00] [cpus_per_task=12] [submit=True]
 
 Launchers (how the training processes are started inside the allocation):
   srun        one Slurm task per GPU running `python -m yoloscale train`; yoloscale maps SLURM_PROCID /
@@ -17,8 +18,9 @@ checkpoints on the signal and requeues itself; the requeued script resumes. Slur
 step, so the per-node launchers are started with SIGUSR1 ignored (its default action would kill the launcher and,
 with it, the run); the training processes install their own handler.
 
-`--generic` writes a reusable template instead: the training arguments come from the sbatch command line
-(`sbatch FILE.sbatch my.yaml name=exp1`) and a requeued job resumes with `resume=auto`. yoloscale/templates/launch/slurm/ holds those.
+`generic=True` writes a reusable template instead: the training settings come from the sbatch command line
+(`sbatch FILE.sbatch my.yaml name=exp1`) and a requeued job resumes with `resume=auto`; the package ships four
+(`yoloscale launch templates out=DIR` copies them out).
 
 Every value that reaches the script is validated and shell-quoted, so a configuration value containing `$(...)`,
 `;`, quotes or newlines stays literal.
@@ -28,11 +30,15 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from yoloscale.config import _f
 from yoloscale.errors import UserError
 
 LAUNCHERS = ("srun", "torchrun", "accelerate", "deepspeed")
@@ -61,7 +67,7 @@ export MASTER_ADDR MASTER_PORT
 unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 # What `yoloscale doctor` recommends for this node (NCCL interfaces/adapters, fail-fast error handling, timeouts);
 # a variable already set in the environment wins.
-eval "$({python} -m yoloscale doctor --export)"
+eval "$({python} -m yoloscale doctor export=True)"
 export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{cpus_per_process}}}"
 {cpu_line}
 {resume_block}
@@ -105,7 +111,7 @@ srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "${{@:1:3}}" --node_rank="
 
 def _check(value: str, pattern: re.Pattern, flag: str) -> str:
     if not pattern.match(value):
-        raise UserError(f"--{flag} {value!r} is not a valid Slurm value (allowed: {pattern.pattern}).")
+        raise UserError(f"key '{flag}' {value!r} is not a valid Slurm value (allowed: {pattern.pattern}).")
     return value
 
 
@@ -114,15 +120,15 @@ def _script(launcher: str, *, nodes: int, gpus_per_node: int, tasks_per_node: in
             resume_block: str, shared_dir: str, train_args: str, python: str) -> str:  # fmt: skip
     """Fill the header and the launcher's body (values already validated and quoted)."""
     if launcher not in LAUNCHERS:
-        raise UserError(f"--launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
-    for flag, v in (("nodes", nodes), ("cpus-per-task", cpus_per_task), ("tasks-per-node", tasks_per_node)):
+        raise UserError(f"launcher={launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
+    for flag, v in (("nodes", nodes), ("cpus_per_task", cpus_per_task), ("tasks_per_node", tasks_per_node)):
         if v < 1:
-            raise UserError(f"--{flag} must be >= 1, got {v}.")
+            raise UserError(f"key '{flag}' must be >= 1, got {v}.")
     if gpus_per_node < 0 or signal_lead < 10:
-        raise UserError("--gpus-per-node must be >= 0 and --signal-lead >= 10 seconds.")
+        raise UserError("key 'gpus_per_node' must be >= 0 and 'signal_lead' >= 10 seconds.")
     if launcher == "deepspeed" and gpus_per_node == 0:
-        raise UserError("--launcher deepspeed needs GPUs (--gpus-per-node >= 1); on CPU nodes use srun or torchrun.")
-    procs = gpus_per_node or tasks_per_node  # training processes per node: one per GPU, or --tasks-per-node on CPUs
+        raise UserError("launcher=deepspeed needs GPUs (gpus_per_node >= 1); on CPU nodes use srun or torchrun.")
+    procs = gpus_per_node or tasks_per_node  # training processes per node: one per GPU, or tasks_per_node on CPUs
     per_node = launcher != "srun"  # one launcher task per node, holding all of the node's CPUs
     optional = "".join(f"#SBATCH --{k}={_check(v, _SLURM_NAME, k)}\n" for k, v in
                        (("partition", partition), ("account", account)) if v)  # fmt: skip
@@ -151,7 +157,7 @@ def render_sbatch(cfg_file: str | None, overrides: list[str], nodes: int, gpus_p
     if cfg.resume:
         raise UserError("launch slurm: leave resume= out; the script resumes from its run's checkpoints by itself.")
     if launcher == "deepspeed" and not cfg.backend.startswith("zero"):
-        raise UserError(f"--launcher deepspeed runs DeepSpeed: set backend=zero1|zero2|zero3 (now {cfg.backend}).")
+        raise UserError(f"launcher=deepspeed runs DeepSpeed: set backend=zero1|zero2|zero3 (now {cfg.backend}).")
     if not cfg.name:
         cfg.name = time.strftime("slurm-%Y%m%d-%H%M%S")
         overrides = [*overrides, f"name={cfg.name}"]
@@ -182,24 +188,40 @@ def render_generic(launcher: str, nodes: int, gpus_per_node: int, tasks_per_node
         cpus_per_task=cpus_per_task, time_limit=time_limit, partition=partition, account=account,
         signal_lead=signal_lead, job_name="yoloscale", log="%x-%j.out",
         title=f"yoloscale, {launcher} launcher. Usage: sbatch [--nodes N --partition P --account A] THIS_FILE "
-              "[config.yaml] key=value ... name=RUN\n# (made by `yoloscale launch slurm --generic`; "
+              "[config.yaml] key=value ... name=RUN\n# (made by `yoloscale launch slurm generic=True`; "
               "python3 must be the environment yoloscale is installed in)",
         resume_block=RESUME_GENERIC, shared_dir='"$SLURM_SUBMIT_DIR"', train_args='"$@"', python="python3",
     )  # fmt: skip
 
 
-def launch_slurm(ns) -> Path | None:
-    """CLI entry: write PROJECT/NAME.sbatch (next to the run directory) and submit it if asked; with --generic,
-    print a template instead."""
+@dataclass
+class SlurmSettings:
+    nodes: int = _f(1, "Nodes of the job.")
+    gpus_per_node: int = _f(8, "GPUs per node, one training process each (0: CPU nodes).")
+    tasks_per_node: int = _f(1, "Processes per node when gpus_per_node=0.")
+    cpus_per_task: int = _f(8, "CPU cores per training process.")
+    time: str = _f("24:00:00", "Slurm time limit ([D-]HH:MM:SS or minutes).")
+    partition: str = _f("", "Slurm partition.")
+    account: str = _f("", "Slurm account.")
+    signal_lead: int = _f(90, "Seconds of warning (SIGUSR1) before the time limit: the run checkpoints and requeues.")
+    launcher: str = _f("srun", "srun: one task per GPU; torchrun / accelerate / deepspeed: one launcher per node.", LAUNCHERS)
+    submit: bool = _f(False, "Run sbatch on the written script.")
+    generic: bool = _f(False, "Print a reusable template that takes the training settings from sbatch's command line.")
+
+
+def launch_slurm(args: list[str]) -> Path | None:
+    """`yoloscale launch slurm [config.yaml] key=value ...`: write PROJECT/NAME.sbatch (next to the run directory)
+    and submit it if asked; with generic=True, print a template instead."""
+    from yoloscale.config import parse_command
+
+    ns, cfg_file, overrides = parse_command(SlurmSettings, args, "launch slurm")
     if ns.generic:
-        if ns.args or ns.submit:
-            raise UserError("--generic writes a template that takes the training arguments from sbatch's command "
-                            "line: give no key=value here and no --submit.")  # fmt: skip
+        if cfg_file or overrides or ns.submit:
+            raise UserError("generic=True writes a template that takes the training settings from sbatch's command "
+                            "line: give no training keys here and no submit=True.")  # fmt: skip
         print(render_generic(ns.launcher, ns.nodes, ns.gpus_per_node, ns.tasks_per_node, ns.cpus_per_task, ns.time,
                              ns.signal_lead, ns.partition, ns.account), end="")  # fmt: skip
         return None
-    cfg_file = ns.args[0] if ns.args and "=" not in ns.args[0] else None
-    overrides = ns.args[1:] if cfg_file else list(ns.args)
     script, run_dir = render_sbatch(cfg_file, overrides, ns.nodes, ns.gpus_per_node, ns.tasks_per_node,
                                     ns.cpus_per_task, ns.time, ns.partition, ns.account, ns.signal_lead,
                                     ns.launcher)  # fmt: skip
@@ -215,3 +237,27 @@ def launch_slurm(ns) -> Path | None:
             raise UserError(f"sbatch {path} failed: {result.stderr.strip()}")
         print(result.stdout.strip())
     return path
+
+
+@dataclass
+class TemplateSettings:
+    out: str = _f("", "Folder to copy the shipped templates into (required): accelerate/, slurm/, deepspeed/ and ds_configs/.")
+
+
+def copy_templates(args: list[str]) -> Path:
+    """`yoloscale launch templates out=DIR`: the Accelerate, Slurm and DeepSpeed templates shipped in the package."""
+    from importlib import resources
+
+    from yoloscale.config import parse_command
+
+    ns, _, _ = parse_command(TemplateSettings, args, "launch templates", train_keys=False)
+    if not ns.out:
+        raise UserError("launch templates: give out=DIR, the folder to copy the templates into.")
+    out = Path(ns.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"launch templates: '{out}' is not empty; choose another out=.")
+    templates = Path(str(resources.files("yoloscale") / "templates"))
+    shutil.copytree(templates / "launch", out, dirs_exist_ok=True)
+    shutil.copytree(templates / "ds_configs", out / "ds_configs")
+    print(f"wrote {out}")
+    return out

@@ -23,35 +23,36 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from yoloscale.config import _f
 from yoloscale.errors import UserError
 
-RACE_KEYS = {"out": "runs/race", "gpus": 1, "sides": "ultralytics,yoloscale"}
+
+@dataclass
+class RaceSettings:
+    out: str = _f("runs/race", "Where both runs, race.json and race.png go (a folder that holds results is refused).")
+    gpus: int = _f(1, "Devices per run (0: the CPU); several: Ultralytics' own DDP and our torchrun.")
+    sides: str = _f("ultralytics,yoloscale", "Which trainers to run, in order.")
+
+
 SHARED = ("model", "data", "imgsz", "epochs", "batch", "workers", "cache", "seed")
 AMP = {"auto": True, "fp16": True, "bf16": "bf16", "fp32": False}
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, Any]]:
     """(config file, training overrides, race settings) from the command line."""
-    from yoloscale.config import parse_override
+    from yoloscale.config import parse_command
 
-    cfg_file = args[0] if args and "=" not in args[0] else None
-    race, train = dict(RACE_KEYS), []
-    for arg in args[1:] if cfg_file else args:
-        key, value = parse_override(arg)
-        if key in RACE_KEYS:
-            race[key] = value
-        else:
-            train.append(arg)
-    sides = [s for s in str(race["sides"]).split(",") if s]
+    ns, cfg_file, train = parse_command(RaceSettings, args, "race")
+    sides = [s for s in ns.sides.split(",") if s]
     if not sides or set(sides) - {"ultralytics", "yoloscale"}:
-        raise UserError(f"race: sides={race['sides']!r}; choose from ultralytics,yoloscale.")
-    if not isinstance(race["gpus"], int) or race["gpus"] < 0:
-        raise UserError(f"race: gpus={race['gpus']!r} must be a whole number >= 0 (0: the CPU).")
-    race["sides"] = sides
-    return cfg_file, train, race
+        raise UserError(f"race: sides={ns.sides!r}; choose from ultralytics,yoloscale.")
+    if ns.gpus < 0:
+        raise UserError(f"race: gpus={ns.gpus} must be >= 0 (0: the CPU).")
+    return cfg_file, train, {"out": ns.out, "gpus": ns.gpus, "sides": sides}
 
 
 def ultralytics_settings(cfg, given: list[str], gpus: int) -> dict[str, Any]:

@@ -11,11 +11,14 @@ computed from the drawn geometry, so labels are exact. Output layout (what Ultra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
+
+from yoloscale.config import _f
 
 NAMES = ["rectangle", "ellipse", "triangle"]
 _HUES = [(0, 20), (55, 80), (105, 130)]  # OpenCV hue ranges (0-179), one per class
@@ -75,3 +78,27 @@ def write_synthetic_dataset(out: str | Path, n_train: int = 256, n_val: int = 64
     data = {"path": str(out), "train": "images/train", "val": "images/val", "names": dict(enumerate(NAMES))}
     data_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
     return data_yaml
+
+
+@dataclass
+class SynthSettings:
+    out: str = _f("", "Output folder (required): data.yaml, images/ and labels/ go there.")
+    train: int = _f(256, "Number of train images.")
+    val: int = _f(64, "Number of val images.")
+    size: int = _f(160, "Image size in pixels.")
+    seed: int = _f(0, "Random seed.")
+
+
+def run(args: list[str]) -> Path:
+    """Entry point of `yoloscale data synth out=DIR [train=256 val=64 size=160 seed=0]`."""
+    from yoloscale.config import parse_command
+    from yoloscale.errors import UserError
+
+    ns, _, _ = parse_command(SynthSettings, args, "data synth", train_keys=False)
+    if not ns.out:
+        raise UserError("data synth: give out=DIR, the folder to write the data set into.")
+    if min(ns.train, ns.val) < 1 or ns.size < 32:
+        raise UserError("data synth: train and val must be >= 1 and size >= 32.")
+    path = write_synthetic_dataset(ns.out, ns.train, ns.val, ns.size, ns.seed)
+    print(f"wrote {path}")
+    return path

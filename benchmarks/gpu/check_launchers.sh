@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine without Slurm, 1 or more GPUs (docs/launch.md, "Recorded on GPUs"): doctor's output; DeepSpeed's own launcher
 # (`deepspeed --num_gpus N --module yoloscale train ... --deepspeed yoloscale/templates/ds_configs/zero2.json`); `accelerate launch`
-# (2+ GPUs); `doctor --bench` (2+ GPUs); the generic
+# (2+ GPUs); `doctor bench=True` (2+ GPUs); the generic
 # yoloscale/templates/launch/slurm DeepSpeed template run with stand-in srun/scontrol (node 0 of 1) training backend=zero3; then
 # export of that ZeRO-3 run and Ultralytics' own validation of its best.pt.
 # usage: benchmarks/gpu/check_launchers.sh OUT_DIR
@@ -9,9 +9,9 @@ set -u
 out=$1
 mkdir -p "$out/bin"
 gpus=$(nvidia-smi -L | wc -l)
-bench=(); [ "$gpus" -gt 1 ] && bench=(--bench)
-{ python -m yoloscale doctor "${bench[@]}"; echo "--- doctor --export"; python -m yoloscale doctor --export; } >"$out/doctor.txt" 2>&1
-python -m yoloscale data synth --out "$out/data" --train 128 --val 32 --size 160 >/dev/null
+bench=(); [ "$gpus" -gt 1 ] && bench=(bench=True)
+{ python -m yoloscale doctor "${bench[@]}"; echo "--- doctor export=True"; python -m yoloscale doctor export=True; } >"$out/doctor.txt" 2>&1
+python -m yoloscale data synth out="$out/data" train=128 val=32 size=160 >/dev/null
 small=(model=yolov8n.yaml "data=$out/data/data.yaml" imgsz=160 batch=16 epochs=2 close_mosaic=0 workers=2 "project=$out")
 
 # 1. DeepSpeed's launcher, ZeRO-2 from the shipped JSON
@@ -27,7 +27,7 @@ if [ "$gpus" -gt 1 ]; then
 fi
 
 # 2. yoloscale/templates/launch/slurm/deepspeed.sbatch-style template, stand-in srun/scontrol, ZeRO-3
-python -m yoloscale launch slurm --generic --launcher deepspeed --nodes 1 --gpus-per-node "$gpus" >"$out/t.sbatch"
+python -m yoloscale launch slurm generic=True launcher=deepspeed nodes=1 gpus_per_node="$gpus" >"$out/t.sbatch"
 printf '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n' >"$out/bin/srun"
 printf '#!/bin/bash\necho localhost\n' >"$out/bin/scontrol"
 chmod +x "$out/bin/srun" "$out/bin/scontrol"

@@ -6,11 +6,11 @@ set -u
 out=$1
 precisions=${2:-fp16}
 mkdir -p "$out"
-python -m yoloscale data synth --out "$out/data" --train 1120 --val 8 --size 640 >/dev/null
+python -m yoloscale data synth out="$out/data" train=1120 val=8 size=640 >/dev/null
 common=(model=yolo11x.yaml imgsz=640 batch=32 workers=12 cache=ram "data=$out/data/data.yaml")
 for compile in ${COMPILE:-False True}; do
-    python -m yoloscale bench "${common[@]}" "compile=$compile" --precisions "$precisions" \
-        --skip ultralytics,loader --warmup "${WARMUP:-10}" --window "${WINDOW:-8}" --out "$out/compile-$compile" >"$out/compile-$compile.txt" 2>&1
+    python -m yoloscale bench "${common[@]}" "compile=$compile" precisions="$precisions" \
+        skip=ultralytics,loader warmup="${WARMUP:-10}" window="${WINDOW:-8}" out="$out/compile-$compile" >"$out/compile-$compile.txt" 2>&1
     echo "== compile=$compile"
     grep -E "yoloscale (loop|bare)|FAILED|Error" "$out/compile-$compile.txt"
     ls -l --time-style=+%T "$out/compile-$compile"/*.log

@@ -10,8 +10,8 @@ gpus=$2
 shift 2
 mkdir -p "$out"
 here=$(dirname "$0")
-[ -f "$out/d640/data.yaml" ] || python -m yoloscale data synth --out "$out/d640" --train 1152 --val 8 --size 640 >/dev/null
-[ -f "$out/d1280/data.yaml" ] || python -m yoloscale data synth --out "$out/d1280" --train 32 --val 8 --size 1280 >/dev/null
+[ -f "$out/d640/data.yaml" ] || python -m yoloscale data synth out="$out/d640" train=1152 val=8 size=640 >/dev/null
+[ -f "$out/d1280/data.yaml" ] || python -m yoloscale data synth out="$out/d1280" train=32 val=8 size=1280 >/dev/null
 for job in "$@"; do
     read -r backend specs <<<"$job"
     tag=${backend//[,=]/-}  # "fsdp,reshard_after_forward=False": a backend with settings

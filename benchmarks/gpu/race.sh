@@ -9,7 +9,7 @@ work=${WORK:-/tmp/race-work}
 mkdir -p "$OUT" "$work"
 export PYTHONUNBUFFERED=1 YOLO_OFFLINE=1
 data=$work/data/data.yaml
-[ -f "$data" ] || python3 -m yoloscale data synth --out "$work/data" --train 1600 --val 200 --size 640
+[ -f "$data" ] || python3 -m yoloscale data synth out="$work/data" train=1600 val=200 size=640
 common=(data="$data" epochs=6 workers=14 cache=ram gpus=1)
 run() {  # name, then race settings
   local name=$1; shift

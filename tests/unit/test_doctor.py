@@ -55,7 +55,7 @@ def test_environment_is_never_overridden():
 
 @pytest.mark.skipif(__import__("shutil").which("nvidia-smi") is not None, reason="this machine has NVIDIA GPUs")
 def test_doctor_without_gpus_says_so():
-    proc = run_cli("doctor", "--bench")
+    proc = run_cli("doctor", "bench=True")
     assert proc.returncode == 0, proc.stderr
     assert "no NVIDIA GPUs found" in proc.stdout
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=3" in proc.stdout
@@ -110,7 +110,7 @@ def test_export_lines_only_set_what_is_missing_and_quote_values():
 
 
 def test_doctor_export_prints_only_shell_lines():
-    proc = run_cli("doctor", "--export")
+    proc = run_cli("doctor", "export=True")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and all(line.startswith("export ") for line in proc.stdout.splitlines())
 

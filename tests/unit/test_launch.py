@@ -117,9 +117,9 @@ def test_hostile_values_stay_literal(tmp_path):
     assert not list(tmp_path.glob("CANARY*"))
 
 
-@pytest.mark.parametrize("kw, message", [(dict(partition="gpu;rm -rf /"), "--partition"),
-                                         (dict(time_limit="1 day"), "--time"),
-                                         (dict(nodes=0), "--nodes")])
+@pytest.mark.parametrize("kw, message", [(dict(partition="gpu;rm -rf /"), "'partition'"),
+                                         (dict(time_limit="1 day"), "'time'"),
+                                         (dict(nodes=0), "'nodes'")])
 def test_bad_launch_values_are_rejected(tmp_path, kw, message):
     with pytest.raises(UserError, match=message):
         _render(tmp_path, **kw)
