@@ -1,4 +1,4 @@
-"""Where ZeRO's losses part from DDP's (docs/backends.md, "Cause found on the CPU"): STEPS steps of yolov8n at 64 px
+"""Where ZeRO's losses part from DDP's (benchmarks/results/backends_h200x2_2026-11-24.md, "Cause found on the CPU"): STEPS steps of yolov8n at 64 px
 on 2 gloo ranks, DDP or DeepSpeed ZeRO-2/3, clipping at CLIP (0 = off), fp32 or bf16 autocast.
 usage: torchrun --standalone --nproc_per_node 2 benchmarks/deepspeed_drift_probe.py ddp|zero2|zero3 CLIP fp32|bf16 STEPS OUT
        [REDUCE=bf16: DeepSpeed's own default, Conv2d/Linear gradients reduced in bf16; ours reduces in fp32]
