@@ -42,8 +42,12 @@ def main(
     base, saved, times = resident_gib(), 0.0, []
     for _ in range(3):
         images = torch.rand(batch, 3, imgsz, imgsz, generator=g)
-        labels = {"img": images, "batch_idx": torch.arange(batch).float(), "cls": torch.zeros(batch, 1),
-                  "bboxes": torch.rand(batch, 4, generator=g) * 0.3 + 0.3}  # fmt: skip
+        labels = {
+            "img": images,
+            "batch_idx": torch.arange(batch).float(),
+            "cls": torch.zeros(batch, 1),
+            "bboxes": torch.rand(batch, 4, generator=g) * 0.3 + 0.3,
+        }
         start = time.perf_counter()
         loss, _ = criterion(model(images), labels)
         saved = max(saved, resident_gib() - base)

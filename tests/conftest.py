@@ -6,8 +6,8 @@ import pytest
 os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics: no online checks
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from helpers import TINY  # noqa: E402
-from yoloscale.synth import write_synthetic_dataset  # noqa: E402
+from helpers import TINY
+from yoloscale.synth import write_synthetic_dataset
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,8 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from yoloscale.config import _f
 from yoloscale.errors import UserError
@@ -88,7 +87,10 @@ def peak_memory() -> dict:
     if not torch.cuda.is_available():
         return {"peak_GiB": None, "peak_alloc_GiB": None}
     gib = 2**30
-    return {"peak_GiB": torch.cuda.max_memory_reserved() / gib, "peak_alloc_GiB": torch.cuda.max_memory_allocated() / gib}
+    return {
+        "peak_GiB": torch.cuda.max_memory_reserved() / gib,
+        "peak_alloc_GiB": torch.cuda.max_memory_allocated() / gib,
+    }
 
 
 @contextmanager
@@ -140,9 +142,16 @@ def loop_and_bare(trainer, warmup: int, window: int) -> tuple[dict, dict]:
     loop = {**steady_img_s(times, images, warmup, window), **peak_memory(), "first_step_s": times[0] - start}
     resident = trainer.prepare_batch(next(iter(trainer.train_loader)))
     bare = measure_bare(trainer, resident, warmup, window)
-    return {"loop": loop, "bare": bare, "devices": trainer.world, "precision": trainer.accelerator.mixed_precision,
-            "skipped_steps": trainer.health.skipped(), "accumulate": trainer.schedule.accumulate,
-            "forward_gflops": forward_gflops(trainer), "is_main": trainer.is_main}, resident  # fmt: skip
+    return {
+        "loop": loop,
+        "bare": bare,
+        "devices": trainer.world,
+        "precision": trainer.accelerator.mixed_precision,
+        "skipped_steps": trainer.health.skipped(),
+        "accumulate": trainer.schedule.accumulate,
+        "forward_gflops": forward_gflops(trainer),
+        "is_main": trainer.is_main,
+    }, resident
 
 
 def forward_gflops(trainer) -> float:
@@ -178,9 +187,23 @@ def measure_ultralytics(cfg, out: Path, warmup: int, window: int) -> dict:
     times: list[float] = []
     model = YOLO(cfg.model)
     model.add_callback("on_train_batch_end", lambda trainer: times.append(time.perf_counter()))
-    model.train(data=cfg.data, imgsz=cfg.imgsz, batch=cfg.batch, epochs=1, workers=cfg.workers, cache=cfg.cache or False,
-                val=False, plots=False, close_mosaic=0, device=0 if torch.cuda.is_available() else "cpu",
-                project=str(out), name="ultralytics", exist_ok=True, amp=True, verbose=False)  # fmt: skip
+    model.train(
+        data=cfg.data,
+        imgsz=cfg.imgsz,
+        batch=cfg.batch,
+        epochs=1,
+        workers=cfg.workers,
+        cache=cfg.cache or False,
+        val=False,
+        plots=False,
+        close_mosaic=0,
+        device=0 if torch.cuda.is_available() else "cpu",
+        project=str(out),
+        name="ultralytics",
+        exist_ok=True,
+        amp=True,
+        verbose=False,
+    )
     return {**steady_img_s(times, cfg.batch, warmup, window), **peak_memory()}
 
 
@@ -224,8 +247,15 @@ def summarise(results: dict, opts, cfg) -> dict:
     ul = results.get("ultralytics", {}).get("img_s")
     rows = []
     if ul:
-        rows.append({"what": "ultralytics (fp16 AMP)", "devices": 1, "img_s": ul, "x_ultralytics": 1.0,
-                     "peak_GiB": results["ultralytics"].get("peak_GiB")})  # fmt: skip
+        rows.append(
+            {
+                "what": "ultralytics (fp16 AMP)",
+                "devices": 1,
+                "img_s": ul,
+                "x_ultralytics": 1.0,
+                "peak_GiB": results["ultralytics"].get("peak_GiB"),
+            }
+        )
     for p in opts.precisions:
         for n in opts.gpus:
             r = results.get(f"loop-{p}-{n}")
@@ -233,8 +263,13 @@ def summarise(results: dict, opts, cfg) -> dict:
                 continue
             one = results.get(f"loop-{p}-1")
             for part in ("loop", "bare"):
-                row = {"what": f"yoloscale {part} {p}", "devices": n, "img_s": r[part]["img_s"],
-                       "peak_GiB": r[part].get("peak_GiB"), "skipped_steps": r["skipped_steps"]}  # fmt: skip
+                row = {
+                    "what": f"yoloscale {part} {p}",
+                    "devices": n,
+                    "img_s": r[part]["img_s"],
+                    "peak_GiB": r[part].get("peak_GiB"),
+                    "skipped_steps": r["skipped_steps"],
+                }
                 row["x_ultralytics"] = row["img_s"] / ul if ul else None
                 row["x_ceiling"] = r["loop"]["img_s"] / r["bare"]["img_s"] if part == "loop" else None
                 row["mfu"] = mfu(row["img_s"], r["forward_gflops"], peak, n) if peak and r["forward_gflops"] else None
@@ -244,8 +279,16 @@ def summarise(results: dict, opts, cfg) -> dict:
         r = results.get(f"loader-{w}")
         if r:
             rows.append({"what": f"loader alone, {w} workers", "devices": 1, "img_s": r["img_s"]})
-    return {"config": cfg.to_dict(), "peak": results.get("peak"), "rows": rows, "raw": results, "method": __doc__,
-            "date": time.strftime("%Y-%m-%d"), "device": _device_name(), "versions": _versions()}
+    return {
+        "config": cfg.to_dict(),
+        "peak": results.get("peak"),
+        "rows": rows,
+        "raw": results,
+        "method": __doc__,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": _device_name(),
+        "versions": _versions(),
+    }
 
 
 def _device_name() -> str:
@@ -264,14 +307,18 @@ def _versions() -> dict:
 
 def table(summary: dict) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines = [f"{summary['device']}, {summary['config']['model']}, imgsz {summary['config']['imgsz']}, "
-             f"batch {summary['config']['batch']}/device; peak {fmt((summary['peak'] or {}).get('tflops'), '.1f')} "
-             f"TFLOP/s ({(summary['peak'] or {}).get('how', '-')})",
-             f"{'what':<30}{'dev':>4}{'img/s':>9}{'peak GiB':>9}{'x UL':>7}{'x ceil':>7}{'MFU':>7}{'scaling':>8}"]  # fmt: skip
+    lines = [
+        f"{summary['device']}, {summary['config']['model']}, imgsz {summary['config']['imgsz']}, "
+        f"batch {summary['config']['batch']}/device; peak {fmt((summary['peak'] or {}).get('tflops'), '.1f')} "
+        f"TFLOP/s ({(summary['peak'] or {}).get('how', '-')})",
+        f"{'what':<30}{'dev':>4}{'img/s':>9}{'peak GiB':>9}{'x UL':>7}{'x ceil':>7}{'MFU':>7}{'scaling':>8}",
+    ]
     for r in summary["rows"]:
-        lines.append(f"{r['what']:<30}{r['devices']:>4}{r['img_s']:>9.1f}{fmt(r.get('peak_GiB'), '.1f'):>9}"
-                     f"{fmt(r.get('x_ultralytics'), '.2f'):>7}{fmt(r.get('x_ceiling'), '.2f'):>7}"
-                     f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r.get('scaling'), '.2f'):>8}")  # fmt: skip
+        lines.append(
+            f"{r['what']:<30}{r['devices']:>4}{r['img_s']:>9.1f}{fmt(r.get('peak_GiB'), '.1f'):>9}"
+            f"{fmt(r.get('x_ultralytics'), '.2f'):>7}{fmt(r.get('x_ceiling'), '.2f'):>7}"
+            f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r.get('scaling'), '.2f'):>8}"
+        )
     return "\n".join(lines)
 
 
@@ -294,31 +341,59 @@ def chart(summary: dict, path: Path) -> None:
 
 def bench(cfg, opts) -> dict:
     """Parent process: data, one child per measurement, then the summary."""
-    from yoloscale.synth import write_synthetic_dataset
-
     import shutil
+
+    from yoloscale.synth import write_synthetic_dataset
 
     opts.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(opts.out / "runs", ignore_errors=True)  # the children's scratch run directories
     steps = opts.warmup + 3 * opts.window + 1
     if cfg.data == "synthetic":
-        cfg.data = str(write_synthetic_dataset(opts.out / "data", n_train=steps * cfg.batch * max(opts.gpus),
-                                               n_val=8, size=cfg.imgsz))  # fmt: skip
+        cfg.data = str(
+            write_synthetic_dataset(
+                opts.out / "data", n_train=steps * cfg.batch * max(opts.gpus), n_val=8, size=cfg.imgsz
+            )
+        )
     results = {}
     for kind in _kinds(opts):
         n = int(kind.rsplit("-", 1)[1]) if kind.startswith("loop-") else 1
         # Our loop always under torchrun, one process included: every backend then finds the process-group
         # environment it expects (DeepSpeed needs one even for a single GPU).
-        launcher = [sys.executable] if not kind.startswith("loop-") else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(_free_port())]
+        launcher = (
+            [sys.executable]
+            if not kind.startswith("loop-")
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(n),
+                "--master_port",
+                str(_free_port()),
+            ]
+        )
         # the per-device batch stays what one GPU runs: several GPUs measure weak scaling
         per_device = [f"device_batch={cfg.device_batch or cfg.batch}"] if kind.startswith("loop-") else []
-        cmd = [*launcher, "-m", "yoloscale", "bench", *opts.settings, f"data={cfg.data}", *per_device, *opts.flags,
-               f"--only={kind}"]  # fmt: skip
+        cmd = [
+            *launcher,
+            "-m",
+            "yoloscale",
+            "bench",
+            *opts.settings,
+            f"data={cfg.data}",
+            *per_device,
+            *opts.flags,
+            f"--only={kind}",
+        ]
         t = time.time()
         with open(opts.out / f"{kind}.log", "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "YOLO_OFFLINE": "1"}).returncode
-        print(f"{kind}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {kind}.log)'} in {time.time() - t:.0f}s", flush=True)
+            rc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "YOLO_OFFLINE": "1"}
+            ).returncode
+        print(
+            f"{kind}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {kind}.log)'} in {time.time() - t:.0f}s",
+            flush=True,
+        )
         if rc == 0:
             results[kind] = json.loads((opts.out / f"{kind}.json").read_text())
     summary = summarise(results, opts, cfg)
@@ -356,22 +431,31 @@ def run(args: list[str], only: str | None = None) -> None:
     from yoloscale.config import load_config, parse_command
 
     ns, cfg_file, overrides = parse_command(BenchSettings, args, "bench")
-    opts = argparse.Namespace(out=Path(ns.out), warmup=ns.warmup, window=ns.window,
-                              precisions=[p for p in ns.precisions.split(",") if p],
-                              gpus=_int_list(ns.gpus, "gpus", minimum=1),
-                              loader_workers=_int_list(ns.loader_workers, "loader_workers", minimum=0),
-                              skip=set(ns.skip.split(",")) - {""})  # fmt: skip
-    bad = [p for p in opts.precisions if p not in ("bf16", "fp16", "fp32")] + sorted(opts.skip - {"ultralytics", "loader"})
+    opts = argparse.Namespace(
+        out=Path(ns.out),
+        warmup=ns.warmup,
+        window=ns.window,
+        precisions=[p for p in ns.precisions.split(",") if p],
+        gpus=_int_list(ns.gpus, "gpus", minimum=1),
+        loader_workers=_int_list(ns.loader_workers, "loader_workers", minimum=0),
+        skip=set(ns.skip.split(",")) - {""},
+    )
+    bad = [p for p in opts.precisions if p not in ("bf16", "fp16", "fp32")] + sorted(
+        opts.skip - {"ultralytics", "loader"}
+    )
     if bad or not opts.precisions or ns.warmup < 0 or ns.window < 1:
-        raise UserError(f"bench: bad value(s) {bad or ''}: precisions= takes bf16,fp16,fp32; skip= takes "
-                        "ultralytics,loader; warmup >= 0 and window >= 1.")
+        raise UserError(
+            f"bench: bad value(s) {bad or ''}: precisions= takes bf16,fp16,fp32; skip= takes "
+            "ultralytics,loader; warmup >= 0 and window >= 1."
+        )
     # what each child process is given: the same settings (data replaced by the prepared set) and timing keys
     opts.settings = ([cfg_file] if cfg_file else []) + [a for a in overrides if not a.startswith("data=")]
     opts.flags = [f"out={opts.out}", f"warmup={opts.warmup}", f"window={opts.window}"]
     cfg = load_config(cfg_file, overrides)
     if only:
-        cfg = dataclasses.replace(cfg, epochs=1, val=False, plots=False, close_mosaic=0, project=str(opts.out / "runs"),
-                                  name=only)  # fmt: skip
+        cfg = dataclasses.replace(
+            cfg, epochs=1, val=False, plots=False, close_mosaic=0, project=str(opts.out / "runs"), name=only
+        )
         _measure_one(only, cfg, opts)
     else:
         bench(cfg, opts)

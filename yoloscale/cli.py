@@ -41,9 +41,16 @@ def _command(sub, name: str, help: str, settings: str | None, train_keys: bool =
 
         module, _, cls = settings.partition(":")
         epilog = command_help(getattr(importlib.import_module(module), cls), name, train_keys)
-    p = sub.add_parser(name.split()[-1], help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       usage=usage or f"yoloscale {name} {'[config.yaml] ' if train_keys else ''}[key=value ...]")  # fmt: skip
-    p.add_argument("args", nargs="*", help="key=value settings" + (", after an optional YAML file" if train_keys else ""))
+    p = sub.add_parser(
+        name.split()[-1],
+        help=help,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=usage or f"yoloscale {name} {'[config.yaml] ' if train_keys else ''}[key=value ...]",
+    )
+    p.add_argument(
+        "args", nargs="*", help="key=value settings" + (", after an optional YAML file" if train_keys else "")
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launchers add it
     return p
 
@@ -56,31 +63,71 @@ def _parser() -> argparse.ArgumentParser:
     # DeepSpeed's launcher with --module puts --local_rank=N right after the module name, before `train`.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a detector", epilog=_train_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       usage="yoloscale train [config.yaml] [key=value ...]")  # fmt: skip
+    t = sub.add_parser(
+        "train",
+        help="train a detector",
+        epilog=_train_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="yoloscale train [config.yaml] [key=value ...]",
+    )
     t.add_argument("args", nargs="*", help="an optional YAML config file, then key=value overrides")
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     # DeepSpeed's launcher passes its JSON this way (`deepspeed ... --deepspeed FILE`): accepted as it comes.
-    t.add_argument("--deepspeed", "--deepspeed_config", metavar="JSON", default=None,
-                   help="DeepSpeed JSON (as `deepspeed ... --deepspeed FILE` passes it): sets ds_config= and, unless "
-                        "backend= is given, backend=zero<stage of the file>")  # fmt: skip
-    b = _command(sub, "bench", "throughput, memory and MFU beside Ultralytics' own trainer", "yoloscale.bench:BenchSettings")
+    t.add_argument(
+        "--deepspeed",
+        "--deepspeed_config",
+        metavar="JSON",
+        default=None,
+        help="DeepSpeed JSON (as `deepspeed ... --deepspeed FILE` passes it): sets ds_config= and, unless "
+        "backend= is given, backend=zero<stage of the file>",
+    )
+    b = _command(
+        sub, "bench", "throughput, memory and MFU beside Ultralytics' own trainer", "yoloscale.bench:BenchSettings"
+    )
     b.add_argument("--only", help=argparse.SUPPRESS)  # internal: one measurement in this process
-    _command(sub, "race", "Ultralytics' trainer and ours on the same data, one after the other",
-             "yoloscale.race:RaceSettings")  # fmt: skip
+    _command(
+        sub,
+        "race",
+        "Ultralytics' trainer and ours on the same data, one after the other",
+        "yoloscale.race:RaceSettings",
+    )
     d = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
-    _command(d, "data synth", "write the synthetic shapes detection set (data.yaml + YOLO labels)",
-             "yoloscale.synth:SynthSettings", train_keys=False)  # fmt: skip
+    _command(
+        d,
+        "data synth",
+        "write the synthetic shapes detection set (data.yaml + YOLO labels)",
+        "yoloscale.synth:SynthSettings",
+        train_keys=False,
+    )
     la = sub.add_parser("launch", help="launch recipes").add_subparsers(dest="launch_command", required=True)
-    _command(la, "launch slurm", "write (and optionally submit) an sbatch script for a training run",
-             "yoloscale.launch:SlurmSettings")  # fmt: skip
-    _command(la, "launch templates", "copy the shipped Accelerate, Slurm and DeepSpeed templates into a folder",
-             "yoloscale.launch:TemplateSettings", train_keys=False)  # fmt: skip
-    _command(sub, "doctor", "this node's GPU/network topology and the NCCL settings we recommend",
-             "yoloscale.doctor:DoctorSettings", train_keys=False)  # fmt: skip
-    _command(sub, "export", "write best.pt/last.pt (Ultralytics) from a run's EMA weights",
-             "yoloscale.export:ExportSettings", train_keys=False, usage="yoloscale export RUN")  # fmt: skip
+    _command(
+        la,
+        "launch slurm",
+        "write (and optionally submit) an sbatch script for a training run",
+        "yoloscale.launch:SlurmSettings",
+    )
+    _command(
+        la,
+        "launch templates",
+        "copy the shipped Accelerate, Slurm and DeepSpeed templates into a folder",
+        "yoloscale.launch:TemplateSettings",
+        train_keys=False,
+    )
+    _command(
+        sub,
+        "doctor",
+        "this node's GPU/network topology and the NCCL settings we recommend",
+        "yoloscale.doctor:DoctorSettings",
+        train_keys=False,
+    )
+    _command(
+        sub,
+        "export",
+        "write best.pt/last.pt (Ultralytics) from a run's EMA weights",
+        "yoloscale.export:ExportSettings",
+        train_keys=False,
+        usage="yoloscale export RUN",
+    )
     return p
 
 
@@ -94,7 +141,9 @@ def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: st
 
     stage = stage_of_file(ds_file)
     if stage not in (1, 2, 3):
-        raise UserError(f"--deepspeed '{ds_file}': not a readable DeepSpeed JSON with zero_optimization.stage 1, 2 or 3.")
+        raise UserError(
+            f"--deepspeed '{ds_file}': not a readable DeepSpeed JSON with zero_optimization.stage 1, 2 or 3."
+        )
     given = dict(parse_override(a) for a in overrides)
     if cfg_file and "backend" not in given and os.path.isfile(cfg_file):
         try:
@@ -102,8 +151,10 @@ def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: st
         except (yaml.YAMLError, ValueError, TypeError):
             pass  # load_config reports a broken file with its line
     if "backend" in given and given["backend"] != f"zero{stage}":
-        raise UserError(f"--deepspeed '{ds_file}' asks for ZeRO stage {stage} but our configuration says "
-                        f"backend={given['backend']}; make them agree.")
+        raise UserError(
+            f"--deepspeed '{ds_file}' asks for ZeRO stage {stage} but our configuration says "
+            f"backend={given['backend']}; make them agree."
+        )
     return [*overrides, f"backend=zero{stage}", f"ds_config={ds_file}"]
 
 

@@ -51,13 +51,27 @@ PRIVATE = {  # importable names, "module:attribute"
 
 # Attributes of DeepSpeed's ZeRO optimizers read or set by backend/zero.py and checkpoint/zero_reshard.py.
 ZERO_OPTIMIZER = {
-    "stage 1/2": ["single_partition_of_fp32_groups", "bit16_groups", "real_dp_process_group",
-                  "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state", "refresh_fp32_params"],
-    "stage 3": ["fp32_partitioned_groups_flat", "fp16_groups", "grad_position", "get_param_id", "dp_process_group",
-                "_get_fp32_opt_state_partition", "_get_param_partition_rank", "_get_param_partition_world_size",
-                "refresh_fp32_params"],
+    "stage 1/2": [
+        "single_partition_of_fp32_groups",
+        "bit16_groups",
+        "real_dp_process_group",
+        "_hp_optimizer_states_linked",
+        "_lazy_init_hp_params_optimizer_state",
+        "refresh_fp32_params",
+    ],
+    "stage 3": [
+        "fp32_partitioned_groups_flat",
+        "fp16_groups",
+        "grad_position",
+        "get_param_id",
+        "dp_process_group",
+        "_get_fp32_opt_state_partition",
+        "_get_param_partition_rank",
+        "_get_param_partition_world_size",
+        "refresh_fp32_params",
+    ],
     "fp16 under torch_autocast": ["torch_autocast_gradscaler", "loss_scaler", "dynamic_loss_scale"],
-}  # fmt: skip
+}
 # Optional, with a fallback (register_fused_sgd_for_dtensor): torch.distributed.tensor._ops._pointwise_ops's
 # _register_single_dim_pointwise (torch 2.14) or list_pointwise_strategy + _ops.utils.register_op_strategy (2.11).
 # And of their parameters: ZeRO-1/2 `_hp_mapping` (hp_fragment_address, lp_fragment_address); ZeRO-3 `ds_tensor`,
@@ -79,16 +93,20 @@ def check(package: str) -> None:
         try:
             getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
-            raise UserError(f"{package} {installed(package)} lacks {module}.{name}, which yoloscale uses; it was "
-                            f"written for {package} {WRITTEN_FOR[package]}.") from None  # fmt: skip
+            raise UserError(
+                f"{package} {installed(package)} lacks {module}.{name}, which yoloscale uses; it was "
+                f"written for {package} {WRITTEN_FOR[package]}."
+            ) from None
 
 
 def check_zero_optimizer(optimizer, part: str) -> None:
     """The DeepSpeed internals of `part` (a key of ZERO_OPTIMIZER) exist on this ZeRO optimizer."""
     missing = [a for a in ZERO_OPTIMIZER[part] if not hasattr(optimizer, a)]
     if missing:
-        raise UserError(f"DeepSpeed {installed('deepspeed')}'s {type(optimizer).__name__} lacks {', '.join(missing)} "
-                        f"({part}), which yoloscale uses; it was written for DeepSpeed {WRITTEN_FOR['deepspeed']}.")
+        raise UserError(
+            f"DeepSpeed {installed('deepspeed')}'s {type(optimizer).__name__} lacks {', '.join(missing)} "
+            f"({part}), which yoloscale uses; it was written for DeepSpeed {WRITTEN_FOR['deepspeed']}."
+        )
 
 
 def _get(package: str, entry: str):

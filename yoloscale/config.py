@@ -38,53 +38,129 @@ SYNTHETIC_DEFAULTS = {"imgsz": 160, "epochs": 10}  # the embedded quick start: t
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _f("yolo11n.yaml", "What to train: a detection model YAML (yolov8/yolo11/yolo12/yolo26, n..x, -p6, or a path), or a local Ultralytics .pt (its architecture and weights: fine-tuning, as in Ultralytics).")
-    data: str = _f("synthetic", "Ultralytics data.yaml, or 'synthetic' for the built-in shapes set (generated on first use).")
-    weights: str = _f("", "Initial weights for a model YAML: a local Ultralytics .pt (trusted sources only: it is a pickle) or our .safetensors; tensors are matched by name and shape.")
-    trust_pickle: bool = _f(False, "Allow a .pt (model= or weights=) that a weights-only load refuses to be read as a full pickle, which can run code: only for files from a trusted source.")
-    imgsz: int = _f(640, "Train/val image size in pixels (Ultralytics' 640); with data=synthetic and no imgsz given, 160.")
+    model: str = _f(
+        "yolo11n.yaml",
+        "What to train: a detection model YAML (yolov8/yolo11/yolo12/yolo26, n..x, -p6, or a path), or a local Ultralytics .pt (its architecture and weights: fine-tuning, as in Ultralytics).",
+    )
+    data: str = _f(
+        "synthetic", "Ultralytics data.yaml, or 'synthetic' for the built-in shapes set (generated on first use)."
+    )
+    weights: str = _f(
+        "",
+        "Initial weights for a model YAML: a local Ultralytics .pt (trusted sources only: it is a pickle) or our .safetensors; tensors are matched by name and shape.",
+    )
+    trust_pickle: bool = _f(
+        False,
+        "Allow a .pt (model= or weights=) that a weights-only load refuses to be read as a full pickle, which can run code: only for files from a trusted source.",
+    )
+    imgsz: int = _f(
+        640, "Train/val image size in pixels (Ultralytics' 640); with data=synthetic and no imgsz given, 160."
+    )
     # --- run directory and resume
     project: str = _f("runs", "Folder that holds run directories.")
-    name: str = _f("", "Run directory name under project; empty picks train, train2, ... An existing run is never overwritten.")
-    resume: str = _f("", "'' for a fresh run, 'auto' for the latest complete checkpoint of project/name, or a checkpoint/run path.")
+    name: str = _f(
+        "", "Run directory name under project; empty picks train, train2, ... An existing run is never overwritten."
+    )
+    resume: str = _f(
+        "", "'' for a fresh run, 'auto' for the latest complete checkpoint of project/name, or a checkpoint/run path."
+    )
     # --- schedule (Ultralytics' meanings and defaults)
     epochs: int = _f(100, "Number of training epochs (Ultralytics' 100); with data=synthetic and no epochs given, 10.")
-    patience: int = _f(100, "Stop after this many epochs without a better validation fitness (Ultralytics' early stopping); 0 disables.")
-    batch: int = _f(16, "Global batch: images per micro-step over all devices, split evenly between them (Ultralytics' meaning).")
-    device_batch: int = _f(0, "Images per device per micro-step; 0 = batch / devices. When set it wins: the global batch is device_batch x devices.")
-    accumulate: int = _f(0, "Micro-steps per optimizer step; 0 = Ultralytics' rule max(round(nbs / batch), 1), ramped up from 1 during warmup.")
+    patience: int = _f(
+        100,
+        "Stop after this many epochs without a better validation fitness (Ultralytics' early stopping); 0 disables.",
+    )
+    batch: int = _f(
+        16, "Global batch: images per micro-step over all devices, split evenly between them (Ultralytics' meaning)."
+    )
+    device_batch: int = _f(
+        0,
+        "Images per device per micro-step; 0 = batch / devices. When set it wins: the global batch is device_batch x devices.",
+    )
+    accumulate: int = _f(
+        0,
+        "Micro-steps per optimizer step; 0 = Ultralytics' rule max(round(nbs / batch), 1), ramped up from 1 during warmup.",
+    )
     nbs: int = _f(64, "Nominal batch size: weight_decay is scaled by batch x accumulate / nbs (Ultralytics).")
-    optimizer: str = _f("auto", "Optimizer, Ultralytics' choices: auto picks AdamW (lr0 = 0.002 x 5 / (4 + nc), momentum 0.9) for runs of at most 10,000 iterations, else MuSGD (lr0 0.01, momentum 0.9), and sets warmup_bias_lr=0; or SGD (Nesterov), MuSGD, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop with lr0/momentum as given.", OPTIMIZERS)
+    optimizer: str = _f(
+        "auto",
+        "Optimizer, Ultralytics' choices: auto picks AdamW (lr0 = 0.002 x 5 / (4 + nc), momentum 0.9) for runs of at most 10,000 iterations, else MuSGD (lr0 0.01, momentum 0.9), and sets warmup_bias_lr=0; or SGD (Nesterov), MuSGD, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop with lr0/momentum as given.",
+        OPTIMIZERS,
+    )
     lr0: float = _f(0.01, "Initial learning rate (ignored under optimizer=auto, which chooses it).")
     lrf: float = _f(0.01, "Final learning rate as a fraction of lr0.")
     cos_lr: bool = _f(False, "Cosine instead of linear learning-rate decay.")
     momentum: float = _f(0.937, "SGD momentum / Adam beta1 (ignored under optimizer=auto).")
-    weight_decay: float = _f(0.0005, "Weight decay on conv/linear weights (never on BatchNorm or biases), scaled by batch x accumulate / nbs.")
-    warmup_epochs: float = _f(3.0, "Warmup length in epochs (linear lr ramp, falling bias lr, rising momentum and accumulate).")
+    weight_decay: float = _f(
+        0.0005,
+        "Weight decay on conv/linear weights (never on BatchNorm or biases), scaled by batch x accumulate / nbs.",
+    )
+    warmup_epochs: float = _f(
+        3.0, "Warmup length in epochs (linear lr ramp, falling bias lr, rising momentum and accumulate)."
+    )
     warmup_momentum: float = _f(0.8, "Momentum at the start of warmup.")
     warmup_bias_lr: float = _f(0.1, "Bias learning rate at the start of warmup (optimizer=auto sets 0).")
     grad_clip: float = _f(10.0, "Max gradient norm (Ultralytics uses 10.0); 0 disables clipping.")
-    max_bad_steps: int = _f(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient norm.")
-    ema: bool = _f(True, "Keep an exponential moving average of the weights (Ultralytics' ModelEMA); validation/export use it.")
+    max_bad_steps: int = _f(
+        10, "Stop the run after this many consecutive steps with a non-finite loss or gradient norm."
+    )
+    ema: bool = _f(
+        True, "Keep an exponential moving average of the weights (Ultralytics' ModelEMA); validation/export use it."
+    )
     ema_decay: float = _f(0.9999, "EMA maximum decay.")
     ema_tau: float = _f(2000.0, "EMA decay ramp time constant, in optimizer steps.")
     # --- precision and devices
-    precision: str = _f("auto", "Mixed precision: auto (fp16 with dynamic loss scaling on a CUDA GPU, Ultralytics' AMP; bf16 where fp16 is not supported; fp32 on the CPU), fp16, bf16 or fp32.", ("auto", "bf16", "fp16", "fp32"))
+    precision: str = _f(
+        "auto",
+        "Mixed precision: auto (fp16 with dynamic loss scaling on a CUDA GPU, Ultralytics' AMP; bf16 where fp16 is not supported; fp32 on the CPU), fp16, bf16 or fp32.",
+        ("auto", "bf16", "fp16", "fp32"),
+    )
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under multi-GPU (CUDA) training.")
-    cudnn_benchmark: str = _f("auto", "cuDNN autotuning of the training convolutions: on, off, or auto (on once the run has at least 10 minutes of training left, timed over its first micro-steps: autotuning costs tens of seconds and gains a few percent). Validation never autotunes.", ("auto", "on", "off"))
+    cudnn_benchmark: str = _f(
+        "auto",
+        "cuDNN autotuning of the training convolutions: on, off, or auto (on once the run has at least 10 minutes of training left, timed over its first micro-steps: autotuning costs tens of seconds and gains a few percent). Validation never autotunes.",
+        ("auto", "on", "off"),
+    )
     channels_last: bool = _f(True, "Feed the input batch as channels_last on CUDA (parameters stay contiguous).")
-    compile: bool = _f(False, "torch.compile the training model in place (backend=ddp, grad_ckpt=off): minutes of compilation in the first step, then somewhat faster in bf16, not in fp16, with less peak memory (docs/benchmarks.md).")
+    compile: bool = _f(
+        False,
+        "torch.compile the training model in place (backend=ddp, grad_ckpt=off): minutes of compilation in the first step, then somewhat faster in bf16, not in fp16, with less peak memory (docs/benchmarks.md).",
+    )
     seed: int = _f(0, "Random seed (model init, data order).")
     # --- distributed backend and memory (docs/backends.md says which to pick)
-    backend: str = _f("ddp", "Data-parallel backend: ddp (the fastest for every YOLO that fits), fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed). Sharding pays only when weights or optimizer state do not fit; YOLO's memory is activations (grad_ckpt). docs/backends.md.", ("ddp", "fsdp", "zero1", "zero2", "zero3"))
-    offload: str = _f("none", "Offload to CPU memory: none, optimizer (zero1/2/3) or params (fsdp, zero3; implies the optimizer too).", ("none", "optimizer", "params"))
-    grad_ckpt: str = _f("off", "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: about 60% less peak memory at about 1.3x the step time), or layer indices like '2-8,10'.")
-    grad_ckpt_recompute: str = _f("all", "With grad_ckpt: 'all' recomputes a checkpointed layer's whole forward (least memory); 'cheap' keeps convolution/matmul outputs and recomputes only BatchNorm, activations and concatenations (less recompute on the CPU; on a GPU slower than 'all' and saving less: docs/backends.md).", ("all", "cheap"))
-    reshard_after_forward: bool = _f(True, "fsdp: free gathered parameters after each layer's forward (less memory, one more all-gather in backward).")
-    ds_config: str = _f("", "zero1/2/3: a DeepSpeed JSON to start from instead of yoloscale/templates/ds_configs/zero<N>.json; fields we own must agree.")
+    backend: str = _f(
+        "ddp",
+        "Data-parallel backend: ddp (the fastest for every YOLO that fits), fsdp (FSDP2, parameters/gradients/optimizer sharded), zero1, zero2 or zero3 (DeepSpeed). Sharding pays only when weights or optimizer state do not fit; YOLO's memory is activations (grad_ckpt). docs/backends.md.",
+        ("ddp", "fsdp", "zero1", "zero2", "zero3"),
+    )
+    offload: str = _f(
+        "none",
+        "Offload to CPU memory: none, optimizer (zero1/2/3) or params (fsdp, zero3; implies the optimizer too).",
+        ("none", "optimizer", "params"),
+    )
+    grad_ckpt: str = _f(
+        "off",
+        "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: about 60% less peak memory at about 1.3x the step time), or layer indices like '2-8,10'.",
+    )
+    grad_ckpt_recompute: str = _f(
+        "all",
+        "With grad_ckpt: 'all' recomputes a checkpointed layer's whole forward (least memory); 'cheap' keeps convolution/matmul outputs and recomputes only BatchNorm, activations and concatenations (less recompute on the CPU; on a GPU slower than 'all' and saving less: docs/backends.md).",
+        ("all", "cheap"),
+    )
+    reshard_after_forward: bool = _f(
+        True,
+        "fsdp: free gathered parameters after each layer's forward (less memory, one more all-gather in backward).",
+    )
+    ds_config: str = _f(
+        "",
+        "zero1/2/3: a DeepSpeed JSON to start from instead of yoloscale/templates/ds_configs/zero<N>.json; fields we own must agree.",
+    )
     # --- data loading
-    workers: int = _f(8, "Data loader worker processes per device (Ultralytics' 8), at most the CPU count; validation uses twice as many.")
+    workers: int = _f(
+        8,
+        "Data loader worker processes per device (Ultralytics' 8), at most the CPU count; validation uses twice as many.",
+    )
     pin_memory: bool = _f(True, "Pinned host memory for faster host-to-GPU copies (ignored on CPU).")
     persistent_workers: bool = _f(True, "Keep loader workers alive between epochs.")
     cache: str = _f("", "Cache decoded images: '' (no), 'ram' or 'disk' (Ultralytics' cache).", ("", "ram", "disk"))
@@ -109,14 +185,27 @@ class TrainConfig:
     cls: float = _f(0.5, "Classification loss gain.")
     dfl: float = _f(1.5, "Distribution focal loss gain.")
     # --- validation, checkpoints, logging
-    val: bool = _f(True, "Validate (mAP50, mAP50-95 on the EMA weights) at the end of every epoch; the final epoch always validates.")
+    val: bool = _f(
+        True,
+        "Validate (mAP50, mAP50-95 on the EMA weights) at the end of every epoch; the final epoch always validates.",
+    )
     val_batch: int = _f(0, "Validation batch per device; 0 = 2 x batch.")
-    save_period: int = _f(-1, "Keep the epoch-end checkpoint of every N-th epoch and write weights/epochN.pt (Ultralytics' meaning); < 1 disables.")
-    keep_checkpoints: int = _f(2, "How many of the newest complete checkpoints to keep; resume falls back to an older one when the newest is damaged.")
+    save_period: int = _f(
+        -1,
+        "Keep the epoch-end checkpoint of every N-th epoch and write weights/epochN.pt (Ultralytics' meaning); < 1 disables.",
+    )
+    keep_checkpoints: int = _f(
+        2,
+        "How many of the newest complete checkpoints to keep; resume falls back to an older one when the newest is damaged.",
+    )
     save_steps: int = _f(0, "Also save a resumable checkpoint every N optimizer steps (0: only at epoch ends).")
-    log_interval: int = _f(10, "Optimizer steps between progress/metric updates (after warmup, the loop's only host syncs of its own).")
+    log_interval: int = _f(
+        10, "Optimizer steps between progress/metric updates (after warmup, the loop's only host syncs of its own)."
+    )
     plots: bool = _f(True, "Write results.png (training curves) at the end.")
-    wandb: str = _f("off", "Weights & Biases logging: off, offline (no key needed) or online.", ("off", "offline", "online"))
+    wandb: str = _f(
+        "off", "Weights & Biases logging: off, offline (no key needed) or online.", ("off", "offline", "online")
+    )
     wandb_project: str = _f("yoloscale", "Weights & Biases project name.")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -129,11 +218,18 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Ultralytics' keys that are spelled differently here: named in the "unknown key" message (not accepted as aliases).
-ULTRALYTICS_SPELLINGS = {"amp": "precision", "device": "cpu=True, or the launcher's process count",
-                         "exist_ok": "resume=auto, or a new name=", "freeze": "weights= (freezing is not supported)"}
+ULTRALYTICS_SPELLINGS = {
+    "amp": "precision",
+    "device": "cpu=True, or the launcher's process count",
+    "exist_ok": "resume=auto, or a new name=",
+    "freeze": "weights= (freezing is not supported)",
+}
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
-_BOOLISH = {"grad_ckpt": {True: "all", False: "off"}, "cudnn_benchmark": {True: "on", False: "off"},
-            "cache": {True: "ram", False: ""}}
+_BOOLISH = {
+    "grad_ckpt": {True: "all", False: "off"},
+    "cudnn_benchmark": {True: "on", False: "off"},
+    "cache": {True: "ram", False: ""},
+}
 
 
 @functools.cache
@@ -199,16 +295,27 @@ def _validate(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"key '{key}' must be > 0, got {getattr(cfg, key)}.")
-    for key in ("accumulate", "device_batch", "workers", "save_steps", "patience", "val_batch", "close_mosaic", "grad_clip",
-                "lr0"):
+    for key in (
+        "accumulate",
+        "device_batch",
+        "workers",
+        "save_steps",
+        "patience",
+        "val_batch",
+        "close_mosaic",
+        "grad_clip",
+        "lr0",
+    ):
         if getattr(cfg, key) < 0:
             raise UserError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}.")
     from yoloscale.grad_ckpt import parse_selection
 
     parse_selection(cfg.grad_ckpt)  # raises UserError naming the key
     if cfg.compile and parse_selection(cfg.grad_ckpt) != "off":
-        raise UserError(f"compile=True is supported with grad_ckpt=off only (got grad_ckpt={cfg.grad_ckpt}): the "
-                        "combination is not tested.")  # fmt: skip
+        raise UserError(
+            f"compile=True is supported with grad_ckpt=off only (got grad_ckpt={cfg.grad_ckpt}): the "
+            "combination is not tested."
+        )
     from yoloscale import backend
 
     backend.get(cfg).validate()  # each backend's own rules (offload, sync_bn, compile, ds_config)
@@ -216,7 +323,9 @@ def _validate(cfg: TrainConfig) -> None:
     if name.is_absolute() or ".." in name.parts:
         raise UserError(f"key 'name' must be a folder inside project (no '..', not absolute), got {cfg.name!r}.")
     if cfg.weights and cfg.model.endswith(".pt"):
-        raise UserError(f"model='{cfg.model}' already carries its weights; leave weights= empty (or give a model YAML).")
+        raise UserError(
+            f"model='{cfg.model}' already carries its weights; leave weights= empty (or give a model YAML)."
+        )
     if cfg.imgsz % 32:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
 
@@ -241,7 +350,9 @@ def parse_override(arg: str, cls: type = TrainConfig) -> tuple[str, Any]:
         return key, raw
 
 
-def parse_command(cls: type, args: list[str], command: str, train_keys: bool = True) -> tuple[Any, str | None, list[str]]:
+def parse_command(
+    cls: type, args: list[str], command: str, train_keys: bool = True
+) -> tuple[Any, str | None, list[str]]:
     """`[config.yaml] key=value ...` for a command whose own keys are the fields of the dataclass `cls`: (its
     settings, the config file, the key=value of the training configuration, which `load_config` checks). One
     convention for every command; an unknown key names the command's keys and the closest one."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -22,11 +23,42 @@ from yoloscale.errors import UserError
 
 # Our fields that Ultralytics' dataset, augmentation and loss read under the same names.
 _ULTRALYTICS_KEYS = (
-    "imgsz", "cache", "close_mosaic", "mosaic", "mixup", "cutmix", "copy_paste", "hsv_h", "hsv_s", "hsv_v", "degrees",
-    "translate", "scale", "shear", "perspective", "flipud", "fliplr", "box", "cls", "dfl", "batch", "epochs",
-    "optimizer", "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
-    "nbs", "cos_lr", "seed", "workers", "patience",
-)  # fmt: skip
+    "imgsz",
+    "cache",
+    "close_mosaic",
+    "mosaic",
+    "mixup",
+    "cutmix",
+    "copy_paste",
+    "hsv_h",
+    "hsv_s",
+    "hsv_v",
+    "degrees",
+    "translate",
+    "scale",
+    "shear",
+    "perspective",
+    "flipud",
+    "fliplr",
+    "box",
+    "cls",
+    "dfl",
+    "batch",
+    "epochs",
+    "optimizer",
+    "lr0",
+    "lrf",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "warmup_momentum",
+    "warmup_bias_lr",
+    "nbs",
+    "cos_lr",
+    "seed",
+    "workers",
+    "patience",
+)
 
 
 def ultralytics_args(cfg: TrainConfig, data_yaml: str | Path, **extra: Any) -> SimpleNamespace:
@@ -143,8 +175,9 @@ def _explain_skipped(dataset: Dataset) -> None:
                 warn(f"'{image}' was skipped: {meaning}")
 
 
-def build_train_loader(dataset: Dataset, cfg: TrainConfig, batch: int, rank: int, world: int,
-                       use_cuda: bool) -> DataLoader:  # fmt: skip
+def build_train_loader(
+    dataset: Dataset, cfg: TrainConfig, batch: int, rank: int, world: int, use_cuda: bool
+) -> DataLoader:
     """A DataLoader of `batch` images per step over a ShardSampler, with Ultralytics' collate and worker seeding."""
     from ultralytics.data.build import seed_worker
 
@@ -165,13 +198,21 @@ def build_train_loader(dataset: Dataset, cfg: TrainConfig, batch: int, rank: int
     )
 
 
-def build_val_loader(dataset: Dataset, cfg: TrainConfig, device_batch: int, rank: int, world: int,
-                     use_cuda: bool) -> DataLoader:  # fmt: skip
+def build_val_loader(
+    dataset: Dataset, cfg: TrainConfig, device_batch: int, rank: int, world: int, use_cuda: bool
+) -> DataLoader:
     """Ultralytics' own validation loader (2 x the batch and 2 x the workers, as its trainer): rectangular batches,
     and under several processes its contiguous, batch-aligned shards that its validator gathers back together."""
     from ultralytics.data.build import build_dataloader
 
     batch = cfg.val_batch or 2 * device_batch
     device = "cuda" if use_cuda else "cpu"
-    return build_dataloader(dataset, batch, 2 * cfg.workers, shuffle=False, rank=rank if world > 1 else -1,
-                            pin_memory=cfg.pin_memory, device=device)  # fmt: skip
+    return build_dataloader(
+        dataset,
+        batch,
+        2 * cfg.workers,
+        shuffle=False,
+        rank=rank if world > 1 else -1,
+        pin_memory=cfg.pin_memory,
+        device=device,
+    )

@@ -18,9 +18,9 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from yoloscale.config import _f
-from pathlib import Path
 
 
 @dataclass
@@ -40,7 +40,7 @@ def parse_topo_matrix(text: str) -> Topology:
         return topo
     header = [c.strip() for c in lines[header_i].split("\t") if c.strip()]
     devices = [c for c in header if re.fullmatch(r"(GPU|NIC)\d+", c)]
-    for line in lines[header_i + 1:]:
+    for line in lines[header_i + 1 :]:
         if not line.strip():
             break
         cells = [c.strip() for c in line.split("\t") if c.strip()]  # values line up with the header's columns
@@ -81,8 +81,13 @@ def describe(topo: Topology) -> list[str]:
     return words
 
 
-_PCIE_WORDS = {"PIX": "one PCIe switch", "PXB": "several PCIe switches", "PHB": "through the CPU's host bridge",
-               "NODE": "across host bridges within a NUMA node", "SYS": "across the CPU interconnect (sockets)"}
+_PCIE_WORDS = {
+    "PIX": "one PCIe switch",
+    "PXB": "several PCIe switches",
+    "PHB": "through the CPU's host bridge",
+    "NODE": "across host bridges within a NUMA node",
+    "SYS": "across the CPU interconnect (sockets)",
+}
 _PCIE_ORDER = ["PIX", "PXB", "PHB", "NODE", "SYS"]
 
 
@@ -92,18 +97,35 @@ def _pcie_rank(link: str) -> int:
 
 def recommend(topo: Topology, ib_devices: list[str], interfaces: list[str], env: dict) -> list[tuple[str, str, str]]:
     """(variable, value, why) for this node; variables already in `env` are reported as kept, never replaced."""
-    recs = [("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3", "a failed collective tears the job down instead of hanging it"),
-            ("YOLOSCALE_DIST_TIMEOUT", "1800", "seconds before a stuck collective fails (long enough for a slow "
-                                               "validation or checkpoint on rank 0)")]  # fmt: skip
+    recs = [
+        ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3", "a failed collective tears the job down instead of hanging it"),
+        (
+            "YOLOSCALE_DIST_TIMEOUT",
+            "1800",
+            "seconds before a stuck collective fails (long enough for a slow validation or checkpoint on rank 0)",
+        ),
+    ]
     if ib_devices:
         recs.append(("NCCL_IB_HCA", ",".join(ib_devices), "use the InfiniBand/RoCE adapters for inter-node traffic"))
     elif interfaces:
-        recs.append(("NCCL_SOCKET_IFNAME", interfaces[0], "no InfiniBand: pin NCCL's sockets to the main interface "
-                                                           "(avoids docker/virtual bridges and 'unhandled system error')"))  # fmt: skip
+        recs.append(
+            (
+                "NCCL_SOCKET_IFNAME",
+                interfaces[0],
+                "no InfiniBand: pin NCCL's sockets to the main interface "
+                "(avoids docker/virtual bridges and 'unhandled system error')",
+            )
+        )
     links = set(topo.links.values())
     if links and not all(link.startswith("NV") for link in links) and "SYS" in links:
-        recs.append(("NCCL_P2P_LEVEL", "NODE", "GPUs across sockets: keep peer-to-peer within a NUMA node; "
-                                                "cross-socket P2P is often slower than going through host memory"))  # fmt: skip
+        recs.append(
+            (
+                "NCCL_P2P_LEVEL",
+                "NODE",
+                "GPUs across sockets: keep peer-to-peer within a NUMA node; "
+                "cross-socket P2P is often slower than going through host memory",
+            )
+        )
     out = []
     for var, value, why in recs:
         if var in env:
@@ -121,7 +143,11 @@ def read_node() -> tuple[Topology, list[str], list[str]]:
         result = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True)
         if result.returncode == 0:
             topo = parse_topo_matrix(result.stdout)
-    ib = sorted(p.name for p in Path("/sys/class/infiniband").glob("*")) if Path("/sys/class/infiniband").is_dir() else []
+    ib = (
+        sorted(p.name for p in Path("/sys/class/infiniband").glob("*"))
+        if Path("/sys/class/infiniband").is_dir()
+        else []
+    )
     interfaces = []
     for p in sorted(Path("/sys/class/net").glob("*")):
         state = (p / "operstate").read_text().strip() if (p / "operstate").exists() else ""
@@ -156,8 +182,10 @@ def judge_busbw(measured: float, peak: float) -> str:
     ratio = measured / peak
     if ratio >= 0.6:
         return f"{ratio:.0%} of the link peak: as expected"
-    return (f"{ratio:.0%} of the link peak: below expectation; check NCCL_P2P_LEVEL / NCCL_P2P_DISABLE, that "
-            "the GPUs are not shared, and NCCL_DEBUG=INFO for the transport chosen")
+    return (
+        f"{ratio:.0%} of the link peak: below expectation; check NCCL_P2P_LEVEL / NCCL_P2P_DISABLE, that "
+        "the GPUs are not shared, and NCCL_DEBUG=INFO for the transport chosen"
+    )
 
 
 def export_lines(recs: list[tuple[str, str, str]], env: dict) -> list[str]:
@@ -165,7 +193,9 @@ def export_lines(recs: list[tuple[str, str, str]], env: dict) -> list[str]:
     return [f"export {var}={shlex.quote(value)}" for var, value, _ in recs if var not in env]
 
 
-def allreduce_busbw(rank: int, world: int, sizes_mb: list[int], device: str, iters: int = 10) -> list[tuple[int, float]]:
+def allreduce_busbw(
+    rank: int, world: int, sizes_mb: list[int], device: str, iters: int = 10
+) -> list[tuple[int, float]]:
     """Inside an initialised process group: (bytes, bus GB/s) per message size, nccl-tests style."""
     import torch
     import torch.distributed as dist
@@ -202,8 +232,11 @@ def _bench_worker(rank: int, world: int, port: int, sizes_mb: list[int], out: di
 
 def _gpu_info() -> tuple[str, int, int]:
     """(name of GPU 0, its max PCIe generation, its max PCIe width) from nvidia-smi; blanks when unknown."""
-    result = subprocess.run(["nvidia-smi", "--query-gpu=name,pcie.link.gen.max,pcie.link.width.max",
-                             "--format=csv,noheader"], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,pcie.link.gen.max,pcie.link.width.max", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    )
     try:
         name, gen, width = (c.strip() for c in result.stdout.splitlines()[0].split(","))
         return name, int(gen), int(width)
@@ -214,7 +247,9 @@ def _gpu_info() -> tuple[str, int, int]:
 @dataclass
 class DoctorSettings:
     bench: bool = _f(False, "Also measure all-reduce bus bandwidth over the local GPUs.")
-    export: bool = _f(False, "Print only `export VAR=value` lines for the recommendations not already set (for scripts).")
+    export: bool = _f(
+        False, "Print only `export VAR=value` lines for the recommendations not already set (for scripts)."
+    )
 
 
 def run(args: list[str]) -> None:
@@ -231,7 +266,9 @@ def run(args: list[str]) -> None:
     print("topology:")
     for line in describe(topo):
         print(f"  - {line}")
-    print(f"  - InfiniBand/RoCE devices: {', '.join(ib) or 'none'}; network interfaces up: {', '.join(interfaces) or 'none'}")
+    print(
+        f"  - InfiniBand/RoCE devices: {', '.join(ib) or 'none'}; network interfaces up: {', '.join(interfaces) or 'none'}"
+    )
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a (no CUDA)"
     print(f"  - torch {torch.__version__}, NCCL {nccl}, {torch.cuda.device_count()} CUDA device(s) visible")
     print("recommended environment (export before launching; already-set variables are kept):")
@@ -254,7 +291,9 @@ def run(args: list[str]) -> None:
         peak = link_peak(topo, *_gpu_info())
         best = max(b for _, b in out["busbw"])
         if peak:
-            print(f"link peak {peak[0]:.0f} GB/s per direction ({peak[1]}); best bus bandwidth {best:.1f} GB/s = "
-                  f"{judge_busbw(best, peak[0])}")
+            print(
+                f"link peak {peak[0]:.0f} GB/s per direction ({peak[1]}); best bus bandwidth {best:.1f} GB/s = "
+                f"{judge_busbw(best, peak[0])}"
+            )
         else:
             print("link peak unknown for this topology: no expectation to compare with")

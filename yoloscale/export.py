@@ -42,7 +42,9 @@ def ultralytics_checkpoint(model: torch.nn.Module, args: SimpleNamespace, metric
     }
 
 
-def write_ultralytics_pt(model: torch.nn.Module, args: SimpleNamespace, path: Path, metrics: dict | None = None) -> Path:
+def write_ultralytics_pt(
+    model: torch.nn.Module, args: SimpleNamespace, path: Path, metrics: dict | None = None
+) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     torch.save(ultralytics_checkpoint(model, args, metrics), tmp)
     tmp.replace(path)
@@ -100,8 +102,11 @@ def export_run(run: Path) -> list[Path]:
         sources["last"] = checkpoint_weights(find_checkpoint(run))  # the newest that verifies
         if not (weights / "last.safetensors").exists():
             save_weights(sources["last"], weights / "last.safetensors")
-    written = [pt_from_weights(src, weights / f"{kind}.pt", info["model"], info["names"], args)
-               for kind, src in sources.items() if isinstance(src, dict) or src.is_file()]  # fmt: skip
+    written = [
+        pt_from_weights(src, weights / f"{kind}.pt", info["model"], info["names"], args)
+        for kind, src in sources.items()
+        if isinstance(src, dict) or src.is_file()
+    ]
     if not written:
         raise UserError(f"'{run}' has no weights to export (no checkpoint and no weights/*.safetensors).")
     return written

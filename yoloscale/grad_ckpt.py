@@ -42,10 +42,20 @@ _NAMED = ("off", "all", "backbone", "head", "highres")
 HIGHRES_STRIDE = 16  # `highres`: the layers whose output is at this stride or finer, where the activations are
 RECOMPUTE = ("all", "cheap")
 # The ops whose outputs `cheap` keeps: where the FLOPs are. (Names that a torch build lacks are skipped.)
-_KEPT_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "convolution", "mm", "bmm", "addmm", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention_for_cpu") if hasattr(torch.ops.aten, name)}  # fmt: skip
+_KEPT_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "convolution",
+        "mm",
+        "bmm",
+        "addmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+}
 
 
 def parse_selection(text: str) -> str | list[int]:
@@ -75,8 +85,10 @@ def select_layers(model: nn.Module, text: str) -> list[int]:
     if selection == "highres":
         layers = high_resolution_layers(model)
         if not layers:  # not a detector: no layer returns one feature map (a 4-D tensor) at stride 16 or finer
-            raise UserError(f"key 'grad_ckpt': 'highres' found no layer whose output is a feature map at stride <= "
-                            f"{HIGHRES_STRIDE} in this model; name the layers instead (e.g. grad_ckpt=0-{n - 1}).")
+            raise UserError(
+                f"key 'grad_ckpt': 'highres' found no layer whose output is a feature map at stride <= "
+                f"{HIGHRES_STRIDE} in this model; name the layers instead (e.g. grad_ckpt=0-{n - 1})."
+            )
         return layers
     if selection in ("backbone", "head"):
         n_backbone = len(model.yaml["backbone"])
@@ -93,8 +105,10 @@ def high_resolution_layers(model: nn.Module, max_stride: int = HIGHRES_STRIDE) -
     one H100, checkpointing them cut the peak by 63% at 1.31x the step time; every layer saved 62-64% at 1.39-1.77x
     on an H200 (docs/backends.md). The low-resolution layers hold little activation memory per unit of recomputation."""
     size, strides = 256, {}
-    hooks = [layer.register_forward_hook(functools.partial(_record_stride, strides, i, size))
-             for i, layer in enumerate(model.model)]  # fmt: skip
+    hooks = [
+        layer.register_forward_hook(functools.partial(_record_stride, strides, i, size))
+        for i, layer in enumerate(model.model)
+    ]
     p = next(model.parameters())
     training = model.training
     try:

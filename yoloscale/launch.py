@@ -34,9 +34,8 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from yoloscale.config import _f
 from yoloscale.errors import UserError
@@ -115,9 +114,25 @@ def _check(value: str, pattern: re.Pattern, flag: str) -> str:
     return value
 
 
-def _script(launcher: str, *, nodes: int, gpus_per_node: int, tasks_per_node: int, cpus_per_task: int,
-            time_limit: str, partition: str, account: str, signal_lead: int, title: str, job_name: str, log: str,
-            resume_block: str, shared_dir: str, train_args: str, python: str) -> str:  # fmt: skip
+def _script(
+    launcher: str,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    tasks_per_node: int,
+    cpus_per_task: int,
+    time_limit: str,
+    partition: str,
+    account: str,
+    signal_lead: int,
+    title: str,
+    job_name: str,
+    log: str,
+    resume_block: str,
+    shared_dir: str,
+    train_args: str,
+    python: str,
+) -> str:
     """Fill the header and the launcher's body (values already validated and quoted)."""
     if launcher not in LAUNCHERS:
         raise UserError(f"launcher={launcher!r}: choose one of {', '.join(LAUNCHERS)}.")
@@ -130,26 +145,45 @@ def _script(launcher: str, *, nodes: int, gpus_per_node: int, tasks_per_node: in
         raise UserError("launcher=deepspeed needs GPUs (gpus_per_node >= 1); on CPU nodes use srun or torchrun.")
     procs = gpus_per_node or tasks_per_node  # training processes per node: one per GPU, or tasks_per_node on CPUs
     per_node = launcher != "srun"  # one launcher task per node, holding all of the node's CPUs
-    optional = "".join(f"#SBATCH --{k}={_check(v, _SLURM_NAME, k)}\n" for k, v in
-                       (("partition", partition), ("account", account)) if v)  # fmt: skip
+    optional = "".join(
+        f"#SBATCH --{k}={_check(v, _SLURM_NAME, k)}\n" for k, v in (("partition", partition), ("account", account)) if v
+    )
     accelerate_on_cpu = launcher == "accelerate" and not gpus_per_node
     header = HEADER.format(
-        title=title, job_name=_check(job_name, _SLURM_NAME, "name"), nodes=nodes,
+        title=title,
+        job_name=_check(job_name, _SLURM_NAME, "name"),
+        nodes=nodes,
         tasks_per_node=1 if per_node else procs,
         gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "",
-        cpus_per_task=cpus_per_task * procs if per_node else cpus_per_task, cpus_per_process=cpus_per_task,
-        time=_check(time_limit, _SLURM_TIME, "time"), optional_lines=optional, log=log, signal_lead=signal_lead,
-        python=python, resume_block=resume_block,
+        cpus_per_task=cpus_per_task * procs if per_node else cpus_per_task,
+        cpus_per_process=cpus_per_task,
+        time=_check(time_limit, _SLURM_TIME, "time"),
+        optional_lines=optional,
+        log=log,
+        signal_lead=signal_lead,
+        python=python,
+        resume_block=resume_block,
         cpu_line="export ACCELERATE_USE_CPU=1  # CPU nodes: gloo processes\n" if accelerate_on_cpu else "",
-    )  # fmt: skip
-    body = BODIES[launcher].format(python=python, procs=procs, shared_dir=shared_dir,
-                                   train=f'yoloscale train {train_args} "${{RESUME[@]}}"')  # fmt: skip
+    )
+    body = BODIES[launcher].format(
+        python=python, procs=procs, shared_dir=shared_dir, train=f'yoloscale train {train_args} "${{RESUME[@]}}"'
+    )
     return header + body + "\n"
 
 
-def render_sbatch(cfg_file: str | None, overrides: list[str], nodes: int, gpus_per_node: int, tasks_per_node: int,
-                  cpus_per_task: int, time_limit: str, partition: str = "", account: str = "",
-                  signal_lead: int = 90, launcher: str = "srun") -> tuple[str, Path]:  # fmt: skip
+def render_sbatch(
+    cfg_file: str | None,
+    overrides: list[str],
+    nodes: int,
+    gpus_per_node: int,
+    tasks_per_node: int,
+    cpus_per_task: int,
+    time_limit: str,
+    partition: str = "",
+    account: str = "",
+    signal_lead: int = 90,
+    launcher: str = "srun",
+) -> tuple[str, Path]:
     """The sbatch script for this configuration and the run directory it trains into."""
     from yoloscale.config import load_config
 
@@ -163,35 +197,65 @@ def render_sbatch(cfg_file: str | None, overrides: list[str], nodes: int, gpus_p
         overrides = [*overrides, f"name={cfg.name}"]
     run_dir = Path(cfg.project).resolve() / cfg.name
     args = ([str(Path(cfg_file).resolve())] if cfg_file else []) + [
-        o if not o.startswith("project=") else f"project={Path(cfg.project).resolve()}" for o in overrides]
+        o if not o.startswith("project=") else f"project={Path(cfg.project).resolve()}" for o in overrides
+    ]
     if not any(o.startswith("project=") for o in overrides):
         args.append(f"project={Path(cfg.project).resolve()}")  # absolute: the job may start in another directory
     project = _check(str(run_dir.parent), _PLAIN_PATH, "project")
     script = _script(
-        launcher, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
-        cpus_per_task=cpus_per_task, time_limit=time_limit, partition=partition, account=account,
-        signal_lead=signal_lead, job_name=cfg.name, log=f"{project}/{cfg.name}-slurm-%j.out",
+        launcher,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task,
+        time_limit=time_limit,
+        partition=partition,
+        account=account,
+        signal_lead=signal_lead,
+        job_name=cfg.name,
+        log=f"{project}/{cfg.name}-slurm-%j.out",
         title=f"Rendered by `yoloscale launch slurm` on {time.strftime('%Y-%m-%d %H:%M')}. "
-              "Resubmitting this file continues the run from its last checkpoint.",
-        resume_block=RESUME_BAKED.format(run_dir=shlex.quote(str(run_dir))), shared_dir=shlex.quote(project),
-        train_args=" ".join(shlex.quote(a) for a in args), python=shlex.quote(sys.executable),
-    )  # fmt: skip
+        "Resubmitting this file continues the run from its last checkpoint.",
+        resume_block=RESUME_BAKED.format(run_dir=shlex.quote(str(run_dir))),
+        shared_dir=shlex.quote(project),
+        train_args=" ".join(shlex.quote(a) for a in args),
+        python=shlex.quote(sys.executable),
+    )
     return script, run_dir
 
 
-def render_generic(launcher: str, nodes: int, gpus_per_node: int, tasks_per_node: int = 1, cpus_per_task: int = 8,
-                   time_limit: str = "24:00:00", signal_lead: int = 90, partition: str = "",
-                   account: str = "") -> str:  # fmt: skip
+def render_generic(
+    launcher: str,
+    nodes: int,
+    gpus_per_node: int,
+    tasks_per_node: int = 1,
+    cpus_per_task: int = 8,
+    time_limit: str = "24:00:00",
+    signal_lead: int = 90,
+    partition: str = "",
+    account: str = "",
+) -> str:
     """A reusable template: `sbatch FILE [config.yaml] [key=value ...]` (the files in yoloscale/templates/launch/slurm/)."""
     return _script(
-        launcher, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
-        cpus_per_task=cpus_per_task, time_limit=time_limit, partition=partition, account=account,
-        signal_lead=signal_lead, job_name="yoloscale", log="%x-%j.out",
+        launcher,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task,
+        time_limit=time_limit,
+        partition=partition,
+        account=account,
+        signal_lead=signal_lead,
+        job_name="yoloscale",
+        log="%x-%j.out",
         title=f"yoloscale, {launcher} launcher. Usage: sbatch [--nodes N --partition P --account A] THIS_FILE "
-              "[config.yaml] key=value ... name=RUN\n# (made by `yoloscale launch slurm generic=True`; "
-              "python3 must be the environment yoloscale is installed in)",
-        resume_block=RESUME_GENERIC, shared_dir='"$SLURM_SUBMIT_DIR"', train_args='"$@"', python="python3",
-    )  # fmt: skip
+        "[config.yaml] key=value ... name=RUN\n# (made by `yoloscale launch slurm generic=True`; "
+        "python3 must be the environment yoloscale is installed in)",
+        resume_block=RESUME_GENERIC,
+        shared_dir='"$SLURM_SUBMIT_DIR"',
+        train_args='"$@"',
+        python="python3",
+    )
 
 
 @dataclass
@@ -204,7 +268,9 @@ class SlurmSettings:
     partition: str = _f("", "Slurm partition.")
     account: str = _f("", "Slurm account.")
     signal_lead: int = _f(90, "Seconds of warning (SIGUSR1) before the time limit: the run checkpoints and requeues.")
-    launcher: str = _f("srun", "srun: one task per GPU; torchrun / accelerate / deepspeed: one launcher per node.", LAUNCHERS)
+    launcher: str = _f(
+        "srun", "srun: one task per GPU; torchrun / accelerate / deepspeed: one launcher per node.", LAUNCHERS
+    )
     submit: bool = _f(False, "Run sbatch on the written script.")
     generic: bool = _f(False, "Print a reusable template that takes the training settings from sbatch's command line.")
 
@@ -217,14 +283,38 @@ def launch_slurm(args: list[str]) -> Path | None:
     ns, cfg_file, overrides = parse_command(SlurmSettings, args, "launch slurm")
     if ns.generic:
         if cfg_file or overrides or ns.submit:
-            raise UserError("generic=True writes a template that takes the training settings from sbatch's command "
-                            "line: give no training keys here and no submit=True.")  # fmt: skip
-        print(render_generic(ns.launcher, ns.nodes, ns.gpus_per_node, ns.tasks_per_node, ns.cpus_per_task, ns.time,
-                             ns.signal_lead, ns.partition, ns.account), end="")  # fmt: skip
+            raise UserError(
+                "generic=True writes a template that takes the training settings from sbatch's command "
+                "line: give no training keys here and no submit=True."
+            )
+        print(
+            render_generic(
+                ns.launcher,
+                ns.nodes,
+                ns.gpus_per_node,
+                ns.tasks_per_node,
+                ns.cpus_per_task,
+                ns.time,
+                ns.signal_lead,
+                ns.partition,
+                ns.account,
+            ),
+            end="",
+        )
         return None
-    script, run_dir = render_sbatch(cfg_file, overrides, ns.nodes, ns.gpus_per_node, ns.tasks_per_node,
-                                    ns.cpus_per_task, ns.time, ns.partition, ns.account, ns.signal_lead,
-                                    ns.launcher)  # fmt: skip
+    script, run_dir = render_sbatch(
+        cfg_file,
+        overrides,
+        ns.nodes,
+        ns.gpus_per_node,
+        ns.tasks_per_node,
+        ns.cpus_per_task,
+        ns.time,
+        ns.partition,
+        ns.account,
+        ns.signal_lead,
+        ns.launcher,
+    )
     path = run_dir.parent / f"{run_dir.name}.sbatch"
     if path.exists():
         raise UserError(f"'{path}' already exists; choose another name= (it is never overwritten).")
@@ -241,7 +331,9 @@ def launch_slurm(args: list[str]) -> Path | None:
 
 @dataclass
 class TemplateSettings:
-    out: str = _f("", "Folder to copy the shipped templates into (required): accelerate/, slurm/, deepspeed/ and ds_configs/.")
+    out: str = _f(
+        "", "Folder to copy the shipped templates into (required): accelerate/, slurm/, deepspeed/ and ds_configs/."
+    )
 
 
 def copy_templates(args: list[str]) -> Path:

@@ -60,8 +60,10 @@ def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[d
         ckpt, _ = safe_load(str(path), safe_only=True)
     except Exception as e:
         if not trust_pickle:
-            raise UserError(f"'{path}' is not a plain Ultralytics checkpoint (a weights-only load refused it: "
-                            f"{_first_line(e)}); if you trust its source, pass trust_pickle=True.") from None
+            raise UserError(
+                f"'{path}' is not a plain Ultralytics checkpoint (a weights-only load refused it: "
+                f"{_first_line(e)}); if you trust its source, pass trust_pickle=True."
+            ) from None
         warn(f"loading '{path}' as a full pickle (trust_pickle=True): it can run code")
         try:
             ckpt, _ = safe_load(str(path), safe_only=False)
@@ -107,12 +109,16 @@ def load_matching(model: torch.nn.Module, state: dict[str, Any], source: str) ->
     head = sorted(k for k in wrong if _CLASS_HEAD.search(k))
     other = sorted(set(wrong) - set(head))
     if not matched:
-        raise UserError(f"weights '{source}': none of its {len(state)} tensors matches this model by name and "
-                        "shape (another architecture?).")  # fmt: skip
+        raise UserError(
+            f"weights '{source}': none of its {len(state)} tensors matches this model by name and "
+            "shape (another architecture?)."
+        )
     if other:
         k = other[0]
-        raise UserError(f"weights '{source}': tensor '{k}' has shape {wrong[k][0]}, the model {wrong[k][1]} "
-                        f"({len(other)} such outside the classification head): another architecture or scale.")  # fmt: skip
+        raise UserError(
+            f"weights '{source}': tensor '{k}' has shape {wrong[k][0]}, the model {wrong[k][1]} "
+            f"({len(other)} such outside the classification head): another architecture or scale."
+        )
     model.load_state_dict(matched, strict=False)
     report = f"weights '{source}': {len(matched)} of {len(own)} tensors loaded"
     if head:

@@ -50,10 +50,22 @@ class ShardedMuSGD(torch.optim.Optimizer):
     """Ultralytics' MuSGD step on the pieces a rank holds; numerically the same update as MuSGD on whole tensors
     (tests/distributed: FSDP2 and ZeRO against DDP). `layout` is attached by the backend before the first step."""
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False, use_muon: bool = False):  # fmt: skip
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov,
-                    "use_muon": use_muon}  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        use_muon: bool = False,
+    ):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "use_muon": use_muon,
+        }
         super().__init__(params, defaults)
         self.muon, self.sgd = MUON_SCALE, SGD_SCALE
         self.layout: MatrixLayout | None = None

@@ -48,7 +48,9 @@ def choose_optimizer(cfg: TrainConfig, images: int, nc: int) -> OptimizerChoice:
     if iterations > AUTO_ITERATIONS:
         return OptimizerChoice("MuSGD", 0.01, 0.9, 0.0, f"{why} > {AUTO_ITERATIONS}: MuSGD, lr0 0.01, momentum 0.9")
     lr = round(0.002 * 5 / (4 + nc), 6)
-    return OptimizerChoice("AdamW", lr, 0.9, 0.0, f"{why} <= {AUTO_ITERATIONS}: AdamW, lr0 {lr} (nc={nc}), momentum 0.9")
+    return OptimizerChoice(
+        "AdamW", lr, 0.9, 0.0, f"{why} <= {AUTO_ITERATIONS}: AdamW, lr0 {lr} (nc={nc}), momentum 0.9"
+    )
 
 
 def nominal_accumulate(cfg: TrainConfig, batch: int, batches_per_epoch: int) -> int:
@@ -81,22 +83,36 @@ def param_groups(model: nn.Module, muon: bool, weight_decay: float, lr: float) -
             else:
                 named["weight"].append(param)
     decay = {"weight": weight_decay, "bn": 0.0, "bias": 0.0, "muon": weight_decay}
-    groups = [{"params": named[k], "param_group": k, "weight_decay": decay[k], "lr": lr}
-              for k in ("weight", "bn", "bias", "muon") if k != "muon" or muon]  # fmt: skip
+    groups = [
+        {"params": named[k], "param_group": k, "weight_decay": decay[k], "lr": lr}
+        for k in ("weight", "bn", "bias", "muon")
+        if k != "muon" or muon
+    ]
     if not muon:
         return groups
     head = model.model[-1]
-    boosted = {id(p) for m in (getattr(head, "cv3", None), getattr(head, "one2one_cv3", None)) if m
-               for p in m.parameters()}  # fmt: skip
+    boosted = {
+        id(p) for m in (getattr(head, "cv3", None), getattr(head, "one2one_cv3", None)) if m for p in m.parameters()
+    }
     split = []
     for g in groups:
-        split.append({**g, "params": [p for p in g["params"] if id(p) in boosted], "lr": lr * 3, "use_muon": g["param_group"] == "muon"})
-        split.append({**g, "params": [p for p in g["params"] if id(p) not in boosted], "use_muon": g["param_group"] == "muon"})
+        split.append(
+            {
+                **g,
+                "params": [p for p in g["params"] if id(p) in boosted],
+                "lr": lr * 3,
+                "use_muon": g["param_group"] == "muon",
+            }
+        )
+        split.append(
+            {**g, "params": [p for p in g["params"] if id(p) not in boosted], "use_muon": g["param_group"] == "muon"}
+        )
     return split
 
 
-def build_optimizer(model: nn.Module, choice: OptimizerChoice, weight_decay: float, fused: bool = True,
-                    sharded: bool = False) -> torch.optim.Optimizer:  # fmt: skip
+def build_optimizer(
+    model: nn.Module, choice: OptimizerChoice, weight_decay: float, fused: bool = True, sharded: bool = False
+) -> torch.optim.Optimizer:
     """The optimizer Ultralytics builds for `choice`, over its parameter groups. SGD/Adam/AdamW use torch's fused
     kernels where `fused` (they skip a non-finite step on the device, `optimizer.found_inf`, without a host sync).
     MuSGD is Ultralytics' own class; `sharded=True` gives its sharded form (musgd.py), which orthogonalises whole
@@ -158,13 +174,21 @@ class Schedule:
     accumulate: int  # nominal, after warmup
 
     @classmethod
-    def create(cls, cfg: TrainConfig, choice: OptimizerChoice, batches_per_epoch: int, accumulate: int) -> "Schedule":
+    def create(cls, cfg: TrainConfig, choice: OptimizerChoice, batches_per_epoch: int, accumulate: int) -> Schedule:
         warmup_epochs = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))  # leave at least the last epoch un-warmed
         warmup = round(warmup_epochs * batches_per_epoch) if warmup_epochs > 0 else 0
         # NOTE: warmup ramps momentum to cfg.momentum even under optimizer=auto, whose optimizer starts at 0.9:
         # Ultralytics' auto rule changes args.lr0 but not args.momentum, which its warmup reads.
-        return cls(cfg.epochs, cfg.lrf, cfg.cos_lr, warmup, choice.warmup_bias_lr, cfg.warmup_momentum, cfg.momentum,
-                   accumulate)  # fmt: skip
+        return cls(
+            cfg.epochs,
+            cfg.lrf,
+            cfg.cos_lr,
+            warmup,
+            choice.warmup_bias_lr,
+            cfg.warmup_momentum,
+            cfg.momentum,
+            accumulate,
+        )
 
     def in_warmup(self, ni: int) -> bool:
         return bool(self.warmup_batches) and ni <= self.warmup_batches

@@ -92,9 +92,14 @@ def run_ultralytics(spec_file: str) -> None:
     def fit_epoch_end(trainer):  # after validation; also fired by its final evaluation, which trains no epoch
         if train_s[0] is None:
             return
-        events["epochs"].append({"epoch": trainer.epoch + 1, "time_s": time.time() - start,
-                                 "map50_95": float(trainer.metrics.get("metrics/mAP50-95(B)", "nan")),
-                                 "img_s": len(trainer.train_loader.dataset) / max(train_s[0], 1e-9)})  # fmt: skip
+        events["epochs"].append(
+            {
+                "epoch": trainer.epoch + 1,
+                "time_s": time.time() - start,
+                "map50_95": float(trainer.metrics.get("metrics/mAP50-95(B)", "nan")),
+                "img_s": len(trainer.train_loader.dataset) / max(train_s[0], 1e-9),
+            }
+        )
         train_s[0] = None
 
     model = YOLO(spec["settings"]["model"])
@@ -102,8 +107,14 @@ def run_ultralytics(spec_file: str) -> None:
     model.add_callback("on_train_epoch_start", lambda trainer: epoch_start.__setitem__(0, time.time()))
     model.add_callback("on_train_epoch_end", lambda trainer: train_s.__setitem__(0, time.time() - epoch_start[0]))
     model.add_callback("on_fit_epoch_end", fit_epoch_end)
-    model.train(**{k: v for k, v in spec["settings"].items() if k != "model"}, project=spec["project"],
-                name="ultralytics", exist_ok=False, plots=False, verbose=False)  # fmt: skip
+    model.train(
+        **{k: v for k, v in spec["settings"].items() if k != "model"},
+        project=spec["project"],
+        name="ultralytics",
+        exist_ok=False,
+        plots=False,
+        verbose=False,
+    )
     Path(spec["events"]).write_text(json.dumps(events))
 
 
@@ -111,15 +122,29 @@ def _epochs_from_results_csv(path: Path) -> list[dict]:
     """Ultralytics' results.csv (multi-GPU runs): times since its training started."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return [{"epoch": int(float(r["epoch"])), "time_s": float(r["time"]), "map50_95": float(r["metrics/mAP50-95(B)"]),
-             "img_s": None} for r in rows]  # fmt: skip
+    return [
+        {
+            "epoch": int(float(r["epoch"])),
+            "time_s": float(r["time"]),
+            "map50_95": float(r["metrics/mAP50-95(B)"]),
+            "img_s": None,
+        }
+        for r in rows
+    ]
 
 
 def _epochs_from_metrics_csv(path: Path) -> list[dict]:
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return [{"epoch": int(r["epoch"]), "time_s": float(r["time"]), "map50_95": float(r.get("val/mAP50-95") or "nan"),
-             "img_s": float(r["img_s"])} for r in rows]  # fmt: skip
+    return [
+        {
+            "epoch": int(r["epoch"]),
+            "time_s": float(r["time"]),
+            "map50_95": float(r.get("val/mAP50-95") or "nan"),
+            "img_s": float(r["img_s"]),
+        }
+        for r in rows
+    ]
 
 
 def _launch(cmd: list[str], log: Path) -> float:
@@ -146,28 +171,60 @@ def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
         given = [*given, f"data={cfg.data}"]
     gpus, results = settings["gpus"], {}
     if "ultralytics" in settings["sides"]:
-        spec = {"settings": ultralytics_settings(cfg, given, gpus), "project": str(out.resolve()),
-                "events": str(out / "ultralytics-events.json")}  # fmt: skip
+        spec = {
+            "settings": ultralytics_settings(cfg, given, gpus),
+            "project": str(out.resolve()),
+            "events": str(out / "ultralytics-events.json"),
+        }
         (out / "ultralytics-spec.json").write_text(json.dumps(spec))
         print(f"ultralytics: training ({out / 'ultralytics.log'})", flush=True)
-        wall = _launch([sys.executable, "-m", "yoloscale.race", str(out / "ultralytics-spec.json")],
-                       out / "ultralytics.log")  # fmt: skip
+        wall = _launch(
+            [sys.executable, "-m", "yoloscale.race", str(out / "ultralytics-spec.json")], out / "ultralytics.log"
+        )
         events = json.loads((out / "ultralytics-events.json").read_text())
         if gpus > 1 or not events["epochs"]:
             events["epochs"] = _epochs_from_results_csv(out / "ultralytics" / "results.csv")
         results["ultralytics"] = {"wall_s": wall, **events}
     if "yoloscale" in settings["sides"]:
-        launcher = [sys.executable] if gpus <= 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", str(_free_port())]
-        ours = [*launcher, "-m", "yoloscale", "train", *([cfg_file] if cfg_file else []), *given,
-                f"project={out}", "name=yoloscale", *(["cpu=True"] if gpus == 0 else [])]  # fmt: skip
+        launcher = (
+            [sys.executable]
+            if gpus <= 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(gpus),
+                "--master_port",
+                str(_free_port()),
+            ]
+        )
+        ours = [
+            *launcher,
+            "-m",
+            "yoloscale",
+            "train",
+            *([cfg_file] if cfg_file else []),
+            *given,
+            f"project={out}",
+            "name=yoloscale",
+            *(["cpu=True"] if gpus == 0 else []),
+        ]
         print(f"yoloscale: training ({out / 'yoloscale.log'})", flush=True)
         wall = _launch(ours, out / "yoloscale.log")
         info = json.loads((out / "yoloscale" / "run_info.json").read_text())
-        results["yoloscale"] = {"wall_s": wall, "first_step_s": info.get("first_step_s"),
-                                "epochs": _epochs_from_metrics_csv(out / "yoloscale" / "metrics.csv")}  # fmt: skip
-    summary = {"date": time.strftime("%Y-%m-%d"), "device": _device(gpus), "config": cfg.to_dict(), "gpus": gpus,
-               "sides": results}  # fmt: skip
+        results["yoloscale"] = {
+            "wall_s": wall,
+            "first_step_s": info.get("first_step_s"),
+            "epochs": _epochs_from_metrics_csv(out / "yoloscale" / "metrics.csv"),
+        }
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": _device(gpus),
+        "config": cfg.to_dict(),
+        "gpus": gpus,
+        "sides": results,
+    }
     (out / "race.json").write_text(json.dumps(summary, indent=1))
     chart(summary, out / "race.png")
     print(table(summary))
@@ -191,15 +248,22 @@ def steady_img_s(side: dict) -> float | None:
 def table(summary: dict) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     c = summary["config"]
-    lines = [f"{summary['device']}: {c['model']} at {c['imgsz']} px, batch {c['batch']}, {c['epochs']} epochs, "
-             f"{summary['date']}", f"{'side':<12}{'wall s':>9}{'1st step s':>11}{'img/s':>8}  mAP50-95 by epoch"]  # fmt: skip
+    lines = [
+        f"{summary['device']}: {c['model']} at {c['imgsz']} px, batch {c['batch']}, {c['epochs']} epochs, "
+        f"{summary['date']}",
+        f"{'side':<12}{'wall s':>9}{'1st step s':>11}{'img/s':>8}  mAP50-95 by epoch",
+    ]
     for name, side in summary["sides"].items():
         maps = " ".join(f"{e['map50_95']:.3f}" for e in side["epochs"])
-        lines.append(f"{name:<12}{side['wall_s']:>9.1f}{fmt(side['first_step_s'], '.1f'):>11}"
-                     f"{fmt(steady_img_s(side), '.1f'):>8}  {maps}")  # fmt: skip
+        lines.append(
+            f"{name:<12}{side['wall_s']:>9.1f}{fmt(side['first_step_s'], '.1f'):>11}"
+            f"{fmt(steady_img_s(side), '.1f'):>8}  {maps}"
+        )
     sides = summary["sides"]
     if len(sides) == 2:
-        lines.append(f"yoloscale / ultralytics wall-clock: {sides['yoloscale']['wall_s'] / sides['ultralytics']['wall_s']:.2f}x")
+        lines.append(
+            f"yoloscale / ultralytics wall-clock: {sides['yoloscale']['wall_s'] / sides['ultralytics']['wall_s']:.2f}x"
+        )
     return "\n".join(lines)
 
 

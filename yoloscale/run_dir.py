@@ -1,10 +1,10 @@
 """Run directories: where a fresh run goes (never onto an existing one) and what `resume=` points at.
 
-    RUN/config.yaml          the resolved configuration (a resumed run starts from it)
-    RUN/run_info.json        model YAML, class names and data.yaml path (what export needs)
-    RUN/checkpoints/step-*/  resumable checkpoints (see checkpoint.py)
-    RUN/weights/             best/last EMA weights: .safetensors and Ultralytics .pt
-    RUN/metrics.csv, RUN/results.png
+RUN/config.yaml          the resolved configuration (a resumed run starts from it)
+RUN/run_info.json        model YAML, class names and data.yaml path (what export needs)
+RUN/checkpoints/step-*/  resumable checkpoints (see checkpoint.py)
+RUN/weights/             best/last EMA weights: .safetensors and Ultralytics .pt
+RUN/metrics.csv, RUN/results.png
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 from yoloscale.checkpoint import complete_checkpoints, find_checkpoint
 from yoloscale.config import TrainConfig, load_config, parse_override
 from yoloscale.errors import UserError
-
 
 LOCK = ".lock"
 
@@ -82,8 +81,10 @@ def new_run_dir(cfg: TrainConfig) -> tuple[Path, RunLock]:
         if lock is None and (run / LOCK).exists() and not _holds_results(run):
             raise UserError(f"run directory '{run}' is in use by {_holder(run)}; choose another name=.")
         if lock is None or _holds_results(run):  # (the second check: results written while we claimed it)
-            raise UserError(f"run directory '{run}' already exists and holds results; it is never overwritten. "
-                            "Continue it with resume=auto, or choose another name=.")  # fmt: skip
+            raise UserError(
+                f"run directory '{run}' already exists and holds results; it is never overwritten. "
+                "Continue it with resume=auto, or choose another name=."
+            )
         _mark_holder(lock)
         return run, lock
     for i in itertools.count(1):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from yoloscale.config import TrainConfig
 
@@ -40,8 +41,14 @@ class RunLog:
             return iterable
         from tqdm import tqdm
 
-        self.bar = tqdm(iterable, total=total, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
-                        bar_format="{l_bar}{bar:20}{r_bar}", mininterval=0.5)  # fmt: skip
+        self.bar = tqdm(
+            iterable,
+            total=total,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar:20}{r_bar}",
+            mininterval=0.5,
+        )
         return self.bar
 
     def step(self, values: dict[str, float], step: int) -> None:
@@ -115,8 +122,14 @@ def _start_wandb(cfg: TrainConfig, run_dir: Path):
 
         raise UserError("wandb=... needs the wandb package: pip install 'yoloscale[wandb]'.") from None
     settings = wandb.Settings(save_code=False, disable_git=True, x_disable_meta=True, console="off")
-    return wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), mode=cfg.wandb,
-                      config=cfg.to_dict(), settings=settings)  # fmt: skip
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=run_dir.name,
+        dir=str(run_dir),
+        mode=cfg.wandb,
+        config=cfg.to_dict(),
+        settings=settings,
+    )
 
 
 def plot_metrics(csv_path: Path, png_path: Path) -> None:
@@ -138,7 +151,7 @@ def plot_metrics(csv_path: Path, png_path: Path) -> None:
         ax.plot(epochs, [float(r[key]) if _is_number(r[key]) else math.nan for r in rows], marker=".")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
-    for ax in list(getattr(axes, "flat", [axes]))[len(keys):]:
+    for ax in list(getattr(axes, "flat", [axes]))[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

@@ -98,8 +98,11 @@ class LossMeter:
         self.total, self.count = None, 0
 
     def state_dict(self) -> dict:
-        return {"names": list(self.names), "total": self.total.tolist() if self.total is not None else None,
-                "count": self.count}  # fmt: skip
+        return {
+            "names": list(self.names),
+            "total": self.total.tolist() if self.total is not None else None,
+            "count": self.count,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.names = tuple(state.get("names", ()))

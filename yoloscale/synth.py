@@ -62,7 +62,9 @@ def make_image(size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tu
     return img, labels
 
 
-def write_synthetic_dataset(out: str | Path, n_train: int = 256, n_val: int = 64, size: int = 160, seed: int = 0) -> Path:
+def write_synthetic_dataset(
+    out: str | Path, n_train: int = 256, n_val: int = 64, size: int = 160, seed: int = 0
+) -> Path:
     """Write the data set under `out` and return the path of its data.yaml."""
     out = Path(out).resolve()
     rng = np.random.default_rng(seed)

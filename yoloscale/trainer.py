@@ -10,8 +10,8 @@ import copy
 import gc
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -20,8 +20,14 @@ from yoloscale import backend
 from yoloscale.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from yoloscale.checkpoint.full_state import optimizer_names
 from yoloscale.config import TrainConfig
-from yoloscale.data import (build_dataset, build_train_loader, build_val_loader, check_dataset, synthetic_dataset,
-                            ultralytics_args)  # fmt: skip
+from yoloscale.data import (
+    build_dataset,
+    build_train_loader,
+    build_val_loader,
+    check_dataset,
+    synthetic_dataset,
+    ultralytics_args,
+)
 from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
 from yoloscale.export import write_ultralytics_pt
@@ -82,8 +88,11 @@ class Trainer:
         model = build_model(spec, self.data["nc"], self.data["names"], self.args, verbose=self.is_main)
         weights_report = ""
         if not cfg.resume and cfg.model.endswith(".pt"):
-            weights_report = load_matching(model, read_ultralytics_pt(cfg.model, cfg.trust_pickle)[1],
-                                           f"{cfg.model} (a pickle, read weights-only: Ultralytics' allow-list)")
+            weights_report = load_matching(
+                model,
+                read_ultralytics_pt(cfg.model, cfg.trust_pickle)[1],
+                f"{cfg.model} (a pickle, read weights-only: Ultralytics' allow-list)",
+            )
         elif cfg.weights and not cfg.resume:
             weights_report = load_weights(model, cfg.weights, cfg.trust_pickle)
         stride = max(int(model.stride.max()), 32)
@@ -107,8 +116,9 @@ class Trainer:
         nominal = nominal_accumulate(cfg, self.batch, len(self.train_loader))
         self.weight_decay = scaled_weight_decay(cfg, self.batch, cfg.accumulate or max(round(cfg.nbs / self.batch), 1))
         model = self.backend.wrap(acc, model)  # SyncBN; FSDP2 shards here, before the optimizer sees the model
-        optimizer = build_optimizer(model, self.choice, self.weight_decay, fused=self.backend.fused_optimizer(),
-                                    sharded=self.backend.sharded)  # fmt: skip
+        optimizer = build_optimizer(
+            model, self.choice, self.weight_decay, fused=self.backend.fused_optimizer(), sharded=self.backend.sharded
+        )
         self.group_names = optimizer_names(model, optimizer)  # resuming another backend's checkpoint needs them
         self.model, self.optimizer = self.backend.prepare(acc, model, optimizer)
         self.raw_model = backend.unwrap(self.model)
@@ -135,8 +145,10 @@ class Trainer:
         elif self.is_main:
             cfg.save(self.run_dir / "config.yaml")
             model_file = str(Path(spec).resolve()) if isinstance(spec, str) and Path(spec).is_file() else spec
-            write_run_info(self.run_dir, {"model": model_file, "data": str(data_yaml), "names": self.data["names"],
-                                          "imgsz": cfg.imgsz})  # fmt: skip
+            write_run_info(
+                self.run_dir,
+                {"model": model_file, "data": str(data_yaml), "names": self.data["names"], "imgsz": cfg.imgsz},
+            )
         if weights_report:
             self.log.message(weights_report)
         if nominal < (cfg.accumulate or max(round(cfg.nbs / self.batch), 1)):
@@ -197,8 +209,10 @@ class Trainer:
         self._save_best(metrics)
         if cfg.patience and pr.epoch - pr.best_epoch >= cfg.patience and "fitness" in metrics:
             pr.early_stopped = True
-            self.log.message(f"early stopping: no better fitness for {cfg.patience} epochs (best at epoch "
-                             f"{pr.best_epoch}); patience=0 disables it")  # fmt: skip
+            self.log.message(
+                f"early stopping: no better fitness for {cfg.patience} epochs (best at epoch "
+                f"{pr.best_epoch}); patience=0 disables it"
+            )
         self.log.epoch_end(self._epoch_row(metrics, img_s), step=pr.optimizer_steps)
         self.epoch_losses.reset()
         keep = cfg.save_period > 0 and epoch % cfg.save_period == 0  # Ultralytics' epoch{N}.pt, N 0-based
@@ -290,14 +304,22 @@ class Trainer:
         return batch
 
     def _train_loader(self):
-        return build_train_loader(self.train_set, self.cfg, self.device_batch, self.accelerator.process_index,
-                                  self.world, self.use_cuda)  # fmt: skip
+        return build_train_loader(
+            self.train_set, self.cfg, self.device_batch, self.accelerator.process_index, self.world, self.use_cuda
+        )
 
     def _checkpoint(self, epoch_end: bool = False, keep_this: bool = False) -> Path:
         """Collective. The skip count is read first, so the checkpoint holds the exact number."""
         self._check_health()
-        return save_checkpoint(self.accelerator, self.run_dir, self.progress.optimizer_steps, self.pieces(),
-                               epoch_end=epoch_end, keep=self.cfg.keep_checkpoints, keep_this=keep_this)  # fmt: skip
+        return save_checkpoint(
+            self.accelerator,
+            self.run_dir,
+            self.progress.optimizer_steps,
+            self.pieces(),
+            epoch_end=epoch_end,
+            keep=self.cfg.keep_checkpoints,
+            keep_this=keep_this,
+        )
 
     def _maybe_autotune(self) -> None:
         """cudnn_benchmark=auto: time micro-steps AUTOTUNE_TIMED of this process; if the rest of the run at that
@@ -337,7 +359,8 @@ class Trainer:
                 f"out of memory at device_batch {self.device_batch} (batch {self.batch} over {self.world} "
                 f"device(s)), imgsz {cfg.imgsz}: {peak:.1f} of {total:.1f} GiB reached on {self.device}. Try "
                 f"device_batch={max(self.device_batch // 2, 1)} with accumulate={2 * self.schedule.accumulate} "
-                f"(same global batch){hint}. ({_first_line(str(error))})")  # fmt: skip
+                f"(same global batch){hint}. ({_first_line(str(error))})"
+            )
         self._oom_retries = retries + 1
         old, self.device_batch = self.device_batch, max(self.device_batch // 2, 1)
         self.train_loader = self._train_loader()
@@ -353,7 +376,8 @@ class Trainer:
             f"CUDA out of memory at device_batch {old} ({peak:.1f} of {total:.1f} GiB): retrying the epoch with "
             f"device_batch {self.device_batch} and accumulate {accumulate} ({self._oom_retries}/{OOM_RETRIES}); "
             f"the images per optimizer step and the lr stay, BatchNorm now sees {self.device_batch} images per "
-            f"forward instead of {old}")  # fmt: skip
+            f"forward instead of {old}"
+        )
 
     def _stop_if_signalled(self) -> None:
         """At a logging interval: if any rank got SIGUSR1/SIGTERM, all save a checkpoint here and stop together."""
@@ -362,8 +386,11 @@ class Trainer:
             return
         ckpt = self._checkpoint()
         requeued = requeue_slurm_job() if self.is_main else None
-        raise Preempted(f"stop signal received: checkpoint {ckpt} written"
-                        + (f"; {requeued}" if requeued else "") + f". Continue with resume={self.run_dir}")
+        raise Preempted(
+            f"stop signal received: checkpoint {ckpt} written"
+            + (f"; {requeued}" if requeued else "")
+            + f". Continue with resume={self.run_dir}"
+        )
 
     def _check_health(self) -> None:
         """Every rank sees the same all-reduced gradient norm, so every rank raises here together."""
@@ -423,15 +450,18 @@ class Trainer:
     def _resume(self, ckpt: Path) -> None:
         def check(saved: dict) -> None:
             if saved.get("batch_in_epoch") and (saved.get("world_size"), saved.get("device_batch")) != (
-                    self.world, self.device_batch):  # fmt: skip
+                self.world,
+                self.device_batch,
+            ):
                 raise UserError(
                     f"checkpoint '{ckpt}' was saved mid-epoch with {saved.get('world_size')} process(es) x "
                     f"device_batch {saved.get('device_batch')}; resume it with the same, or from an epoch-end "
                     f"checkpoint (now {self.world} x {self.device_batch})."
                 )
 
-        load_checkpoint(self.accelerator, ckpt, self.model, self.optimizer, self.backend, self.group_names,
-                        self.pieces(), check)  # fmt: skip
+        load_checkpoint(
+            self.accelerator, ckpt, self.model, self.optimizer, self.backend, self.group_names, self.pieces(), check
+        )
         pr = self.progress
         if pr.backend != self.cfg.backend:
             self.log.message(f"resuming a backend={pr.backend} checkpoint with backend={self.cfg.backend}")
@@ -451,8 +481,10 @@ def device_batch_of(cfg: TrainConfig, world: int) -> int:
     if cfg.device_batch:
         return cfg.device_batch
     if cfg.batch % world:
-        raise UserError(f"batch={cfg.batch} does not split evenly over {world} devices; give a multiple of {world} "
-                        f"(e.g. batch={max(cfg.batch // world, 1) * world}) or device_batch=.")  # fmt: skip
+        raise UserError(
+            f"batch={cfg.batch} does not split evenly over {world} devices; give a multiple of {world} "
+            f"(e.g. batch={max(cfg.batch // world, 1) * world}) or device_batch=."
+        )
     return cfg.batch // world
 
 

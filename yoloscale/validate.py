@@ -38,13 +38,23 @@ class Validator:
     def __init__(self, args: SimpleNamespace, data: dict, loader: DataLoader, run_dir: Path, world: int):
         from ultralytics.models.yolo.detect import DetectionValidator
 
-        val_args = dict(vars(args), mode="val", plots=False, save_json=False, save_txt=False, verbose=False,
-                        conf=None, half=False, batch=loader.batch_size)  # fmt: skip
+        val_args = dict(
+            vars(args),
+            mode="val",
+            plots=False,
+            save_json=False,
+            save_txt=False,
+            verbose=False,
+            conf=None,
+            half=False,
+            batch=loader.batch_size,
+        )
         self.validator = DetectionValidator(dataloader=loader, save_dir=run_dir / "val", args=val_args)
         self.data, self.world = data, world
 
-    def __call__(self, model: nn.Module, device: torch.device, loss_names: tuple[str, ...],
-                 half: bool = False) -> dict[str, float]:  # fmt: skip
+    def __call__(
+        self, model: nn.Module, device: torch.device, loss_names: tuple[str, ...], half: bool = False
+    ) -> dict[str, float]:
         """mAP50, mAP50-95, precision, recall, fitness (Ultralytics' 0.1 x mAP50 + 0.9 x mAP50-95) and val losses.
         `half`: in fp16, as Ultralytics' trainer validates an AMP run (on a copy: its validator casts the model).
 
@@ -53,10 +63,16 @@ class Validator:
         was_training = model.training
         target = copy.deepcopy(model) if half else model
         view = _TrainerView(
-            device=device, data=self.data, amp=half, world_size=self.world, epoch=0, epochs=1,
-            ema=SimpleNamespace(ema=target), stopper=SimpleNamespace(possible_stop=False),
+            device=device,
+            data=self.data,
+            amp=half,
+            world_size=self.world,
+            epoch=0,
+            epochs=1,
+            ema=SimpleNamespace(ema=target),
+            stopper=SimpleNamespace(possible_stop=False),
             loss_items={k: torch.zeros((), device=device) for k in loss_names},
-        )  # fmt: skip
+        )
         # Validation batches are rectangular, of many shapes: cuDNN autotuning them cost 25-32 s in the first
         # validation of a yolo11x run on one H200 (its heuristics' choice, ~5 s)
         benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False

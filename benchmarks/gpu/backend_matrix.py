@@ -57,8 +57,13 @@ def file_tag(backend: str) -> str:
 def half_batch(batch: dict, n: int) -> dict:
     """The first n images of a resident batch and their boxes."""
     keep = batch["batch_idx"] < n
-    return {**batch, "img": batch["img"][:n], "batch_idx": batch["batch_idx"][keep], "cls": batch["cls"][keep],
-            "bboxes": batch["bboxes"][keep]}  # fmt: skip
+    return {
+        **batch,
+        "img": batch["img"][:n],
+        "batch_idx": batch["batch_idx"][keep],
+        "cls": batch["cls"][keep],
+        "bboxes": batch["bboxes"][keep],
+    }
 
 
 def peak_alloc_of_steps(trainer, batch: dict) -> float:
@@ -75,14 +80,22 @@ def peak_alloc_of_steps(trainer, batch: dict) -> float:
 def max_batch_estimate(trainer, resident: dict, batch: int) -> dict:
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     try:
-        full, half = peak_alloc_of_steps(trainer, resident), peak_alloc_of_steps(trainer, half_batch(resident, batch // 2))
+        full, half = (
+            peak_alloc_of_steps(trainer, resident),
+            peak_alloc_of_steps(trainer, half_batch(resident, batch // 2)),
+        )
     finally:
         torch.backends.cudnn.benchmark = benchmark
     per_image = (full - half) / (batch - batch // 2)
     fixed = full - per_image * batch
     usable = torch.cuda.get_device_properties(0).total_memory / 2**30 - 4.0
-    return {"alloc_GiB_at_batch": full, "alloc_GiB_at_half": half, "GiB_per_image": per_image, "fixed_GiB": fixed,
-            "max_batch_est": int((usable - fixed) / per_image) if per_image > 0 else None}  # fmt: skip
+    return {
+        "alloc_GiB_at_batch": full,
+        "alloc_GiB_at_half": half,
+        "GiB_per_image": per_image,
+        "fixed_GiB": fixed,
+        "max_batch_est": int((usable - fixed) / per_image) if per_image > 0 else None,
+    }
 
 
 def measure(out: Path, backend: str, data: dict, spec: str) -> tuple:
@@ -91,10 +104,22 @@ def measure(out: Path, backend: str, data: dict, spec: str) -> tuple:
     precision, ckpt, imgsz, batch, *loop = spec.split(":")
     model = os.environ.get("MATRIX_MODEL", "yolo11x.yaml")  # a small one for the CPU smoke test
     name, *extra = backend.split(",")
-    settings = [f"backend={name}", *extra, f"precision={precision}", f"grad_ckpt={ckpt}", f"imgsz={imgsz}",
-                f"device_batch={batch}", "optimizer=SGD", f"model={model}", "workers=12", "cache=ram", f"data={data[int(imgsz) > 640]}",
-                f"project={out / 'runs'}", f"name={file_tag(backend)}-{spec.replace(':', '-')}",
-                "plots=False"]  # fmt: skip
+    settings = [
+        f"backend={name}",
+        *extra,
+        f"precision={precision}",
+        f"grad_ckpt={ckpt}",
+        f"imgsz={imgsz}",
+        f"device_batch={batch}",
+        "optimizer=SGD",
+        f"model={model}",
+        "workers=12",
+        "cache=ram",
+        f"data={data[int(imgsz) > 640]}",
+        f"project={out / 'runs'}",
+        f"name={file_tag(backend)}-{spec.replace(':', '-')}",
+        "plots=False",
+    ]
     trainer = Trainer(load_config(None, settings))
     row = {"backend": backend, "spec": spec}
     if loop:
@@ -107,14 +132,17 @@ def measure(out: Path, backend: str, data: dict, spec: str) -> tuple:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         row["bare"] = {**measure_bare(trainer, resident, WARMUP, WINDOW), **peak_memory()}
-        row.update(devices=trainer.world, accumulate=trainer.schedule.accumulate, skipped_steps=trainer.health.skipped())
+        row.update(
+            devices=trainer.world, accumulate=trainer.schedule.accumulate, skipped_steps=trainer.health.skipped()
+        )
     if torch.cuda.is_available():
         row["max_batch"] = max_batch_estimate(trainer, resident, int(batch))
     return row, trainer, resident
 
 
 def profile(out: Path, backend: str, trainer, resident: dict) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -131,7 +159,9 @@ def profile(out: Path, backend: str, trainer, resident: dict) -> None:
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     events = prof.key_averages()
     # (Summing self device times over these rows counts kernels twice, under their op and as themselves: no "busy %".)
-    head = f"{backend}: 6 bare micro-steps of {trainer.device_batch} images per GPU, wall {wall * 1e3:.1f} ms profiled\n"
+    head = (
+        f"{backend}: 6 bare micro-steps of {trainer.device_batch} images per GPU, wall {wall * 1e3:.1f} ms profiled\n"
+    )
     by_device = events.table(sort_by=key, row_limit=60, max_name_column_width=70)
     # and by the host's own time: a backend bound by its Python bookkeeping (ZeRO-3's hooks) shows there
     by_host = events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
@@ -150,8 +180,9 @@ def profile(out: Path, backend: str, trainer, resident: dict) -> None:
         py.disable()
     text = io.StringIO()
     pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(35)
-    (out / f"profile-{file_tag(backend)}.txt").write_text(f"{head}{by_device}\nby host time:\n{by_host}\n"
-                                                         f"cProfile, 4 steps:\n{text.getvalue()}")  # fmt: skip
+    (out / f"profile-{file_tag(backend)}.txt").write_text(
+        f"{head}{by_device}\nby host time:\n{by_host}\ncProfile, 4 steps:\n{text.getvalue()}"
+    )
 
 
 def main() -> None:
@@ -172,8 +203,12 @@ def main() -> None:
             if spec == prof_spec:
                 profile(out, backend, trainer, resident)
         except Exception as e:  # an out-of-memory or a backend failure is a result too; go on with the next one
-            row = {"backend": backend, "spec": spec, "error": f"{type(e).__name__}: {str(e)[:300]}",
-                   "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
+            row = {
+                "backend": backend,
+                "spec": spec,
+                "error": f"{type(e).__name__}: {str(e)[:300]}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
         row["seconds"] = time.perf_counter() - t
         if rank0:
             with open(out / f"matrix-{file_tag(backend)}.jsonl", "a") as f:

@@ -29,8 +29,17 @@ print("ok", w.data_ptr() % 16, float(y.float().square().mean()))
 if sync: dist.destroy_process_group()
 """
 for dtype in ("float16", "bfloat16"):
-    for offset, cudnn, clone, sync in ((0, 1, 0, 0), (1, 1, 0, 0), (2, 1, 0, 0), (1, 0, 0, 0), (1, 1, 1, 0),
-                                       (0, 1, 0, 1), (1, 1, 0, 1), (2, 1, 0, 1), (3, 1, 0, 1)):
+    for offset, cudnn, clone, sync in (
+        (0, 1, 0, 0),
+        (1, 1, 0, 0),
+        (2, 1, 0, 0),
+        (1, 0, 0, 0),
+        (1, 1, 1, 0),
+        (0, 1, 0, 1),
+        (1, 1, 0, 1),
+        (2, 1, 0, 1),
+        (3, 1, 0, 1),
+    ):
         r = subprocess.run(
             [sys.executable, "-c", CASE, dtype, str(offset), str(cudnn), str(clone), str(sync)],
             capture_output=True,

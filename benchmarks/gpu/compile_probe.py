@@ -78,28 +78,38 @@ def main() -> None:
                 sync()
             times.append(time.perf_counter())
     images = trainer.batch
-    first = [b - a for a, b in zip(times, times[1:FIRST + 1])]
+    first = [b - a for a, b in zip(times, times[1 : FIRST + 1])]
     marks = times[FIRST::WINDOW]
     rates = [WINDOW * images / (b - a) for a, b in zip(marks, marks[1:])]
     from torch._dynamo.utils import counters
 
     result = {
-        "tag": a.tag, "settings": a.settings, "cl_params": a.cl_params, "mode": a.mode, "world": trainer.world,
-        "ddp": isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel), "build_s": built,
-        "first_steps_s": first, "img_s": statistics.median(rates), "windows": rates,
+        "tag": a.tag,
+        "settings": a.settings,
+        "cl_params": a.cl_params,
+        "mode": a.mode,
+        "world": trainer.world,
+        "ddp": isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel),
+        "build_s": built,
+        "first_steps_s": first,
+        "img_s": statistics.median(rates),
+        "windows": rates,
         "peak_GiB": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
         "dynamo": {k: dict(v) for k, v in counters.items() if v},
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-    }  # fmt: skip
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
     if a.profile:
         result["gpu_busy"] = profile(trainer, resident, a.out / f"profile-{a.tag}.txt")
     if trainer.is_main:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / f"compile-{a.tag}.json").write_text(json.dumps(result, indent=1, default=str))
-        print(f"{a.tag}: {result['img_s']:.1f} img/s, first steps {[round(s, 1) for s in first[:4]]} s, "
-              f"peak {result['peak_GiB']:.1f} GiB, ddp={result['ddp']}, "
-              f"unique graphs {counters['stats'].get('unique_graphs')}, graph breaks {sum(counters['graph_break'].values())}",
-              flush=True)  # fmt: skip
+        print(
+            f"{a.tag}: {result['img_s']:.1f} img/s, first steps {[round(s, 1) for s in first[:4]]} s, "
+            f"peak {result['peak_GiB']:.1f} GiB, ddp={result['ddp']}, "
+            f"unique graphs {counters['stats'].get('unique_graphs')}, graph breaks {sum(counters['graph_break'].values())}",
+            flush=True,
+        )
 
 
 def profile(trainer, resident: dict, path: Path, steps: int = 4) -> float:
@@ -118,8 +128,10 @@ def profile(trainer, resident: dict, path: Path, steps: int = 4) -> float:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / wall_us  # overlapping streams could count twice: NCCL is not used here
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{steps} steps, wall {wall_us / 1e3:.1f} ms, GPU kernels {busy:.3f} of it\n"
-                    + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70))
+    path.write_text(
+        f"{steps} steps, wall {wall_us / 1e3:.1f} ms, GPU kernels {busy:.3f} of it\n"
+        + prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+    )
     return busy
 
 

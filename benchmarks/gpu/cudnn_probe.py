@@ -18,8 +18,14 @@ import time
 from pathlib import Path
 
 SETTINGS = [  # (benchmark, deterministic, channels_last parameters, precision)
-    (1, 0, 0, "fp16"), (0, 0, 0, "fp16"), (0, 1, 0, "fp16"), (0, 1, 1, "fp16"), (1, 0, 1, "fp16"), (0, 0, 1, "fp16"),
-    (1, 0, 0, "bf16"), (0, 1, 1, "bf16"),
+    (1, 0, 0, "fp16"),
+    (0, 0, 0, "fp16"),
+    (0, 1, 0, "fp16"),
+    (0, 1, 1, "fp16"),
+    (1, 0, 1, "fp16"),
+    (0, 0, 1, "fp16"),
+    (1, 0, 0, "bf16"),
+    (0, 1, 1, "bf16"),
 ]
 
 
@@ -34,8 +40,21 @@ def child(out: Path, bench: int, det: int, cl: int, precision: str, overrides: l
     if not data.exists():
         write_synthetic_dataset(out / "data", n_train=64, n_val=8, size=640 if torch.cuda.is_available() else 64)
     name = f"b{bench}d{det}c{cl}-{precision}"
-    cfg = load_config(None, [f"data={data}", "workers=2", "epochs=1", "val=False", "plots=False", f"precision={precision}",
-                             f"cudnn_benchmark={bool(bench)}", f"project={out / 'runs'}", f"name={name}", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"data={data}",
+            "workers=2",
+            "epochs=1",
+            "val=False",
+            "plots=False",
+            f"precision={precision}",
+            f"cudnn_benchmark={bool(bench)}",
+            f"project={out / 'runs'}",
+            f"name={name}",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg)
     if det:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -54,9 +73,16 @@ def child(out: Path, bench: int, det: int, cl: int, precision: str, overrides: l
         times.append(time.perf_counter() - start)
     ends = [sum(times[: j + 1]) for j in range(len(times))]
     windows = [10 * trainer.batch / (ends[a + 10] - ends[a]) for a in (10, 20, 30)]
-    return {"benchmark": bench, "deterministic": det, "channels_last_params": cl, "precision": precision,
-            "first_step_s": times[0], "img_s": statistics.median(windows), "windows": windows,
-            "peak_GiB": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0}
+    return {
+        "benchmark": bench,
+        "deterministic": det,
+        "channels_last_params": cl,
+        "precision": precision,
+        "first_step_s": times[0],
+        "img_s": statistics.median(windows),
+        "windows": windows,
+        "peak_GiB": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
+    }
 
 
 def main() -> None:
@@ -70,7 +96,18 @@ def main() -> None:
     rows = []
     defaults = ["model=yolo11x.yaml", "imgsz=640", "batch=32"]
     for bench, det, cl, precision in SETTINGS:
-        cmd = [sys.executable, __file__, str(out), "--child", str(bench), str(det), str(cl), precision, *defaults, *overrides]
+        cmd = [
+            sys.executable,
+            __file__,
+            str(out),
+            "--child",
+            str(bench),
+            str(det),
+            str(cl),
+            precision,
+            *defaults,
+            *overrides,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -78,8 +115,11 @@ def main() -> None:
             continue
         rows.append(json.loads(line[7:]))
         r = rows[-1]
-        print(f"benchmark={bench} deterministic={det} channels_last_params={cl} {precision}: first step "
-              f"{r['first_step_s']:.1f} s, {r['img_s']:.1f} img/s, peak {r['peak_GiB']:.1f} GiB", flush=True)
+        print(
+            f"benchmark={bench} deterministic={det} channels_last_params={cl} {precision}: first step "
+            f"{r['first_step_s']:.1f} s, {r['img_s']:.1f} img/s, peak {r['peak_GiB']:.1f} GiB",
+            flush=True,
+        )
     (out / "cudnn.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -73,8 +73,13 @@ def main() -> None:
             runs["loss_without_sync"].append(window(trainer, batch, False))
             trainer.criterion.preprocess = original
     medians = {k: statistics.median(v) for k, v in runs.items()}
-    result = {"settings": settings, "accumulate": trainer.schedule.accumulate, "img_s": medians, "windows": runs,
-              "ratio": {k: v / medians["no_sync"] for k, v in medians.items()}}  # fmt: skip
+    result = {
+        "settings": settings,
+        "accumulate": trainer.schedule.accumulate,
+        "img_s": medians,
+        "windows": runs,
+        "ratio": {k: v / medians["no_sync"] for k, v in medians.items()},
+    }
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: result[k] for k in ("settings", "accumulate", "img_s", "ratio")}))

@@ -18,9 +18,25 @@ from yoloscale.trainer import Trainer
 data_yaml, out, project, weights = sys.argv[1:5]
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
 per_rank = 8 // world
-cfg = load_config(None, [f"data={data_yaml}", "model=yolov8n.yaml", "imgsz=96", "batch=8", "nbs=16",
-                         "accumulate=1", "optimizer=SGD", "workers=0", "ema=False", "warmup_epochs=0", f"project={project}",
-                         f"name=w{world}", "plots=False", f"weights={weights}"])
+cfg = load_config(
+    None,
+    [
+        f"data={data_yaml}",
+        "model=yolov8n.yaml",
+        "imgsz=96",
+        "batch=8",
+        "nbs=16",
+        "accumulate=1",
+        "optimizer=SGD",
+        "workers=0",
+        "ema=False",
+        "warmup_epochs=0",
+        f"project={project}",
+        f"name=w{world}",
+        "plots=False",
+        f"weights={weights}",
+    ],
+)
 trainer = Trainer(cfg)
 images = build_dataset(trainer.args, trainer.data, "val", 4, 32)
 items = [images[i] for i in range(4)]

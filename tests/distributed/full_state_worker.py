@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from yoloscale.backend.zero import gather_whole_layers, render_ds_config
 from yoloscale.backend.fsdp import allow_fused_sgd, fsdp_plugin, shard_model
+from yoloscale.backend.zero import gather_whole_layers, render_ds_config
 from yoloscale.checkpoint.full_state import load_foreign, optimizer_names, read_full_state, write_full_state
 from yoloscale.config import load_config
 from yoloscale.data import ultralytics_args
@@ -47,8 +47,9 @@ if backend.startswith("zero"):
     torch.Tensor.record_stream = lambda self, stream: None  # DeepSpeed calls this CUDA-only method on the CPU too
     if backend == "zero3":
         gather_whole_layers(model)
-    ds_cfg = load_config(None, [f"backend={backend}", f"batch={8 // world}", "grad_clip=10",
-                                f"offload={offload or 'none'}"])  # fmt: skip
+    ds_cfg = load_config(
+        None, [f"backend={backend}", f"batch={8 // world}", "grad_clip=10", f"offload={offload or 'none'}"]
+    )
     ds = render_ds_config(ds_cfg, "fp32", 8 // world, world)
     opt = build_optimizer(model, choice, 5e-4, fused=False)
     names = optimizer_names(model, opt)
@@ -72,8 +73,12 @@ images = torch.rand(3, 8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 def step(i: int) -> float:
     n = 8 // world
     mine = slice(n * rank, n * rank + n)
-    batch = {"img": images[i, mine], "batch_idx": torch.arange(n).float(), "cls": torch.zeros(n, 1),
-             "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]).repeat(n, 1)}  # fmt: skip
+    batch = {
+        "img": images[i, mine],
+        "batch_idx": torch.arange(n).float(),
+        "cls": torch.zeros(n, 1),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]]).repeat(n, 1),
+    }
     loss, _ = criterion(wrapped(images[i, mine]), batch)
     if engine is not None:  # DeepSpeed clips (grad_clip=10) and steps itself
         engine.backward(loss.sum())
@@ -100,13 +105,22 @@ def whole() -> dict:
         state.update({f"{k}:{n}": safe_get_full_optimizer_state(p, k).cpu() for n, p in trainable for k in keys})
         steps = [st.get("step") for st in engine.optimizer.optimizer.state.values()]  # one per group
         steps = [s.clone() if torch.is_tensor(s) else s for s in steps]  # torch increments it in place
-        state.update({f"step:{n}": steps[g] for g, group in enumerate(names) for n in group
-                      if f"weight:{n}" in state and steps[g] is not None})  # fmt: skip
+        state.update(
+            {
+                f"step:{n}": steps[g]
+                for g, group in enumerate(names)
+                for n in group
+                if f"weight:{n}" in state and steps[g] is not None
+            }
+        )
         return state
     raw = model
     opts = StateDictOptions(full_state_dict=True)
-    state = {f"weight:{n}": t.clone() for n, t in get_model_state_dict(raw, options=opts).items() if "running" not in n
-             and "num_batches" not in n and dict(raw.named_parameters())[n].requires_grad}  # fmt: skip
+    state = {
+        f"weight:{n}": t.clone()
+        for n, t in get_model_state_dict(raw, options=opts).items()
+        if "running" not in n and "num_batches" not in n and dict(raw.named_parameters())[n].requires_grad
+    }
     for n, st in get_optimizer_state_dict(raw, opt.optimizer if accelerator else opt, options=opts)["state"].items():
         state.update({f"{k}:{n}": v.cpu().clone() for k, v in st.items()})  # not views of the live tensors
     return state

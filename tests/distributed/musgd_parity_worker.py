@@ -51,8 +51,9 @@ elif backend_name.startswith("zero"):
     if backend_name == "zero3":
         gather_whole_layers(model)
     ds = render_ds_config(load_config(None, [f"backend={backend_name}", "grad_clip=0"]), "fp32", 4, world)
-    engine, opt, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, MUSGD, 5e-4, sharded=True),
-                                           config=ds)  # fmt: skip
+    engine, opt, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, MUSGD, 5e-4, sharded=True), config=ds
+    )
     opt.optimizer.layout = ZeroLayout(opt)
     wrapped = engine
 else:

@@ -44,7 +44,9 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
 cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=64", "batch=4"])
-be = backend.get(load_config(None, [f"backend={mode.split('_')[0]}"]))  # its backward and step, as the trainer calls them
+be = backend.get(
+    load_config(None, [f"backend={mode.split('_')[0]}"])
+)  # its backward and step, as the trainer calls them
 model = build_model("yolov8n.yaml", 3, {0: "a", 1: "b", 2: "c"}, ultralytics_args(cfg, "unused.yaml"))
 if mode.endswith(("ckpt", "cheap")):
     apply_grad_ckpt(model, "all", "cheap" if mode.endswith("cheap") else "all")
@@ -54,15 +56,20 @@ if mode.startswith("fsdp"):
 elif mode.startswith("zero"):
     import deepspeed
 
-    from yoloscale.backend.zero import (align_batchnorm_params, gather_whole_layers, render_ds_config,
-                                             use_dynamic_loss_scaler)  # fmt: skip
+    from yoloscale.backend.zero import (
+        align_batchnorm_params,
+        gather_whole_layers,
+        render_ds_config,
+        use_dynamic_loss_scaler,
+    )
 
     torch.Tensor.record_stream = lambda self, stream: None  # DeepSpeed calls this CUDA-only method on the CPU too
     if mode.startswith("zero3"):
         gather_whole_layers(model)
     precision = mode.split("_")[-1] if low else "fp32"
-    ds = render_ds_config(load_config(None, [f"backend={mode.split('_')[0]}", "batch=4", f"grad_clip={clip}"]),
-                          precision, 4, 2)  # fmt: skip
+    ds = render_ds_config(
+        load_config(None, [f"backend={mode.split('_')[0]}", "batch=4", f"grad_clip={clip}"]), precision, 4, 2
+    )
     if precision == "fp16":
         align_batchnorm_params(model)
     opt = build_optimizer(model, SGD, 5e-4, fused=False)

@@ -15,7 +15,6 @@ from yoloscale.config import load_config
 from yoloscale.errors import UserError
 
 
-
 def _cfg(*overrides):
     return load_config(None, list(overrides))
 
@@ -25,8 +24,21 @@ def _backend(*overrides):
 
 
 # --- FSDP2 and DeepSpeed ZeRO on a 2-process gloo group --------------------------------------------------------------
-MODES = ("ddp", "fsdp", "fsdp_ckpt", "fsdp_cheap", "zero2", "zero3", "zero3_ckpt", "zero3_cheap", "ddp_bf16", "zero2_bf16",
-         "ddp_fp16", "zero2_fp16", "zero3_fp16")
+MODES = (
+    "ddp",
+    "fsdp",
+    "fsdp_ckpt",
+    "fsdp_cheap",
+    "zero2",
+    "zero3",
+    "zero3_ckpt",
+    "zero3_cheap",
+    "ddp_bf16",
+    "zero2_bf16",
+    "ddp_fp16",
+    "zero2_fp16",
+    "zero3_fp16",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +46,22 @@ def parity(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     for mode in MODES:
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(ROOT / "tests/distributed/sharded_parity_worker.py"), mode, str(out / f"{mode}.pt")],
-                             env=env, capture_output=True, text=True)  # fmt: skip
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(ROOT / "tests/distributed/sharded_parity_worker.py"),
+                mode,
+                str(out / f"{mode}.pt"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, f"{mode} worker failed:\n{run.stderr[-3000:]}"
     return {m: torch.load(out / f"{m}.pt") for m in MODES}
 
@@ -89,9 +114,22 @@ def musgd(tmp_path_factory):
     out = tmp_path_factory.mktemp("musgd")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     for name in ("ddp", "fsdp", "zero1", "zero2", "zero3"):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(ROOT / "tests/distributed/musgd_parity_worker.py"), name, str(out / f"{name}.pt")],
-                             env=env, capture_output=True, text=True)  # fmt: skip
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(ROOT / "tests/distributed/musgd_parity_worker.py"),
+                name,
+                str(out / f"{name}.pt"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, f"{name} worker failed:\n{run.stderr[-3000:]}"
     return {b: torch.load(out / f"{b}.pt") for b in ("ddp", "fsdp", "zero1", "zero2", "zero3")}
 
@@ -133,8 +171,12 @@ def test_fsdp_offload_clipping_matches_torch(tmp_path):
     script = tmp_path / "clip.py"
     script.write_text(CLIP_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], env=env, capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("clipped") == 2
 
@@ -182,9 +224,13 @@ def test_deepspeed_launcher_flag_sets_or_checks_the_backend():
 def test_sharded_backends_need_gpus_and_bad_combinations_are_named():
     r = run_cli("train", "backend=fsdp")
     assert r.returncode == 2 and "needs CUDA GPUs" in r.stderr and "Traceback" not in r.stderr
-    for bad, words in [("offload=optimizer backend=fsdp", "offload=params"), ("offload=params backend=zero2", "zero3"),
-                       ("offload=optimizer", "sharded backend"), ("ds_config=x.json", "DeepSpeed"),
-                       ("backend=fsdp offload=params precision=fp16", "GradScaler")]:
+    for bad, words in [
+        ("offload=optimizer backend=fsdp", "offload=params"),
+        ("offload=params backend=zero2", "zero3"),
+        ("offload=optimizer", "sharded backend"),
+        ("ds_config=x.json", "DeepSpeed"),
+        ("backend=fsdp offload=params precision=fp16", "GradScaler"),
+    ]:
         with pytest.raises(UserError, match=words):
             _cfg(*bad.split())
 
@@ -205,10 +251,17 @@ def test_load_state_uses_accelerate_where_it_can_and_whole_tensors_otherwise(mon
     monkeypatch.setattr(full_state, "load_foreign", lambda acc, ckpt, saved, *rest: calls.append((saved, ckpt)))
     monkeypatch.setattr("yoloscale.backend.zero.Zero.engine", lambda self, acc: None)
     acc = FakeAccelerator()
-    for saved, world, now in [("ddp", 1, "ddp"), ("fsdp", 4, "fsdp"), ("zero2", 2, "zero2"),  # Accelerate's
-                              ("zero2", 1, "zero2"), ("zero3", 2, "fsdp"), ("ddp", 2, "zero1")]:  # fmt: skip
-        _backend(f"backend={now}").load_state(acc, "ck", layout_of(saved), world, model=None, optimizer=None,
-                                              group_names=[])  # fmt: skip
+    for saved, world, now in [
+        ("ddp", 1, "ddp"),
+        ("fsdp", 4, "fsdp"),
+        ("zero2", 2, "zero2"),  # Accelerate's
+        ("zero2", 1, "zero2"),
+        ("zero3", 2, "fsdp"),
+        ("ddp", 2, "zero1"),
+    ]:
+        _backend(f"backend={now}").load_state(
+            acc, "ck", layout_of(saved), world, model=None, optimizer=None, group_names=[]
+        )
     assert calls == [("accelerate", "ck")] * 3 + [("zero", "ck"), ("zero", "ck"), ("ddp", "ck")]
 
 
@@ -225,8 +278,23 @@ def test_compile_trains_like_eager(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_in_place(self, backend="aot_eager"))
     losses = {}
     for flag in (False, True):
-        cfg = load_config(None, [f"data={tiny_data}", *TINY, "mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0",
-                                 "translate=0", "scale=0", f"project={tmp_path}", f"name=c{flag}", f"compile={flag}"])
+        cfg = load_config(
+            None,
+            [
+                f"data={tiny_data}",
+                *TINY,
+                "mosaic=0",
+                "fliplr=0",
+                "hsv_h=0",
+                "hsv_s=0",
+                "hsv_v=0",
+                "translate=0",
+                "scale=0",
+                f"project={tmp_path}",
+                f"name=c{flag}",
+                f"compile={flag}",
+            ],
+        )
         trainer = Trainer(cfg)
         assert (trainer.raw_model._compiled_call_impl is not None) == flag
         assert not any("_orig_mod" in k for k in trainer.raw_model.state_dict())

@@ -23,8 +23,21 @@ def test_two_process_step_equals_single_process(tiny_data, trained_run, tmp_path
     args[1] = str(single)
     subprocess.run([sys.executable, str(WORKER), *args], check=True, env=_env())
     args[1] = str(double)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                    str(WORKER), *args], check=True, env=_env())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(WORKER),
+            *args,
+        ],
+        check=True,
+        env=_env(),
+    )
     a, b = torch.load(single), torch.load(double)
     for k, v in a["before"].items():
         torch.testing.assert_close(v, b["before"][k], rtol=0, atol=0, msg=k)  # same initial weights
@@ -42,9 +55,28 @@ def test_two_process_step_equals_single_process(tiny_data, trained_run, tmp_path
 
 def test_two_process_training_run(tiny_data, tmp_path):
     """The whole loop under torchrun: sharded data, distributed validation, one checkpoint, rank 0 writes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-           "-m", "yoloscale", "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=8", "nbs=16",
-           "workers=0", "epochs=1", f"project={tmp_path}", "name=ddp", "plots=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29534",
+        "-m",
+        "yoloscale",
+        "train",
+        f"data={tiny_data}",
+        "model=yolov8n.yaml",
+        "imgsz=96",
+        "batch=8",
+        "nbs=16",
+        "workers=0",
+        "epochs=1",
+        f"project={tmp_path}",
+        "name=ddp",
+        "plots=False",
+    ]
     subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL)
     run = tmp_path / "ddp"
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -60,9 +92,30 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_data, tmp_path):
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
-           "-m", "yoloscale", "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8",
-           "workers=0", "epochs=5", "log_interval=1", "val=False", f"project={tmp_path}", "name=sig", "plots=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29535",
+        "-m",
+        "yoloscale",
+        "train",
+        f"data={tiny_data}",
+        "model=yolov8n.yaml",
+        "imgsz=96",
+        "batch=4",
+        "nbs=8",
+        "workers=0",
+        "epochs=5",
+        "log_interval=1",
+        "val=False",
+        f"project={tmp_path}",
+        "name=sig",
+        "plots=False",
+    ]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "sig"
     deadline = time.time() + 120
@@ -82,10 +135,36 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_data, tmp_path):
 def test_accelerate_launch_runs_two_gloo_processes(tiny_data, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=1: the CPU form that yields two
     processes (`--cpu --num_processes 2` starts only one)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29536", "-m", "yoloscale",
-           "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8", "workers=0", "epochs=1",
-           "val=False", f"project={tmp_path}", "name=acc", "plots=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29536",
+        "-m",
+        "yoloscale",
+        "train",
+        f"data={tiny_data}",
+        "model=yolov8n.yaml",
+        "imgsz=96",
+        "batch=4",
+        "nbs=8",
+        "workers=0",
+        "epochs=1",
+        "val=False",
+        f"project={tmp_path}",
+        "name=acc",
+        "plots=False",
+    ]
     proc = subprocess.run(cmd, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout + proc.stderr

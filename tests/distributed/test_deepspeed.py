@@ -8,15 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
-from helpers import ROOT
 import torch
 
+from helpers import ROOT
 from yoloscale.backend.zero import render_ds_config
 from yoloscale.config import load_config
 from yoloscale.errors import UserError
-
-
 
 
 def _cfg(*overrides):
@@ -26,8 +23,15 @@ def _cfg(*overrides):
 def _run_deepspeed_script(code: str, port: int) -> subprocess.CompletedProcess:
     """A DeepSpeed engine on the CPU, one process over gloo (Accelerate never selects DeepSpeed without GPUs)."""
     pytest.importorskip("deepspeed")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-               PYTHONPATH=str(ROOT))  # fmt: skip
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        PYTHONPATH=str(ROOT),
+    )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -36,24 +40,32 @@ def test_ds_config_fills_the_fields_we_own():
     ds = render_ds_config(_cfg("backend=zero2", "batch=16", "grad_clip=5"), "bf16", device_batch=8, world=2)
     assert ds["zero_optimization"]["stage"] == 2
     # DeepSpeed's accumulation stays 1: the trainer accumulates and marks the boundaries (Ultralytics' ramp)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 1, 16)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        8,
+        1,
+        16,
+    )
     assert ds["gradient_clipping"] == 5.0
     # fp32 gradient reduction like DDP: DeepSpeed's default reduces Conv2d/Linear gradients in the autocast dtype
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # never the whole-model cast
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
-    assert "\"auto\"" not in json.dumps(ds)
+    assert '"auto"' not in json.dumps(ds)
 
 
 def test_ds_config_keeps_a_users_bf16_gradient_reduction(tmp_path):
     user = json.loads((ROOT / "yoloscale/templates/ds_configs/zero2.json").read_text())
     del user["torch_autocast"]["lower_precision_safe_modules"]  # a JSON written for DeepSpeed's defaults: ours apply
     (tmp_path / "plain.json").write_text(json.dumps(user))
-    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'plain.json'}"), "bf16", device_batch=16, world=1)
+    ds = render_ds_config(
+        _cfg("backend=zero2", f"ds_config={tmp_path / 'plain.json'}"), "bf16", device_batch=16, world=1
+    )
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
     user["torch_autocast"]["lower_precision_safe_modules"] = ["torch.nn.Conv2d"]  # asked for explicitly: kept
     (tmp_path / "bf16.json").write_text(json.dumps(user))
-    ds = render_ds_config(_cfg("backend=zero2", f"ds_config={tmp_path / 'bf16.json'}"), "bf16", device_batch=16, world=1)
+    ds = render_ds_config(
+        _cfg("backend=zero2", f"ds_config={tmp_path / 'bf16.json'}"), "bf16", device_batch=16, world=1
+    )
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == ["torch.nn.Conv2d"]
 
 
@@ -62,7 +74,9 @@ def test_ds_config_offload_and_fp32():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False  # else DeepSpeed refuses YOLO's SGD when offloading
-    assert "zero_force_ds_cpu_optimizer" not in render_ds_config(_cfg("backend=zero2"), "fp32", device_batch=16, world=1)
+    assert "zero_force_ds_cpu_optimizer" not in render_ds_config(
+        _cfg("backend=zero2"), "fp32", device_batch=16, world=1
+    )
     assert ds["torch_autocast"]["enabled"] is False and "dtype" not in ds["torch_autocast"]  # "auto" is refused
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] >= 1e5  # YOLO's many small tensors stay whole
 
@@ -102,9 +116,13 @@ def test_aligned_batchnorm_hands_cudnn_aligned_weights_and_changes_nothing_else(
     assert weight.data_ptr() % 16 == flat.data_ptr() % 16 + 4
     seen = []
     real = torch.nn.functional.batch_norm
-    monkeypatch.setattr(torch.nn.functional, "batch_norm",
-                        lambda x, m, v, w, b, *a, **k: seen.append(w.data_ptr() % 16 + b.data_ptr() % 16)
-                        or real(x, m, v, w, b, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "batch_norm",
+        lambda x, m, v, w, b, *a, **k: (
+            seen.append(w.data_ptr() % 16 + b.data_ptr() % 16) or real(x, m, v, w, b, *a, **k)
+        ),
+    )
     x = torch.randn(4, 3, 6, 6)
     with torch.autocast("cpu", dtype):  # the conv hands BatchNorm a low-precision input, as under DeepSpeed's autocast
         out, ref = model(x), plain(x)
@@ -185,6 +203,7 @@ def test_deepspeed_autocast_outputs_reach_the_loss_in_fp32():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "torch.bfloat16 torch.float32 [torch.bfloat16, torch.bfloat16]"
 
+
 FP16_LOSS_SCALE_RESUME = """
 import sys, torch, torch.distributed as dist, deepspeed
 from yoloscale.backend.zero import align_batchnorm_params, use_dynamic_loss_scaler
@@ -221,7 +240,6 @@ def test_deepspeed_fp16_halves_its_loss_scale_on_overflow_and_resumes_with_it(tm
     proc = _run_deepspeed_script(FP16_LOSS_SCALE_RESUME.replace("sys.argv[1]", repr(str(tmp_path))), 29732)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"[{2.0**38}, 2, inf] {2.0**38}"
-
 
 
 def test_deepspeed_fp16_repair_refuses_an_optimizer_it_does_not_know():

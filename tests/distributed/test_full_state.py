@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import ROOT
-import torch
 
 # saved by (backend, optimizer, world) -> loaded into [(backend, world)]; the first load keeps the world size
 CASES = [
@@ -27,8 +27,16 @@ IDS = [f"{b}-{o}-{w}" for (b, o, w), _ in CASES]
 
 def _torchrun(world: int, *args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-           str(ROOT / "tests/distributed/full_state_worker.py"), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(world),
+        str(ROOT / "tests/distributed/full_state_worker.py"),
+        *args,
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, f"{args} on {world} process(es) failed:\n{run.stderr[-3000:]}"
 

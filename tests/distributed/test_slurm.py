@@ -33,9 +33,27 @@ _submitted: list[str] = []
 
 
 def _submit(tmp_path, tiny_data, name, *extra, launcher="srun"):
-    proc = run_cli("launch", "slurm", f"launcher={launcher}", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=4", "nbs=8",
-                   "workers=0", "plots=False", "close_mosaic=0", f"project={tmp_path}", f"name={name}", *extra,
-                   "gpus_per_node=0", "tasks_per_node=2", "cpus_per_task=1", "time=20", "submit=True")
+    proc = run_cli(
+        "launch",
+        "slurm",
+        f"launcher={launcher}",
+        f"data={tiny_data}",
+        "model=yolov8n.yaml",
+        "imgsz=96",
+        "batch=4",
+        "nbs=8",
+        "workers=0",
+        "plots=False",
+        "close_mosaic=0",
+        f"project={tmp_path}",
+        f"name={name}",
+        *extra,
+        "gpus_per_node=0",
+        "tasks_per_node=2",
+        "cpus_per_task=1",
+        "time=20",
+        "submit=True",
+    )
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.split()[-1]  # "Submitted batch job N"
     _submitted.append(job)

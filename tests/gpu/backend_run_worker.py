@@ -18,9 +18,27 @@ from yoloscale.checkpoint import save_checkpoint
 from yoloscale.config import load_config
 
 out, project, name, *overrides = sys.argv[1:]
-cfg = load_config(None, ["data=synthetic", "imgsz=320", "device_batch=16", "nbs=16", "accumulate=1", "optimizer=SGD", "workers=0",
-                         "epochs=2", "close_mosaic=0", "mosaic=0", "val=False", "log_interval=1", "plots=False",
-                         f"project={project}", f"name={name}", *overrides])  # fmt: skip
+cfg = load_config(
+    None,
+    [
+        "data=synthetic",
+        "imgsz=320",
+        "device_batch=16",
+        "nbs=16",
+        "accumulate=1",
+        "optimizer=SGD",
+        "workers=0",
+        "epochs=2",
+        "close_mosaic=0",
+        "mosaic=0",
+        "val=False",
+        "log_interval=1",
+        "plots=False",
+        f"project={project}",
+        f"name={name}",
+        *overrides,
+    ],
+)
 yoloscale.trainer.save_checkpoint = functools.partial(save_checkpoint, keep=10)
 trainer = yoloscale.trainer.Trainer(cfg)
 # Deterministic convolutions (the trainer turns autotuning on): with cuDNN's autotuned, non-deterministic kernels the
@@ -33,7 +51,16 @@ trainer.log.step = lambda values, step: (steps.append(dict(values)), log_step(va
 start = time.perf_counter()
 metrics = trainer.train()
 if trainer.is_main:
-    json.dump({"steps": steps, "metrics": metrics, "seconds": time.perf_counter() - start,
-               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
-               "skipped_steps": trainer.health.skipped(), "devices": trainer.world, "run_dir": str(trainer.run_dir)},
-              open(out, "w"), indent=1)  # fmt: skip
+    json.dump(
+        {
+            "steps": steps,
+            "metrics": metrics,
+            "seconds": time.perf_counter() - start,
+            "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+            "skipped_steps": trainer.health.skipped(),
+            "devices": trainer.world,
+            "run_dir": str(trainer.run_dir),
+        },
+        open(out, "w"),
+        indent=1,
+    )

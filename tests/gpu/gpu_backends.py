@@ -33,13 +33,26 @@ RESUME_TOLERANCE = 0.1
 # stay near the uninterrupted run's (a reset or a wrongly loaded optimizer/EMA shows as a jump well above this).
 # offload runs (bf16, --only all): the stage each backend offloads at
 OFFLOAD = {"fsdp": "params", "zero2": "optimizer", "zero3": "params"}
-CROSS_WORLD_TOLERANCE = 0.25  # bit-exact resume is tested on the CPU (test_checkpoint.py), where kernels are deterministic
+CROSS_WORLD_TOLERANCE = (
+    0.25  # bit-exact resume is tested on the CPU (test_checkpoint.py), where kernels are deterministic
+)
 
 
 def run(out: Path, name: str, gpus: int, overrides: list[str]) -> dict:
     log = out / f"{name}.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), str(WORKER),
-           str(out / f"{name}.json"), str(out / "runs"), name, *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(gpus),
+        str(WORKER),
+        str(out / f"{name}.json"),
+        str(out / "runs"),
+        name,
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONPATH=str(WORKER.parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -76,10 +89,14 @@ def main() -> int:
     p.add_argument("--model", default="yolov8s.yaml")
     p.add_argument("--parallel", type=int, default=3)
     p.add_argument("--backends", default=",".join(BACKENDS))
-    p.add_argument("--only", choices=("all", "resume", "fp16", "offload"), default="all",
-                   help="resume: only the bf16 runs and their resumes (same and other backend, other GPU count); "
-                   "fp16: only the fp16 runs (with grad_ckpt, ZeRO-2 offloaded and resumed); "
-                   "offload: only DDP bf16 (the reference) and the bf16 offload runs, each resumed offloaded")
+    p.add_argument(
+        "--only",
+        choices=("all", "resume", "fp16", "offload"),
+        default="all",
+        help="resume: only the bf16 runs and their resumes (same and other backend, other GPU count); "
+        "fp16: only the fp16 runs (with grad_ckpt, ZeRO-2 offloaded and resumed); "
+        "offload: only DDP bf16 (the reference) and the bf16 offload runs, each resumed offloaded",
+    )
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +116,15 @@ def main() -> int:
         jobs += [("zero2-fp16-optimizer", a.gpus, [*fp16["zero2"], "offload=optimizer"])] if "zero2" in backends else []
     if a.only == "all":
         jobs += [(f"{b}-bf16-ckpt", a.gpus, [*common[b], "grad_ckpt=all"]) for b in backends]
-        jobs += [(f"{b}-bf16-ckpt-cheap", a.gpus, [*common[b], "grad_ckpt=all", "grad_ckpt_recompute=cheap"])
-                 for b in backends if b in ("ddp", "fsdp", "zero3")]  # fmt: skip
+        jobs += [
+            (f"{b}-bf16-ckpt-cheap", a.gpus, [*common[b], "grad_ckpt=all", "grad_ckpt_recompute=cheap"])
+            for b in backends
+            if b in ("ddp", "fsdp", "zero3")
+        ]
     if a.only in ("all", "offload"):
-        jobs += [(f"{b}-bf16-{OFFLOAD[b]}", a.gpus, [*common[b], f"offload={OFFLOAD[b]}"]) for b in backends if b in OFFLOAD]
+        jobs += [
+            (f"{b}-bf16-{OFFLOAD[b]}", a.gpus, [*common[b], f"offload={OFFLOAD[b]}"]) for b in backends if b in OFFLOAD
+        ]
     if a.gpus > 1 and a.only in ("all", "resume"):  # the one-GPU runs whose checkpoints resume on a.gpus
         jobs += [(f"{b}-bf16-1gpu", 1, common[b]) for b in ("ddp", "fsdp", "zero2", "zero3") if b in backends]
     results = {jobs[0][0]: run(out, *jobs[0])}  # alone: it writes Ultralytics' label cache
@@ -145,8 +167,15 @@ def main() -> int:
             want = [total(s) for s in full[len(full) // 2 :]]  # the uninterrupted run's second epoch
             worst = abs(sum(mine) / max(len(mine), 1) - sum(want) / max(len(want), 1)) / (sum(want) / max(len(want), 1))
             good = len(mine) > 0 and all(map(math.isfinite, mine)) and worst < CROSS_WORLD_TOLERANCE
-            rows.append((name, "ok" if good else "FAIL", f"{worst:.2e}", "",
-                         f"{len(mine)} steps after resume; epoch-2 mean loss vs the run that saved it"))  # fmt: skip
+            rows.append(
+                (
+                    name,
+                    "ok" if good else "FAIL",
+                    f"{worst:.2e}",
+                    "",
+                    f"{len(mine)} steps after resume; epoch-2 mean loss vs the run that saved it",
+                )
+            )
             ok &= good
             continue
         if name.endswith("-1gpu"):  # the one-GPU run that a two-GPU resume starts from
@@ -159,13 +188,22 @@ def main() -> int:
             mine, want = [total(s) for s in r["steps"]], [total(s) for s in full[-n:]]
             worst = max(abs(x - y) / abs(y) for x, y in zip(mine, want)) if n else float("nan")
             good = n > 0 and worst < RESUME_TOLERANCE
-            rows.append((name, "ok" if good else "FAIL", f"{worst:.2e}", "", f"{n} steps after resume vs uninterrupted"))
+            rows.append(
+                (name, "ok" if good else "FAIL", f"{worst:.2e}", "", f"{n} steps after resume vs uninterrupted")
+            )
         else:
             mine, want = [total(s) for s in r["steps"]], [total(s) for s in ref.get("steps", [])]
             worst = max((abs(x - y) / abs(y) for x, y in zip(mine, want)), default=float("nan"))
             good = len(mine) == len(want) and worst < TOLERANCE[prec] and r["skipped_steps"] < 3
-            rows.append((name, "ok" if good else "FAIL", f"{worst:.2e}", f"{r['peak_GiB']:.2f}",
-                         f"{len(mine)} steps, skipped {r['skipped_steps']}, {r['seconds']:.0f} s"))  # fmt: skip
+            rows.append(
+                (
+                    name,
+                    "ok" if good else "FAIL",
+                    f"{worst:.2e}",
+                    f"{r['peak_GiB']:.2f}",
+                    f"{len(mine)} steps, skipped {r['skipped_steps']}, {r['seconds']:.0f} s",
+                )
+            )
         ok &= good
     print(f"{'run':24} {'result':6} {'max rel. diff':>13} {'peak GiB':>8}  notes")
     for row in rows:

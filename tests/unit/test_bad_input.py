@@ -28,8 +28,10 @@ def test_empty_image_folder(tmp_path):
 
 
 def test_unknown_model_yaml(tiny_data, tmp_path):
-    _fails(["train", f"data={tiny_data}", "model=yolo99z.yaml", f"project={tmp_path}"],
-           "model YAML 'yolo99z.yaml' not found")
+    _fails(
+        ["train", f"data={tiny_data}", "model=yolo99z.yaml", f"project={tmp_path}"],
+        "model YAML 'yolo99z.yaml' not found",
+    )
 
 
 def test_unknown_key_and_bad_value():
@@ -43,8 +45,7 @@ def test_missing_config_file():
 
 def test_existing_run_directory_is_never_touched(trained_run):
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.rglob("*") if p.is_file()}
-    _fails(["train", f"project={trained_run.parent}", f"name={trained_run.name}"],
-           "already exists and holds results")
+    _fails(["train", f"project={trained_run.parent}", f"name={trained_run.name}"], "already exists and holds results")
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.rglob("*") if p.is_file()}
     assert before == after
 
@@ -75,7 +76,8 @@ def test_bad_labels_are_skipped_and_counted(tiny_data, tmp_path):
     assert len(dataset) == 96 - 3
     assert not any(f.endswith(("000000.png", "000001.png", "000002.png")) for f in dataset.im_files)
     cache = __import__("ultralytics.data.utils", fromlist=["load_dataset_cache_file"]).load_dataset_cache_file(
-        root / "labels/train.cache")
+        root / "labels/train.cache"
+    )
     assert cache["results"][3] == 3  # Ultralytics' corrupt-image count, which it prints
 
 

@@ -29,14 +29,29 @@ def test_mfu_and_scaling_arithmetic():
 @pytest.mark.slow
 def test_bench_on_cpu_writes_table_json_and_chart(tmp_path):
     out = tmp_path / "bench"
-    proc = run_cli("bench", "model=yolov8n.yaml", "imgsz=96", "batch=4", "workers=0", f"out={out}",
-                   "precisions=fp32", "gpus=1", "loader_workers=0", "warmup=2", "window=2")
+    proc = run_cli(
+        "bench",
+        "model=yolov8n.yaml",
+        "imgsz=96",
+        "batch=4",
+        "workers=0",
+        f"out={out}",
+        "precisions=fp32",
+        "gpus=1",
+        "loader_workers=0",
+        "warmup=2",
+        "window=2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "yoloscale loop fp32" in proc.stdout and "ultralytics (fp16 AMP)" in proc.stdout
     summary = json.loads((out / "bench.json").read_text())
     rows = {r["what"]: r for r in summary["rows"]}
-    assert set(rows) == {"ultralytics (fp16 AMP)", "yoloscale loop fp32", "yoloscale bare fp32",
-                         "loader alone, 0 workers"}
+    assert set(rows) == {
+        "ultralytics (fp16 AMP)",
+        "yoloscale loop fp32",
+        "yoloscale bare fp32",
+        "loader alone, 0 workers",
+    }
     loop = rows["yoloscale loop fp32"]
     assert loop["img_s"] > 0 and loop["x_ultralytics"] > 0 and 0 < loop["mfu"] < 1 and loop["x_ceiling"] > 0
     assert summary["peak"]["tflops"] > 0 and "matmul" in summary["peak"]["how"]
@@ -61,9 +76,15 @@ def test_flop_count_does_not_run_the_trained_model(tiny_data, tmp_path):
     assert set(trainer.eval_model.state_dict()) == eval_keys  # the counter's buffers went to a copy
 
 
-@pytest.mark.parametrize("flag, message", [("gpus=abc", "gpus takes a comma list of integers"),
-                                           ("gpus=0", "gpus values must be >= 1"),
-                                           ("precisions=bf61", "bad value"), ("precision=fp16 outt=x", "'outt'")])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("gpus=abc", "gpus takes a comma list of integers"),
+        ("gpus=0", "gpus values must be >= 1"),
+        ("precisions=bf61", "bad value"),
+        ("precision=fp16 outt=x", "'outt'"),
+    ],
+)
 def test_bad_bench_flags_are_clear_errors(flag, message, tmp_path):
     proc = run_cli("bench", f"out={tmp_path}", *flag.split())
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -81,8 +81,10 @@ def test_a_skipped_step_is_counted_and_the_schedule_moves_on_as_in_ultralytics(t
     trainer = Trainer(cfg)
     positions = []
     apply = trainer.schedule.apply
-    trainer.schedule.apply = lambda optimizer, position, epoch: (positions.append(position),
-                                                                 apply(optimizer, position, epoch))  # fmt: skip
+    trainer.schedule.apply = lambda optimizer, position, epoch: (
+        positions.append(position),
+        apply(optimizer, position, epoch),
+    )
     prepare, calls = trainer.prepare_batch, []
 
     def first_batch_nan(batch):

@@ -35,15 +35,18 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         load_config(f)
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("batch=big", "key 'batch' expects int"),
-    ("cos_lr=maybe", "key 'cos_lr' expects bool"),
-    ("precision=bf61", "must be one of.*Did you mean 'bf16'"),
-    ("optimizer=adamx", "must be one of.*Did you mean 'Adam"),
-    ("imgsz=100", "multiple of 32"),
-    ("epochs=0", "'epochs' must be > 0"),
-    ("imgsz", "not key=value"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("batch=big", "key 'batch' expects int"),
+        ("cos_lr=maybe", "key 'cos_lr' expects bool"),
+        ("precision=bf61", "must be one of.*Did you mean 'bf16'"),
+        ("optimizer=adamx", "must be one of.*Did you mean 'Adam"),
+        ("imgsz=100", "multiple of 32"),
+        ("epochs=0", "'epochs' must be > 0"),
+        ("imgsz", "not key=value"),
+    ],
+)
 def test_bad_values_are_rejected(arg, message):
     with pytest.raises(UserError, match=message):
         load_config(None, [arg])

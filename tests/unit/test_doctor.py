@@ -81,7 +81,7 @@ def _gloo_worker(rank, world, port):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    (size, busbw), = allreduce_busbw(rank, world, [1], "cpu", iters=3)
+    ((size, busbw),) = allreduce_busbw(rank, world, [1], "cpu", iters=3)
     assert size == 2**20 and busbw > 0
     dist.destroy_process_group()
 
@@ -89,7 +89,10 @@ def _gloo_worker(rank, world, port):
 def test_link_peak_and_judgement():
     from yoloscale.doctor import judge_busbw, link_peak
 
-    assert link_peak(_load("dgx-h100-8gpu-nvswitch.txt"), "NVIDIA H100 80GB HBM3") == (450.0, "18 NVLink links x 25 GB/s")
+    assert link_peak(_load("dgx-h100-8gpu-nvswitch.txt"), "NVIDIA H100 80GB HBM3") == (
+        450.0,
+        "18 NVLink links x 25 GB/s",
+    )
     assert link_peak(_load("h200x2-nvlink.txt"), "NVIDIA H200")[0] == 450.0
     assert link_peak(_load("h200x2-nvlink.txt"), "NVIDIA B200")[0] == 900.0  # NVLink 5: 50 GB/s per link
     peak, how = link_peak(_load("pcie-2gpu-one-switch.txt"), "NVIDIA L40S", pcie_gen=4, pcie_width=16)

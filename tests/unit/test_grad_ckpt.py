@@ -97,10 +97,13 @@ def test_selection_parsing_and_errors():
         apply_grad_ckpt(model, "all", "some")
 
 
-@pytest.mark.parametrize("yaml, expected", [
-    ("yolo11n.yaml", [*range(7), *range(11, 20)]),  # stride 2-16 backbone, the neck's stride 8/16 path
-    ("yolov8n-p6.yaml", [*range(7), *range(15, 24)]),  # P6: the stride 32/64 layers 7-14 and 24-30 stay out
-])
+@pytest.mark.parametrize(
+    "yaml, expected",
+    [
+        ("yolo11n.yaml", [*range(7), *range(11, 20)]),  # stride 2-16 backbone, the neck's stride 8/16 path
+        ("yolov8n-p6.yaml", [*range(7), *range(15, 24)]),  # P6: the stride 32/64 layers 7-14 and 24-30 stay out
+    ],
+)
 def test_highres_selects_the_layers_at_stride_16_or_finer(yaml, expected):
     from ultralytics.nn.tasks import DetectionModel
 

@@ -26,8 +26,21 @@ def test_family_trains_and_opens_in_ultralytics(model, tiny_data, tmp_path):
     from ultralytics import YOLO
 
     model = _custom_yaml(tmp_path) if model == "custom" else model
-    assert main(["train", f"data={tiny_data}", *TINY, "imgsz=128", "epochs=2", f"model={model}", f"project={tmp_path}",
-                 "name=r"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"data={tiny_data}",
+                *TINY,
+                "imgsz=128",
+                "epochs=2",
+                f"model={model}",
+                f"project={tmp_path}",
+                "name=r",
+            ]
+        )
+        == 0
+    )
     yolo = YOLO(str(tmp_path / "r/weights/last.pt"))
     assert yolo.names == {0: "rectangle", 1: "ellipse", 2: "triangle"}
     yolo.predict(str(tiny_data.parent / "images/val/000000.png"), imgsz=128, verbose=False)
@@ -37,8 +50,9 @@ def test_yolo26_end2end_loss_is_updated_once_per_epoch(tiny_data, tmp_path):
     from yoloscale.config import load_config
     from yoloscale.trainer import Trainer
 
-    cfg = load_config(None, [f"data={tiny_data}", *TINY, "epochs=3", "model=yolo26n.yaml", "val=False",
-                             f"project={tmp_path}"])
+    cfg = load_config(
+        None, [f"data={tiny_data}", *TINY, "epochs=3", "model=yolo26n.yaml", "val=False", f"project={tmp_path}"]
+    )
     trainer = Trainer(cfg)
     assert type(trainer.criterion).__name__ == "E2ELoss" and trainer.criterion.updates == 0
     trainer.train()

@@ -10,12 +10,14 @@ from yoloscale.optim import (
     build_optimizer,
     choose_optimizer,
     init_momentum_buffers,
-    nominal_accumulate,  # fmt: skip
+    nominal_accumulate,
 )
 
 
-@pytest.mark.parametrize("batch, accumulate, batches, expected", [(16, 0, 100, 4), (32, 0, 100, 2), (256, 0, 100, 1),
-                                                               (8, 0, 100, 8), (16, 3, 100, 3), (8, 0, 3, 3)])
+@pytest.mark.parametrize(
+    "batch, accumulate, batches, expected",
+    [(16, 0, 100, 4), (32, 0, 100, 2), (256, 0, 100, 1), (8, 0, 100, 8), (16, 3, 100, 3), (8, 0, 3, 3)],
+)
 def test_accumulate_follows_ultralytics_rule_unless_explicit(batch, accumulate, batches, expected):
     """max(round(nbs / global batch), 1), capped at an epoch's batch count (so every epoch steps)."""
     cfg = load_config(None, [f"batch={batch}", f"accumulate={accumulate}", "nbs=64", "epochs=2"])
@@ -35,8 +37,11 @@ def _ultralytics_lr(cfg, nb, ni, epoch, group):
     """Ultralytics' trainer: LambdaLR per epoch, then per-batch warmup interpolation (engine/trainer.py)."""
     from ultralytics.utils.torch_utils import one_cycle
 
-    lf = one_cycle(1, cfg.lrf, cfg.epochs) if cfg.cos_lr else (
-        lambda x: max(1 - x / cfg.epochs, 0) * (1.0 - cfg.lrf) + cfg.lrf)
+    lf = (
+        one_cycle(1, cfg.lrf, cfg.epochs)
+        if cfg.cos_lr
+        else (lambda x: max(1 - x / cfg.epochs, 0) * (1.0 - cfg.lrf) + cfg.lrf)
+    )
     nw = round(min(cfg.warmup_epochs, max(cfg.epochs - 1, 0)) * nb)
     lr = cfg.lr0 * lf(epoch)
     if nw and ni <= nw:

@@ -13,8 +13,11 @@ class _Enough(Exception):
 
 def _groups(optimizer) -> list[tuple]:
     """(group name, lr, momentum or beta1) of every non-empty group, in order."""
-    return [(g.get("param_group"), g["lr"], g["momentum"] if "momentum" in g else g["betas"][0])
-            for g in optimizer.param_groups if g["params"]]  # fmt: skip
+    return [
+        (g.get("param_group"), g["lr"], g["momentum"] if "momentum" in g else g["betas"][0])
+        for g in optimizer.param_groups
+        if g["params"]
+    ]
 
 
 def _count_steps(optimizer) -> None:
@@ -34,8 +37,14 @@ def _ultralytics(data, project, settings: dict, batches: int) -> list[dict]:
     records = []
 
     def record(trainer):
-        records.append({"optimizer": type(trainer.optimizer).__name__, "groups": _groups(trainer.optimizer),
-                        "accumulate": trainer.accumulate, "steps": trainer.optimizer.steps_taken})  # fmt: skip
+        records.append(
+            {
+                "optimizer": type(trainer.optimizer).__name__,
+                "groups": _groups(trainer.optimizer),
+                "accumulate": trainer.accumulate,
+                "steps": trainer.optimizer.steps_taken,
+            }
+        )
         if len(records) == batches:
             raise _Enough
 
@@ -44,8 +53,19 @@ def _ultralytics(data, project, settings: dict, batches: int) -> list[dict]:
     model.add_callback("on_train_batch_end", record)
     keys = {k: v for k, v in settings.items() if k != "model"}
     try:
-        model.train(data=str(data), device="cpu", workers=0, amp=False, val=False, plots=False, project=str(project),
-                    name="ultralytics", exist_ok=True, verbose=False, **keys)  # fmt: skip
+        model.train(
+            data=str(data),
+            device="cpu",
+            workers=0,
+            amp=False,
+            val=False,
+            plots=False,
+            project=str(project),
+            name="ultralytics",
+            exist_ok=True,
+            verbose=False,
+            **keys,
+        )
     except _Enough:
         pass
     return records
@@ -57,8 +77,9 @@ def _ours(data, project, settings: dict, batches: int) -> list[dict]:
 
     overrides = [f"{k}={v}" for k, v in settings.items()]
     # every other key at its default: the defaults are Ultralytics' own
-    cfg = load_config(None, [f"data={data}", "workers=0", "plots=False", "val=False", *overrides, f"project={project}",
-                             "name=ours"])  # fmt: skip
+    cfg = load_config(
+        None, [f"data={data}", "workers=0", "plots=False", "val=False", *overrides, f"project={project}", "name=ours"]
+    )
     trainer = Trainer(cfg)
     _count_steps(trainer.optimizer.optimizer)
     records, step = [], trainer.train_step
@@ -66,8 +87,14 @@ def _ours(data, project, settings: dict, batches: int) -> list[dict]:
     def recorded_step(batch):
         ni = trainer.progress.micro_step
         stepped = step(batch)
-        records.append({"optimizer": type(trainer.optimizer.optimizer).__name__, "groups": _groups(trainer.optimizer),
-                        "accumulate": trainer.schedule.accumulate_at(ni), "steps": trainer.optimizer.optimizer.steps_taken})  # fmt: skip
+        records.append(
+            {
+                "optimizer": type(trainer.optimizer.optimizer).__name__,
+                "groups": _groups(trainer.optimizer),
+                "accumulate": trainer.schedule.accumulate_at(ni),
+                "steps": trainer.optimizer.optimizer.steps_taken,
+            }
+        )
         if len(records) == batches:
             raise _Enough
         return stepped
@@ -87,8 +114,20 @@ RUNS = {
     # ramping up during warmup; stopped after warmup
     "auto-musgd": ({"model": "yolov8n.yaml", "imgsz": 64, "batch": 16, "epochs": 6000, "close_mosaic": 0}, 22),
     # an explicit SGD with accumulation 8, cosine decay, momentum warmup
-    "sgd-accumulate": ({"model": "yolov8n.yaml", "imgsz": 64, "batch": 8, "epochs": 4, "warmup_epochs": 2,
-                        "optimizer": "SGD", "lr0": 0.02, "cos_lr": True, "close_mosaic": 0}, 48),  # fmt: skip
+    "sgd-accumulate": (
+        {
+            "model": "yolov8n.yaml",
+            "imgsz": 64,
+            "batch": 8,
+            "epochs": 4,
+            "warmup_epochs": 2,
+            "optimizer": "SGD",
+            "lr0": 0.02,
+            "cos_lr": True,
+            "close_mosaic": 0,
+        },
+        48,
+    ),
 }
 
 

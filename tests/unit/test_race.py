@@ -10,8 +10,17 @@ from helpers import run_cli
 @pytest.mark.slow
 def test_race_on_the_cpu_reports_both_sides(tiny_data, tmp_path):
     out = tmp_path / "race"
-    proc = run_cli("race", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=64", "epochs=2", "batch=16", "workers=0",
-                   "gpus=0", f"out={out}")  # fmt: skip
+    proc = run_cli(
+        "race",
+        f"data={tiny_data}",
+        "model=yolov8n.yaml",
+        "imgsz=64",
+        "epochs=2",
+        "batch=16",
+        "workers=0",
+        "gpus=0",
+        f"out={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "yoloscale / ultralytics wall-clock" in proc.stdout
     summary = json.loads((out / "race.json").read_text())
@@ -29,8 +38,9 @@ def test_race_settings_reach_ultralytics_under_its_names():
     from yoloscale.config import load_config
     from yoloscale.race import split_args, ultralytics_settings
 
-    cfg_file, given, race = split_args(["model=yolo11x.yaml", "precision=bf16", "lr0=0.02", "grad_ckpt=highres",
-                                        "gpus=2", "out=x"])  # fmt: skip
+    cfg_file, given, race = split_args(
+        ["model=yolo11x.yaml", "precision=bf16", "lr0=0.02", "grad_ckpt=highres", "gpus=2", "out=x"]
+    )
     assert (cfg_file, race["gpus"], race["out"], race["sides"]) == (None, 2, "x", ["ultralytics", "yoloscale"])
     settings = ultralytics_settings(load_config(None, given), given, gpus=2)
     assert settings["amp"] == "bf16" and settings["lr0"] == 0.02 and settings["device"] == "0,1"

@@ -97,7 +97,7 @@ def _damage(target, how: str) -> None:
     data = target.read_bytes()
     if how == "flip":
         middle = len(data) // 2
-        target.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+        target.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
     elif how == "truncate":
         target.write_bytes(data[: len(data) // 2])
     else:
@@ -115,14 +115,31 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(finished, tmp_p
         shutil.copytree(finished, run)
         _damage(complete_checkpoints(run)[-1] / name, how)
         proc = _train(f"resume={run}")
-        assert f"checkpoint '{complete_checkpoints(run)[-1]}' is damaged" in proc.stderr, (how, name, proc.stderr[-1500:])
+        assert f"checkpoint '{complete_checkpoints(run)[-1]}' is damaged" in proc.stderr, (
+            how,
+            name,
+            proc.stderr[-1500:],
+        )
         _same(_weights(finished), _weights(run))
 
 
 def test_two_runs_with_one_name_cannot_collide(tiny_data, tmp_path):
-    first = subprocess.Popen([sys.executable, "-m", "yoloscale", "train", f"data={tiny_data}", *TINY, "epochs=50",
-                              f"project={tmp_path}", "name=same"], env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "yoloscale",
+            "train",
+            f"data={tiny_data}",
+            *TINY,
+            "epochs=50",
+            f"project={tmp_path}",
+            "name=same",
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (tmp_path / "same" / ".lock").exists() and time.time() < deadline:
@@ -142,8 +159,12 @@ def _mount_tmpfs(path, size_mb: int) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0  # fmt: skip
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(trained_run, tiny_data, tmp_path):
@@ -174,8 +195,10 @@ def test_weights_that_do_not_fit_are_refused_and_a_new_class_count_is_named(trai
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
     proc = run_cli("train", *base, "name=b", f"weights={tmp_path / 'wrong.safetensors'}")
     assert proc.returncode == 2 and "'model.0.conv.weight' has shape (5, 3, 3, 3)" in proc.stderr
-    head = {k: (torch.zeros(5, *v.shape[1:]) if ".cv3." in k and k.endswith(("2.weight", "2.bias")) else v)
-            for k, v in good.items()}  # fmt: skip
+    head = {
+        k: (torch.zeros(5, *v.shape[1:]) if ".cv3." in k and k.endswith(("2.weight", "2.bias")) else v)
+        for k, v in good.items()
+    }
     save_file(head, str(tmp_path / "head.safetensors"))
     proc = run_cli("train", *base, "name=c", f"weights={tmp_path / 'head.safetensors'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -187,8 +210,15 @@ def test_weights_that_do_not_fit_are_refused_and_a_new_class_count_is_named(trai
 
 def test_a_model_pt_fine_tunes_with_its_weights(trained_run, tiny_data, tmp_path):
     """model=*.pt: Ultralytics' own way to fine-tune, read weights-only (our best.pt is an Ultralytics checkpoint)."""
-    proc = run_cli("train", f"data={tiny_data}", *TINY, f"model={trained_run / 'weights' / 'best.pt'}", "epochs=1",
-                   f"project={tmp_path}", "name=ft")  # fmt: skip
+    proc = run_cli(
+        "train",
+        f"data={tiny_data}",
+        *TINY,
+        f"model={trained_run / 'weights' / 'best.pt'}",
+        "epochs=1",
+        f"project={tmp_path}",
+        "name=ft",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tensors loaded" in proc.stdout + proc.stderr
 
@@ -197,8 +227,19 @@ def test_a_data_set_smaller_than_its_accumulation_still_steps_every_epoch(tiny_d
     from yoloscale.config import load_config
     from yoloscale.trainer import Trainer
 
-    cfg = load_config(None, [f"data={tiny_data}", *TINY, "batch=4", "nbs=256", "warmup_epochs=0", "epochs=2",
-                             "val=False", f"project={tmp_path}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data={tiny_data}",
+            *TINY,
+            "batch=4",
+            "nbs=256",
+            "warmup_epochs=0",
+            "epochs=2",
+            "val=False",
+            f"project={tmp_path}",
+        ],
+    )
     trainer = Trainer(cfg)
     assert trainer.schedule.accumulate == len(trainer.train_loader) == 24  # 64 would leave epochs without a step
     trainer.train()

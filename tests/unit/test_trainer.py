@@ -41,9 +41,16 @@ def test_run_directory(run):
 
     assert load_config(run / "config.yaml").epochs == 8
     ckpts = sorted((run / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == ["step-00000084-end", "step-00000096-end"]  # 8 epochs x 12 steps; the newest 2 kept
-    assert {p.name for p in (run / "weights").iterdir()} >= {"best.pt", "last.pt", "best.safetensors",
-                                                             "last.safetensors"}
+    assert [c.name for c in ckpts] == [
+        "step-00000084-end",
+        "step-00000096-end",
+    ]  # 8 epochs x 12 steps; the newest 2 kept
+    assert {p.name for p in (run / "weights").iterdir()} >= {
+        "best.pt",
+        "last.pt",
+        "best.safetensors",
+        "last.safetensors",
+    }
 
 
 def test_ultralytics_opens_predicts_and_agrees_on_map(run, tiny_data):
@@ -76,8 +83,7 @@ def test_resume_after_sigkill_continues_exactly(tiny_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "yoloscale", "train"]
     subprocess.run([*cmd, *args, "name=straight"], env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([*cmd, *args, "name=killed"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, *args, "name=killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "killed" / "checkpoints" / "step-00000005"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -85,8 +91,9 @@ def test_resume_after_sigkill_continues_exactly(tiny_data, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first.exists() and not (tmp_path / "killed" / "weights" / "last.safetensors").exists()
-    subprocess.run([*cmd, "resume=auto", f"project={tmp_path}", "name=killed"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*cmd, "resume=auto", f"project={tmp_path}", "name=killed"], env=env, check=True, capture_output=True
+    )
     a = load_file(str(tmp_path / "straight/weights/last.safetensors"))
     b = load_file(str(tmp_path / "killed/weights/last.safetensors"))
     assert a.keys() == b.keys()
@@ -109,8 +116,23 @@ def test_wandb_offline_needs_no_key_and_records_no_environment(tiny_data, tmp_pa
     pytest.importorskip("wandb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(MY_SECRET_TOKEN="hunter2-do-not-log")
-    proc = subprocess.run([sys.executable, "-m", "yoloscale", "train", f"data={tiny_data}", *TINY, "epochs=1",
-                           "wandb=offline", f"project={tmp_path}", "name=w"], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yoloscale",
+            "train",
+            f"data={tiny_data}",
+            *TINY,
+            "epochs=1",
+            "wandb=offline",
+            f"project={tmp_path}",
+            "name=w",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = [p for p in (tmp_path / "w" / "wandb").rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files)  # the offline run was recorded
@@ -121,8 +143,12 @@ def test_wandb_offline_needs_no_key_and_records_no_environment(tiny_data, tmp_pa
 def test_sigusr1_saves_a_checkpoint_and_stops_then_the_run_resumes(tiny_data, tmp_path):
     """Slurm's pre-timeout signal: the run checkpoints at its next logging interval, exits 0, and resumes."""
     args = [f"data={tiny_data}", *TINY, "epochs=3", "log_interval=1", "val=False", f"project={tmp_path}", "name=p"]
-    proc = subprocess.Popen([sys.executable, "-m", "yoloscale", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "yoloscale", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = tmp_path / "p"
     deadline = time.time() + 120
     while not (run / "config.yaml").exists() and time.time() < deadline:

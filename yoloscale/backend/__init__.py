@@ -9,8 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from yoloscale.backend.base import FP16_INIT_SCALE, Backend, autocast_forward, check_launcher_agreement, unwrap
-from yoloscale.backend.base import distributed_env_from_slurm
+from yoloscale.backend.base import (
+    FP16_INIT_SCALE,
+    Backend,
+    autocast_forward,
+    check_launcher_agreement,
+    distributed_env_from_slurm,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     from yoloscale.config import TrainConfig
@@ -24,8 +30,17 @@ BACKENDS = {
     "zero3": ("yoloscale.backend.zero", "Zero3"),
 }
 
-__all__ = ["BACKENDS", "FP16_INIT_SCALE", "Backend", "autocast_forward", "check_launcher_agreement",
-           "distributed_env_from_slurm", "get", "layout_of", "unwrap"]  # fmt: skip
+__all__ = [
+    "BACKENDS",
+    "FP16_INIT_SCALE",
+    "Backend",
+    "autocast_forward",
+    "check_launcher_agreement",
+    "distributed_env_from_slurm",
+    "get",
+    "layout_of",
+    "unwrap",
+]
 
 
 def _class(name: str) -> type[Backend]:

@@ -53,8 +53,10 @@ class Backend:
         if self.cfg.offload != "none":
             raise UserError(f"offload needs a sharded backend (fsdp, zero1, zero2, zero3); got backend={self.name}.")
         if self.cfg.ds_config:
-            raise UserError(f"ds_config='{self.cfg.ds_config}' is a DeepSpeed configuration, but backend={self.name}; "
-                            "use backend=zero1/2/3.")  # fmt: skip
+            raise UserError(
+                f"ds_config='{self.cfg.ds_config}' is a DeepSpeed configuration, but backend={self.name}; "
+                "use backend=zero1/2/3."
+            )
 
     def precision(self, use_cuda: bool) -> str:
         """'auto' -> fp16 with dynamic loss scaling on a CUDA GPU (Ultralytics' AMP default, and the fastest setting
@@ -78,14 +80,20 @@ class Backend:
         """An Accelerator for this backend and precision. Accumulation is ours (`micro_step`): Accelerate and
         DeepSpeed see one micro-step per step, and are told which micro-steps end an accumulation window."""
         from accelerate import Accelerator
-        from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, GradScalerKwargs,
-                                      InitProcessGroupKwargs)  # fmt: skip
+        from accelerate.utils import (
+            DistributedDataParallelKwargs,
+            GradientAccumulationPlugin,
+            GradScalerKwargs,
+            InitProcessGroupKwargs,
+        )
 
         check_launcher_agreement(self)  # a backend= / accelerate config disagreement is an error
         use_cuda = torch.cuda.is_available() and not self.cfg.cpu
         if self.name != "ddp" and not use_cuda:
-            raise UserError(f"backend={self.name} needs CUDA GPUs (Accelerate runs FSDP and DeepSpeed on GPUs only); "
-                            "use backend=ddp on the CPU.")  # fmt: skip
+            raise UserError(
+                f"backend={self.name} needs CUDA GPUs (Accelerate runs FSDP and DeepSpeed on GPUs only); "
+                "use backend=ddp on the CPU."
+            )
         self.precision_name = precision = self.precision(use_cuda)
         kwargs = [
             # YOLO uses every parameter in every step. Buffers (BN running stats) are broadcast from rank 0 at each
@@ -174,8 +182,9 @@ class Backend:
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # --- checkpoints --------------------------------------------------------------------------------------------------
-    def load_state(self, accelerator, ckpt, saved_layout: str, saved_world: int, model, optimizer,
-                   group_names: list[list[str]]) -> None:  # fmt: skip
+    def load_state(
+        self, accelerator, ckpt, saved_layout: str, saved_world: int, model, optimizer, group_names: list[list[str]]
+    ) -> None:
         """Model, optimizer and RNG states from a checkpoint of any layout and world size: Accelerate's own
         load_state where it can, whole tensors otherwise (checkpoint/full_state.py)."""
         if saved_layout == self.layout and self.can_load_own(saved_world, accelerator.num_processes):
@@ -183,7 +192,9 @@ class Backend:
         else:
             from yoloscale.checkpoint.full_state import load_foreign
 
-            load_foreign(accelerator, ckpt, saved_layout, unwrap(model), optimizer, group_names, self.engine(accelerator))
+            load_foreign(
+                accelerator, ckpt, saved_layout, unwrap(model), optimizer, group_names, self.engine(accelerator)
+            )
 
     def can_load_own(self, saved_world: int, world: int) -> bool:
         """Whether Accelerate loads this layout saved on `saved_world` processes into `world` (DDP: always)."""
@@ -208,20 +219,28 @@ def check_launcher_agreement(backend: Backend, env: dict | None = None) -> None:
     flag = lambda name: env.get(name, "false").lower() in ("1", "true")  # noqa: E731
     launcher = "fsdp" if flag("ACCELERATE_USE_FSDP") else "deepspeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
     if launcher and launcher != backend.accelerate_name:
-        raise UserError(f"the launcher's Accelerate configuration selects {launcher} (ACCELERATE_USE_"
-                        f"{launcher.upper()}=true) but our configuration says backend={cfg.backend}; pass "
-                        f"backend=... to match, or launch with the accelerate/{cfg.backend}.yaml template.")  # fmt: skip
+        raise UserError(
+            f"the launcher's Accelerate configuration selects {launcher} (ACCELERATE_USE_"
+            f"{launcher.upper()}=true) but our configuration says backend={cfg.backend}; pass "
+            f"backend=... to match, or launch with the accelerate/{cfg.backend}.yaml template."
+        )
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if launcher == "deepspeed" and stage and f"zero{stage}" != cfg.backend:
-        raise UserError(f"the launcher's Accelerate configuration selects ZeRO stage {stage} "
-                        f"(ACCELERATE_DEEPSPEED_ZERO_STAGE) but our configuration says backend={cfg.backend}.")
+        raise UserError(
+            f"the launcher's Accelerate configuration selects ZeRO stage {stage} "
+            f"(ACCELERATE_DEEPSPEED_ZERO_STAGE) but our configuration says backend={cfg.backend}."
+        )
     if launcher == "fsdp" and env.get("FSDP_VERSION", "2") != "2":
-        raise UserError(f"the launcher's Accelerate configuration selects FSDP version {env['FSDP_VERSION']}; "
-                        "yoloscale runs FSDP2 (fsdp_version: 2).")
+        raise UserError(
+            f"the launcher's Accelerate configuration selects FSDP version {env['FSDP_VERSION']}; "
+            "yoloscale runs FSDP2 (fsdp_version: 2)."
+        )
     mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")  # "no" is accelerate launch's default: not a choice
     if mixed != "no" and cfg.precision not in ("auto", mixed):
-        raise UserError(f"the launcher's Accelerate configuration sets mixed_precision={mixed} "
-                        f"(ACCELERATE_MIXED_PRECISION) but our configuration says precision={cfg.precision}.")
+        raise UserError(
+            f"the launcher's Accelerate configuration sets mixed_precision={mixed} "
+            f"(ACCELERATE_MIXED_PRECISION) but our configuration says precision={cfg.precision}."
+        )
 
 
 def autocast_forward(model: nn.Module, autocast) -> None:
@@ -249,7 +268,8 @@ def distributed_env_from_slurm(env: dict | None = None) -> None:
     if "MASTER_ADDR" not in env:
         import subprocess
 
-        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
-                               text=True, check=True).stdout.split()  # fmt: skip
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+        ).stdout.split()
         env["MASTER_ADDR"] = hosts[0]
     env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))

@@ -36,16 +36,21 @@ class FSDP(Backend):
     def validate(self) -> None:
         cfg = self.cfg
         if cfg.offload == "optimizer":
-            raise UserError("offload=optimizer is not available with backend=fsdp: FSDP2 offloads parameters, "
-                            "gradients and optimizer state together (offload=params), or use backend=zero2 "
-                            "offload=optimizer.")  # fmt: skip
+            raise UserError(
+                "offload=optimizer is not available with backend=fsdp: FSDP2 offloads parameters, "
+                "gradients and optimizer state together (offload=params), or use backend=zero2 "
+                "offload=optimizer."
+            )
         if cfg.offload == "params" and cfg.precision == "fp16":
-            raise UserError("precision=fp16 with backend=fsdp offload=params is not supported: torch's GradScaler "
-                            "all-reduces its overflow check where the gradients are, in CPU memory, which NCCL cannot "
-                            "(2 x H200, torch 2.11, 2026-11-24). Use precision=bf16 with offload, or fp16 without it.")
+            raise UserError(
+                "precision=fp16 with backend=fsdp offload=params is not supported: torch's GradScaler "
+                "all-reduces its overflow check where the gradients are, in CPU memory, which NCCL cannot "
+                "(2 x H200, torch 2.11, 2026-11-24). Use precision=bf16 with offload, or fp16 without it."
+            )
         if cfg.ds_config:
-            raise UserError(f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend=fsdp; use "
-                            "backend=zero1/2/3.")  # fmt: skip
+            raise UserError(
+                f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend=fsdp; use backend=zero1/2/3."
+            )
         if cfg.compile:
             raise UserError("compile=True is supported with backend=ddp only: the other backends are not tested.")
 
@@ -108,8 +113,9 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True, offload: b
     FSDP2 refuses channels_last parameters (only the input batch is made channels_last)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(),
-                  offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())  # fmt: skip
+    kwargs = dict(
+        mesh=mesh, mp_policy=MixedPrecisionPolicy(), offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy()
+    )
     layers = [m for m in model.model if any(True for _ in m.parameters())]
     for i, layer in enumerate(layers):
         # The last layer's backward starts right after its forward: resharding it would only add an all-gather.

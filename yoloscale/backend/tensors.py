@@ -46,8 +46,9 @@ def full_tensor(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if hasattr(like, "_local_tensor"):
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                                  stride=like.stride()).full_tensor()  # fmt: skip
+        return DTensor.from_local(
+            local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+        ).full_tensor()
     return local
 
 

@@ -58,11 +58,14 @@ class Zero(Backend):
     def validate(self) -> None:
         cfg = self.cfg
         if cfg.offload == "params" and self.stage != 3:
-            raise UserError(f"offload=params needs backend=fsdp or zero3 (only they shard parameters); got "
-                            f"backend={self.name}.")  # fmt: skip
+            raise UserError(
+                f"offload=params needs backend=fsdp or zero3 (only they shard parameters); got backend={self.name}."
+            )
         if cfg.sync_bn and self.stage == 3:
-            raise UserError("sync_bn=True is not supported with backend=zero3 (ZeRO-3 partitions the BatchNorm "
-                            "parameters that SyncBatchNorm reads outside DeepSpeed's hooks); use zero2 or fsdp.")
+            raise UserError(
+                "sync_bn=True is not supported with backend=zero3 (ZeRO-3 partitions the BatchNorm "
+                "parameters that SyncBatchNorm reads outside DeepSpeed's hooks); use zero2 or fsdp."
+            )
         if cfg.compile:
             raise UserError("compile=True is supported with backend=ddp only: the other backends are not tested.")
 
@@ -156,8 +159,10 @@ def _own(ds: dict, dotted: str, value: Any, ours: str, source: str) -> None:
     if current == "auto":
         node[leaf] = value
     elif current != value and not (isinstance(value, float) and current == value):
-        raise UserError(f"DeepSpeed config '{source}' sets {dotted}={current!r} but our configuration says "
-                        f"{ours} ({value!r}); make them agree or write \"auto\" in the JSON.")  # fmt: skip
+        raise UserError(
+            f"DeepSpeed config '{source}' sets {dotted}={current!r} but our configuration says "
+            f'{ours} ({value!r}); make them agree or write "auto" in the JSON.'
+        )
 
 
 def render_ds_config(cfg: TrainConfig, precision: str, device_batch: int, world: int) -> dict:
@@ -174,8 +179,13 @@ def render_ds_config(cfg: TrainConfig, precision: str, device_batch: int, world:
     optimizer_device = "cpu" if cfg.offload in ("optimizer", "params") else "none"
     _own(ds, "zero_optimization.offload_optimizer.device", optimizer_device, f"offload={cfg.offload}", source)
     if stage == 3:
-        _own(ds, "zero_optimization.offload_param.device", "cpu" if cfg.offload == "params" else "none",
-             f"offload={cfg.offload}", source)  # fmt: skip
+        _own(
+            ds,
+            "zero_optimization.offload_param.device",
+            "cpu" if cfg.offload == "params" else "none",
+            f"offload={cfg.offload}",
+            source,
+        )
     autocast = precision in AUTOCAST_DTYPE
     _own(ds, "torch_autocast.enabled", autocast, f"precision={precision}", source)
     if autocast:
@@ -186,8 +196,13 @@ def render_ds_config(cfg: TrainConfig, precision: str, device_batch: int, world:
         # DeepSpeed validates the dtype even when autocast is off ("'auto' is not a valid DtypeEnum", fp32 run)
         del ds["torch_autocast"]["dtype"]
     for whole_model_cast in ("bf16", "fp16"):
-        _own(ds, f"{whole_model_cast}.enabled", False, "autocast with fp32 master weights (NOTES: bf16 cast crashed)",
-             source)  # fmt: skip
+        _own(
+            ds,
+            f"{whole_model_cast}.enabled",
+            False,
+            "autocast with fp32 master weights (NOTES: bf16 cast crashed)",
+            source,
+        )
     # Our own optimizers (SGD with Ultralytics' groups, fused AdamW) are not on DeepSpeed's tested list.
     ds.setdefault("zero_allow_untested_optimizer", True)
     if optimizer_device == "cpu":
@@ -264,9 +279,15 @@ def use_dynamic_loss_scaler(engine, init_scale: float, window: int = 2000) -> No
     optimizer = engine.optimizer
     check_zero_optimizer(optimizer, "fp16 under torch_autocast")  # else the repair could silently do nothing
     optimizer.torch_autocast_gradscaler = None
-    optimizer.loss_scaler = dynamic_loss_scaler()(init_scale=init_scale, scale_window=window, min_scale=1.0,
-                                              delayed_shift=1, consecutive_hysteresis=False,
-                                              raise_error_at_min_scale=False, dtype=torch.float16)  # fmt: skip
+    optimizer.loss_scaler = dynamic_loss_scaler()(
+        init_scale=init_scale,
+        scale_window=window,
+        min_scale=1.0,
+        delayed_shift=1,
+        consecutive_hysteresis=False,
+        raise_error_at_min_scale=False,
+        dtype=torch.float16,
+    )
     optimizer.dynamic_loss_scale = True
 
 
@@ -365,8 +386,10 @@ class ZeroLayout:
             return [buf[offset : offset + numel].view(shape) for shape, offset, numel, _ in entries]
         parts = [torch.empty_like(u) for _ in range(self.world)]
         dist.all_gather(parts, u.contiguous(), group=group)
-        return [torch.cat([part[start : start + n] for part in parts])[:numel].view(shape)
-                for shape, start, n, numel in entries]  # fmt: skip
+        return [
+            torch.cat([part[start : start + n] for part in parts])[:numel].view(shape)
+            for shape, start, n, numel in entries
+        ]
 
     def local(self, params: list[torch.Tensor], whole: list[torch.Tensor]) -> list[torch.Tensor]:
         (flat,) = params

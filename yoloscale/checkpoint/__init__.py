@@ -28,8 +28,15 @@ from yoloscale.checkpoint.folder import KEEP, MARKER
 from yoloscale.errors import UserError, warn
 
 STATE = "trainer_state.json"
-__all__ = ["KEEP", "MARKER", "complete_checkpoints", "find_checkpoint", "load_checkpoint", "save_checkpoint",
-           "save_weights"]  # fmt: skip
+__all__ = [
+    "KEEP",
+    "MARKER",
+    "complete_checkpoints",
+    "find_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_weights",
+]
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -57,8 +64,15 @@ def _split(pieces: dict[str, Any]) -> tuple[dict, dict[str, dict]]:
     return state, tensors
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, pieces: dict[str, Any], epoch_end: bool = False,
-                    keep: int = 2, keep_this: bool = False) -> Path:  # fmt: skip
+def save_checkpoint(
+    accelerator,
+    run_dir: Path,
+    step: int,
+    pieces: dict[str, Any],
+    epoch_end: bool = False,
+    keep: int = 2,
+    keep_this: bool = False,
+) -> Path:
     """Collective: every rank must call it. `pieces`: name -> object with state_dict(). Returns the folder."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}" + ("-end" if epoch_end else "")
@@ -119,8 +133,10 @@ def find_checkpoint(path: Path) -> Path:
     if (path / MARKER).is_file():
         problem = folder.verify(path)
         if problem:
-            raise UserError(f"checkpoint '{path}' is damaged: {problem}. Resume the run directory instead to fall "
-                            "back to an older checkpoint.")  # fmt: skip
+            raise UserError(
+                f"checkpoint '{path}' is damaged: {problem}. Resume the run directory instead to fall "
+                "back to an older checkpoint."
+            )
         return path
     if folder.step_name(path) or (path.parent.name == "checkpoints" and path.is_dir()):
         raise UserError(f"checkpoint '{path}' is incomplete (no {MARKER} marker): the save was interrupted.")
@@ -144,13 +160,17 @@ def read_state(ckpt: Path) -> dict:
     except Exception as e:
         raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if "progress" not in saved:  # written before the pieces had their own entries
-        saved = {"progress": {**saved, "device_batch": saved.get("batch", 0)},
-                 "health": {"skipped": saved.get("skipped_steps", 0)}, "ema": {"updates": saved.get("ema_updates", 0)}}
+        saved = {
+            "progress": {**saved, "device_batch": saved.get("batch", 0)},
+            "health": {"skipped": saved.get("skipped_steps", 0)},
+            "ema": {"updates": saved.get("ema_updates", 0)},
+        }
     return saved
 
 
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, backend, group_names: list[list[str]],
-                    pieces: dict[str, Any], check=None) -> None:  # fmt: skip
+def load_checkpoint(
+    accelerator, ckpt: Path, model, optimizer, backend, group_names: list[list[str]], pieces: dict[str, Any], check=None
+) -> None:
     """Restore the backend's state (from any backend and world size: Backend.load_state) and every piece in place.
     `check(progress_state)` runs before anything is loaded, so a checkpoint this run cannot take (e.g. saved
     mid-epoch with another per-device batch) is refused with its own message instead of failing inside the loader."""
@@ -161,8 +181,15 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, backend, group_na
     if check is not None:
         check(progress)
     try:
-        backend.load_state(accelerator, ckpt, layout_of(progress.get("backend", "ddp")), progress.get("world_size", 1),
-                           model, optimizer, group_names)  # fmt: skip
+        backend.load_state(
+            accelerator,
+            ckpt,
+            layout_of(progress.get("backend", "ddp")),
+            progress.get("world_size", 1),
+            model,
+            optimizer,
+            group_names,
+        )
         for name, piece in pieces.items():
             state = dict(saved.get(name, {}))
             tensors = ckpt / f"{name}.safetensors"

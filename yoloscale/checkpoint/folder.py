@@ -166,9 +166,11 @@ def io_error(e: BaseException, path: Path, needed: int) -> UserError | None:
     text = str(e)
     if code == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
         free = shutil.disk_usage(path if path.exists() else path.parent).free
-        return UserError(f"no space left on the device writing '{path}': a checkpoint needs about "
-                         f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free. The half-written checkpoint "
-                         "was removed; the previous one is intact (resume=auto).")  # fmt: skip
+        return UserError(
+            f"no space left on the device writing '{path}': a checkpoint needs about "
+            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free. The half-written checkpoint "
+            "was removed; the previous one is intact (resume=auto)."
+        )
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return UserError(f"cannot write '{path}': {os.strerror(code)}. Choose a writable project=.")
     return None

@@ -73,8 +73,9 @@ def read_full_state(ckpt: Path, layout: str, names: list[list[str]]) -> FullStat
     return FullState(weights, optim, counters)
 
 
-def write_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: FullState,
-                     names: list[list[str]], engine=None) -> None:  # fmt: skip
+def write_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, full: FullState, names: list[list[str]], engine=None
+) -> None:
     """Whole tensors into this run: `model` unwrapped (FSDP2's sharded module as it is), `optimizer` the torch
     optimizer, `engine` the DeepSpeed engine under ZeRO (which owns model and optimizer then)."""
     if engine is not None:
@@ -87,13 +88,16 @@ def write_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: F
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, full.weights, options=options)
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": group_names}
-              for g, group_names in zip(optimizer.param_groups, names)]  # fmt: skip
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": group_names}
+        for g, group_names in zip(optimizer.param_groups, names)
+    ]
     set_optimizer_state_dict(model, optimizer, {"state": full.optim, "param_groups": groups}, options=options)
 
 
-def load_foreign(accelerator, ckpt: Path, saved_layout: str, model: nn.Module, optimizer, names: list[list[str]],
-                 engine=None) -> None:  # fmt: skip
+def load_foreign(
+    accelerator, ckpt: Path, saved_layout: str, model: nn.Module, optimizer, names: list[list[str]], engine=None
+) -> None:
     """Accelerate's load_state for a checkpoint of another layout: model and optimizer through whole tensors, then
     Accelerate's RNG states (and GradScaler, where both runs have one) from its own files. `model` unwrapped;
     `engine`: DeepSpeed's, under ZeRO (it owns model and optimizer then)."""

@@ -56,23 +56,36 @@ def read_zero(ckpt_dir: str) -> tuple[dict[str, dict[str, Any]], dict]:
 
     model_files = z.get_model_state_files(ckpt_dir)
     model_states = z.parse_model_states(model_files)
-    files = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-             for f in z.get_optim_files(ckpt_dir)]  # fmt: skip
+    files = [
+        torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for f in z.get_optim_files(ckpt_dir)
+    ]
     stage = int(files[0]["zero_stage"])
     if stage <= 2:  # torch's state dict of the flat partitions; every group padded at the end of the last rank's
-        per_rank = [[s["base_optimizer_state"]["state"][g] for g in sorted(s["base_optimizer_state"]["state"])]
-                    for s in files]  # fmt: skip
-        per_rank = [[{k: v[: v.numel() - s["group_paddings"][g]] if torch.is_tensor(v) and v.dim() == 1 else v
-                      for k, v in st.items()} for g, st in enumerate(groups)]
-                    for groups, s in zip(per_rank, files)]  # fmt: skip
+        per_rank = [
+            [s["base_optimizer_state"]["state"][g] for g in sorted(s["base_optimizer_state"]["state"])] for s in files
+        ]
+        per_rank = [
+            [
+                {
+                    k: v[: v.numel() - s["group_paddings"][g]] if torch.is_tensor(v) and v.dim() == 1 else v
+                    for k, v in st.items()
+                }
+                for g, st in enumerate(groups)
+            ]
+            for groups, s in zip(per_rank, files)
+        ]
         paddings = files[0].get("param_alignment_paddings")
     else:
-        per_rank = [[s["optimizer_state_dict"]["state"][g] for g in sorted(s["optimizer_state_dict"]["state"])]
-                    for s in files]  # fmt: skip
+        per_rank = [
+            [s["optimizer_state_dict"]["state"][g] for g in sorted(s["optimizer_state_dict"]["state"])] for s in files
+        ]
         paddings = None
     flat_keys = sorted({k for st in per_rank[0] for k, v in st.items() if torch.is_tensor(v) and v.dim() == 1})
-    by_key = {k: _consolidate([[g[k] for g in groups] for groups in per_rank], stage, model_states, paddings)
-              for k in flat_keys}  # fmt: skip
+    by_key = {
+        k: _consolidate([[g[k] for g in groups] for groups in per_rank], stage, model_states, paddings)
+        for k in flat_keys
+    }
     names = [list(shapes) for shapes in model_states[0].param_shapes]  # per group, in the flat buffers' order
     optim: dict[str, dict[str, Any]] = {}
     for group_names, group_state in zip(names, per_rank[0]):
@@ -102,8 +115,13 @@ def _base_flat_partitions(optimizer) -> list[torch.Tensor]:
     return optimizer.single_partition_of_fp32_groups
 
 
-def write_zero(engine, weights: dict[str, torch.Tensor], optim: dict[str, dict[str, Any]],
-               group_names: list[list[str]], counters: dict | None = None) -> None:  # fmt: skip
+def write_zero(
+    engine,
+    weights: dict[str, torch.Tensor],
+    optim: dict[str, dict[str, Any]],
+    group_names: list[list[str]],
+    counters: dict | None = None,
+) -> None:
     """Whole weights and per-parameter optimizer states into `engine` (any ZeRO stage, any world size).
     `group_names`: the trainable parameter names of each optimizer group, in order."""
     import deepspeed
