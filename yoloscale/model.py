@@ -79,6 +79,14 @@ def _first_line(e: Exception) -> str:
     return " ".join(str(e).split("\n")[0].replace("❌", "").split())[:300]
 
 
+def initial_weights(model: torch.nn.Module, model_name: str, weights: str, trust_pickle: bool) -> str:
+    """A fresh run's initial weights: those of `model=*.pt`, or of `weights=`; returns the report line ('' for none)."""
+    if model_name.endswith(".pt"):
+        state = read_ultralytics_pt(model_name, trust_pickle)[1]
+        return load_matching(model, state, f"{model_name} (a pickle, read weights-only: Ultralytics' allow-list)")
+    return load_weights(model, weights, trust_pickle) if weights else ""
+
+
 def load_weights(model: torch.nn.Module, path: str | Path, trust_pickle: bool = False) -> str:
     """Copy the tensors of a local file into `model` by name and shape; returns a one-line report.
 

@@ -53,6 +53,20 @@ def choose_optimizer(cfg: TrainConfig, images: int, nc: int) -> OptimizerChoice:
     )
 
 
+def device_batch_of(cfg: TrainConfig, world: int) -> int:
+    """Images per device per micro-step: `device_batch`, or the global `batch` split evenly over the devices."""
+    from yoloscale.errors import UserError
+
+    if cfg.device_batch:
+        return cfg.device_batch
+    if cfg.batch % world:
+        raise UserError(
+            f"batch={cfg.batch} does not split evenly over {world} devices; give a multiple of {world} "
+            f"(e.g. batch={max(cfg.batch // world, 1) * world}) or device_batch=."
+        )
+    return cfg.batch // world
+
+
 def nominal_accumulate(cfg: TrainConfig, batch: int, batches_per_epoch: int) -> int:
     """Micro-steps per optimizer step after warmup: explicit, or Ultralytics' `max(round(nbs / batch), 1)`; never
     more than an epoch has batches, so that every epoch steps (Ultralytics caps it at the run's batches, which can

@@ -7,7 +7,6 @@ a checkpoint holds is `self.pieces()`: objects with state_dict/load_state_dict (
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from yoloscale import backend
+from yoloscale.autotune import Autotune
 from yoloscale.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from yoloscale.checkpoint.full_state import optimizer_names
 from yoloscale.config import TrainConfig
@@ -32,8 +32,16 @@ from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
 from yoloscale.export import write_ultralytics_pt
 from yoloscale.grad_ckpt import apply_grad_ckpt
-from yoloscale.model import build_model, load_matching, load_weights, model_spec, read_ultralytics_pt
-from yoloscale.optim import Schedule, build_optimizer, choose_optimizer, nominal_accumulate, scaled_weight_decay
+from yoloscale.memory import OutOfMemory, does_not_fit, free_memory, reached_gib
+from yoloscale.model import build_model, initial_weights, model_spec
+from yoloscale.optim import (
+    Schedule,
+    build_optimizer,
+    choose_optimizer,
+    device_batch_of,
+    nominal_accumulate,
+    scaled_weight_decay,
+)
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
 from yoloscale.run_dir import lock_run_dir, new_run_dir, update_run_info, write_run_info
 from yoloscale.run_log import RunLog, seconds_since_start
@@ -41,16 +49,10 @@ from yoloscale.state import LossMeter, Progress, StepHealth
 from yoloscale.validate import Validator
 
 OOM_RETRIES = 3  # as Ultralytics' trainer
-AUTOTUNE_TIMED = (10, 40)  # cudnn_benchmark=auto times these micro-steps of a process (after the start-up's)
-AUTOTUNE_WORTH_S = 600.0  # ... and autotunes when more training than this is left
 
 
 class TrainingDiverged(UserError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient norm."""
-
-
-class OutOfMemory(Exception):
-    """A CUDA out-of-memory error inside a training step (caught by the epoch loop)."""
 
 
 class Trainer:
@@ -86,15 +88,7 @@ class Trainer:
         # --- model, its initial weights, a plain copy for validation and export -------------------------------
         spec = model_spec(cfg.model, cfg.trust_pickle)
         model = build_model(spec, self.data["nc"], self.data["names"], self.args, verbose=self.is_main)
-        weights_report = ""
-        if not cfg.resume and cfg.model.endswith(".pt"):
-            weights_report = load_matching(
-                model,
-                read_ultralytics_pt(cfg.model, cfg.trust_pickle)[1],
-                f"{cfg.model} (a pickle, read weights-only: Ultralytics' allow-list)",
-            )
-        elif cfg.weights and not cfg.resume:
-            weights_report = load_weights(model, cfg.weights, cfg.trust_pickle)
+        weights_report = "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle)
         stride = max(int(model.stride.max()), 32)
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
         ckpt_layers = apply_grad_ckpt(model, cfg.grad_ckpt, cfg.grad_ckpt_recompute)
@@ -128,9 +122,7 @@ class Trainer:
         self.ema = ShardedEMA(self.raw_model, decay=cfg.ema_decay, tau=cfg.ema_tau) if cfg.ema else None
         self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), nominal)
         self.channels_last = cfg.channels_last and self.use_cuda
-        # validate.py turns autotuning off for validation; 'auto' decides after timing the first micro-steps
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark == "on" and self.use_cuda
-        self._autotune_clock: list[float] = []
+        self.autotune = Autotune(cfg.cudnn_benchmark, self.use_cuda)
 
         # --- the resumable state (state.py), logging, signals -------------------------------------------------
         self.progress = Progress(world_size=self.world, device_batch=self.device_batch, backend=cfg.backend)
@@ -238,8 +230,8 @@ class Trainer:
             pr.batch_in_epoch += 1
             if self.on_micro_step is not None:
                 self.on_micro_step()
-            if len(self._autotune_clock) <= AUTOTUNE_TIMED[1]:
-                self._maybe_autotune()
+            if note := self.autotune.tick(cfg.epochs * len(self.train_loader) - pr.micro_step):
+                self.log.message(note)
             n = batch["img"].shape[0] * self.world
             images, n_log = images + n, n_log + n
             if stepped and self.first_step_s is None:
@@ -321,19 +313,6 @@ class Trainer:
             keep_this=keep_this,
         )
 
-    def _maybe_autotune(self) -> None:
-        """cudnn_benchmark=auto: time micro-steps AUTOTUNE_TIMED of this process; if the rest of the run at that
-        pace is longer than AUTOTUNE_WORTH_S, switch cuDNN's autotuning on (it pays back ~30 s within ~6 min)."""
-        self._autotune_clock.append(time.perf_counter())
-        first, last = AUTOTUNE_TIMED
-        if len(self._autotune_clock) != last + 1 or self.cfg.cudnn_benchmark != "auto" or not self.use_cuda:
-            return
-        per_step = (self._autotune_clock[last] - self._autotune_clock[first]) / (last - first)
-        left = per_step * (self.cfg.epochs * len(self.train_loader) - self.progress.micro_step)
-        if left > AUTOTUNE_WORTH_S:
-            torch.backends.cudnn.benchmark = True
-            self.log.message(f"cudnn_benchmark=auto: {left / 60:.0f} min of training left, cuDNN autotuning on")
-
     def _first_step_done(self) -> None:
         self.first_step_s = seconds_since_start()
         if self.is_main:
@@ -346,21 +325,13 @@ class Trainer:
         half the images per forward); config.yaml records it for a resume. Otherwise, or after OOM_RETRIES, a
         one-line error with what would fit."""
         pr, cfg = self.progress, self.cfg
-        peak = torch.cuda.max_memory_reserved(self.device) / 2**30 if self.use_cuda else 0.0
-        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30 if self.use_cuda else 0.0
+        peak, total = reached_gib(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        if self.use_cuda:
-            torch.cuda.empty_cache()
+        free_memory(self.device)
         retries = getattr(self, "_oom_retries", 0)
         if self.world > 1 or pr.epoch != first_epoch or retries >= OOM_RETRIES or self.device_batch == 1:
-            hint = "" if cfg.grad_ckpt != "off" else ", or grad_ckpt=highres (about 60% less activation memory)"
-            raise UserError(
-                f"out of memory at device_batch {self.device_batch} (batch {self.batch} over {self.world} "
-                f"device(s)), imgsz {cfg.imgsz}: {peak:.1f} of {total:.1f} GiB reached on {self.device}. Try "
-                f"device_batch={max(self.device_batch // 2, 1)} with accumulate={2 * self.schedule.accumulate} "
-                f"(same global batch){hint}. ({_first_line(str(error))})"
-            )
+            raise UserError(does_not_fit(self.device_batch, self.batch, self.world, cfg.imgsz, self.schedule.accumulate,
+                                         cfg.grad_ckpt, self.device, str(error)))  # fmt: skip
         self._oom_retries = retries + 1
         old, self.device_batch = self.device_batch, max(self.device_batch // 2, 1)
         self.train_loader = self._train_loader()
@@ -474,19 +445,3 @@ class Trainer:
             self.cfg.resume = str(ckpt)
         pr.world_size, pr.device_batch, pr.backend = self.world, self.device_batch, self.cfg.backend
         self.log.message(f"resumed from {ckpt}: epoch {pr.epoch + 1}, optimizer step {pr.optimizer_steps}")
-
-
-def device_batch_of(cfg: TrainConfig, world: int) -> int:
-    """Images per device per micro-step: `device_batch`, or the global `batch` split evenly over the devices."""
-    if cfg.device_batch:
-        return cfg.device_batch
-    if cfg.batch % world:
-        raise UserError(
-            f"batch={cfg.batch} does not split evenly over {world} devices; give a multiple of {world} "
-            f"(e.g. batch={max(cfg.batch // world, 1) * world}) or device_batch=."
-        )
-    return cfg.batch // world
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:200] if text.strip() else ""

@@ -10,15 +10,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("epochs, expected", [(4, False), (4000, True)])
 def test_auto_turns_autotuning_on_only_for_a_long_run(tiny_data, tmp_path, monkeypatch, epochs, expected):
-    from yoloscale import trainer as trainer_module
+    from yoloscale import autotune
     from yoloscale.config import load_config
     from yoloscale.trainer import Trainer
 
     cfg = load_config(None, [f"data={tiny_data}", *TINY, f"epochs={epochs}", "val=False", f"project={tmp_path}"])
     trainer = Trainer(cfg)
-    trainer.use_cuda = True  # the decision only; the CPU ignores the flag
+    trainer.autotune.use_cuda = True  # the decision only; the CPU ignores the flag
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(trainer_module, "AUTOTUNE_WORTH_S", 60.0)  # a CPU micro-step is ~0.05 s
+    monkeypatch.setattr(autotune, "WORTH_S", 60.0)  # a CPU micro-step is ~0.05 s
     for _ in range(4):  # 12 micro-steps an epoch: past the timed ones
         trainer.train_epoch()
         trainer.progress.epoch += 1
