@@ -2,6 +2,7 @@
 
     yoloscale train [config.yaml] [key=value ...]        yoloscale bench [config.yaml] [key=value ...]
     yoloscale race [config.yaml] [key=value ...]         yoloscale launch slurm [config.yaml] [key=value ...]
+    yoloscale plan [config.yaml] [key=value ...]
     yoloscale launch templates out=DIR                   yoloscale data synth out=DIR [key=value ...]
     yoloscale export RUN                                  yoloscale doctor [bench=True] [export=True]
 
@@ -85,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         sub, "bench", "throughput, memory and MFU beside Ultralytics' own trainer", "yoloscale.bench:BenchSettings"
     )
     b.add_argument("--only", help=argparse.SUPPRESS)  # internal: one measurement in this process
+    _command(
+        sub,
+        "plan",
+        "memory plan: the largest batch per GPU for each backend and grad_ckpt, and its img/s",
+        "yoloscale.planner:PlanSettings",
+    )
     _command(
         sub,
         "race",
@@ -182,6 +189,10 @@ def _run(ns: argparse.Namespace) -> None:
         from yoloscale import bench
 
         bench.run(ns.args, ns.only)
+    elif ns.command == "plan":
+        from yoloscale import planner
+
+        planner.run(ns.args)
     elif ns.command == "race":
         from yoloscale import race
 

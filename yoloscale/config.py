@@ -70,8 +70,11 @@ class TrainConfig:
         100,
         "Stop after this many epochs without a better validation fitness (Ultralytics' early stopping); 0 disables.",
     )
-    batch: int = _f(
-        16, "Global batch: images per micro-step over all devices, split evenly between them (Ultralytics' meaning)."
+    batch: float = _f(
+        16,
+        "Global batch: images per micro-step over all devices, split evenly between them (Ultralytics' meaning); or "
+        "the largest per-device batch that fits: auto (85% of the GPU's free memory), a fraction like 0.7, or -1 "
+        "(Ultralytics' AutoBatch, 60%). Measured on each device by a few short steps (yoloscale plan shows the model).",
     )
     device_batch: int = _f(
         0,
@@ -232,6 +235,22 @@ _BOOLISH = {
 }
 
 
+def _batch_value(value: Any, where: str) -> int | float:
+    """`batch`: a whole number (kept an int), 'auto' (the fraction FRACTION_AUTO), a fraction in (0, 1), or -1."""
+    from yoloscale.plan import FRACTION_AUTO
+
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return FRACTION_AUTO
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: key 'batch' expects a number or 'auto', got {value!r}.")
+    return int(value) if float(value).is_integer() else float(value)
+
+
 @functools.cache
 def _fields(cls: type) -> tuple[dict, dict]:
     return {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
@@ -262,6 +281,8 @@ def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: 
     typ = types[key]
     if value is None and typ is str:
         value = ""
+    if key == "batch":
+        return _batch_value(value, where)
     if key in _BOOLISH and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
     if key in _BOOLISH and isinstance(value, bool):  # YAML reads off/on/true/false as booleans
@@ -291,7 +312,9 @@ def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: 
 
 
 def _validate(cfg: TrainConfig) -> None:
-    positive = ("imgsz", "epochs", "batch", "nbs", "log_interval", "max_bad_steps", "keep_checkpoints")
+    positive = ("imgsz", "epochs", "nbs", "log_interval", "max_bad_steps", "keep_checkpoints")
+    if not (cfg.batch >= 1 and cfg.batch == int(cfg.batch) or 0 < cfg.batch < 1 or cfg.batch == -1):
+        raise UserError(f"key 'batch' must be a whole number >= 1, auto, a fraction in (0, 1) or -1; got {cfg.batch}.")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"key '{key}' must be > 0, got {getattr(cfg, key)}.")

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from yoloscale.errors import UserError
 
-_NAMED = ("off", "all", "backbone", "head", "highres")
+_NAMED = ("off", "all", "backbone", "head", "highres", "auto")  # auto: resolved to layers by plan.fewest_layers
 HIGHRES_STRIDE = 16  # `highres`: the layers whose output is at this stride or finer, where the activations are
 RECOMPUTE = ("all", "cheap")
 # The ops whose outputs `cheap` keeps: where the FLOPs are. (Names that a torch build lacks are skipped.)
@@ -90,6 +90,8 @@ def select_layers(model: nn.Module, text: str) -> list[int]:
                 f"{HIGHRES_STRIDE} in this model; name the layers instead (e.g. grad_ckpt=0-{n - 1})."
             )
         return layers
+    if selection == "auto":
+        raise ValueError("grad_ckpt=auto is resolved to layer indices before the model is checkpointed (plan.py)")
     if selection in ("backbone", "head"):
         n_backbone = len(model.yaml["backbone"])
         return list(range(n_backbone)) if selection == "backbone" else list(range(n_backbone, n))

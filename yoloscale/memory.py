@@ -36,3 +36,23 @@ def does_not_fit(device_batch: int, batch: int, world: int, imgsz: int, accumula
         f"{peak:.1f} of {total:.1f} GiB reached on {device}. Try device_batch={max(device_batch // 2, 1)} with "
         f"accumulate={2 * accumulate} (same global batch){hint}. ({first})"
     )
+
+
+def next_batch(old: int, fit, peak_gib: float, cfg, world: int) -> int:
+    """The per-device batch to retry at after an out-of-memory error: half, or with a memory model (batch=auto) the
+    largest divisor of `old` that the model, corrected by how far the failed batch overshot it, fits in what the
+    device had. A divisor, so that the accumulation that keeps the global batch is a whole number."""
+    if fit is None or peak_gib <= 0:
+        return max(old // 2, 1)
+    from yoloscale.grad_ckpt import parse_selection
+
+    selection = parse_selection(cfg.grad_ckpt)
+    layers = selection if isinstance(selection, list) else []
+    factor = max(peak_gib * 2**30 / fit.peak(old, cfg.imgsz, layers, cfg.backend, world, cfg.offload), 1.0)
+    for b in range(old // 2, 0, -1):
+        if (
+            old % b == 0
+            and fit.peak(b, cfg.imgsz, layers, cfg.backend, world, cfg.offload) * factor <= peak_gib * 2**30
+        ):
+            return b
+    return 1

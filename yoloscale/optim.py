@@ -39,11 +39,12 @@ class OptimizerChoice:
     reason: str = ""
 
 
-def choose_optimizer(cfg: TrainConfig, images: int, nc: int) -> OptimizerChoice:
-    """Ultralytics' `build_optimizer(name='auto')` rule; any other name is taken with the configured lr0/momentum."""
+def choose_optimizer(cfg: TrainConfig, images: int, nc: int, batch: int) -> OptimizerChoice:
+    """Ultralytics' `build_optimizer(name='auto')` rule (`batch`: the global batch, as Ultralytics' after its
+    AutoBatch); any other name is taken with the configured lr0/momentum."""
     if cfg.optimizer != "auto":
         return OptimizerChoice(cfg.optimizer, cfg.lr0, cfg.momentum, cfg.warmup_bias_lr)
-    iterations = math.ceil(images / max(cfg.batch, cfg.nbs)) * cfg.epochs
+    iterations = math.ceil(images / max(batch, cfg.nbs)) * cfg.epochs
     why = f"optimizer=auto: {iterations} iterations (ceil({images} images / max(batch, nbs)) x {cfg.epochs} epochs)"
     if iterations > AUTO_ITERATIONS:
         return OptimizerChoice("MuSGD", 0.01, 0.9, 0.0, f"{why} > {AUTO_ITERATIONS}: MuSGD, lr0 0.01, momentum 0.9")
@@ -54,11 +55,14 @@ def choose_optimizer(cfg: TrainConfig, images: int, nc: int) -> OptimizerChoice:
 
 
 def device_batch_of(cfg: TrainConfig, world: int) -> int:
-    """Images per device per micro-step: `device_batch`, or the global `batch` split evenly over the devices."""
+    """Images per device per micro-step: `device_batch`, or the global `batch` split evenly over the devices; 0 when
+    `batch` asks for the largest that fits (auto, a fraction, -1: measured on the device, plan.py)."""
     from yoloscale.errors import UserError
 
     if cfg.device_batch:
         return cfg.device_batch
+    if cfg.batch < 1:
+        return 0
     if cfg.batch % world:
         raise UserError(
             f"batch={cfg.batch} does not split evenly over {world} devices; give a multiple of {world} "

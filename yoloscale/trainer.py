@@ -32,7 +32,7 @@ from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
 from yoloscale.export import write_ultralytics_pt
 from yoloscale.grad_ckpt import apply_grad_ckpt
-from yoloscale.memory import OutOfMemory, does_not_fit, free_memory, reached_gib
+from yoloscale.memory import OutOfMemory, does_not_fit, free_memory, next_batch, reached_gib
 from yoloscale.model import build_model, initial_weights, model_spec
 from yoloscale.optim import (
     Schedule,
@@ -65,7 +65,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; Accelerate reads the same variable
         self.device_batch = device_batch_of(cfg, world)
         self.backend = backend.get(cfg)
-        self.accelerator = acc = self.backend.build_accelerator(self.device_batch)
+        self.accelerator = acc = self.backend.build_accelerator(self.device_batch or 1)  # batch=auto: set below
         self.world, self.is_main = acc.num_processes, acc.is_main_process
         self.device = acc.device
         self.use_cuda = self.device.type == "cuda"
@@ -76,6 +76,7 @@ class Trainer:
         if self.is_main:
             run[0], self.run_lock = (run[0], lock_run_dir(run[0])) if cfg.resume else new_run_dir(cfg)
         self.run_dir: Path = broadcast_object_list(run)[0] if self.world > 1 else run[0]
+        self.log = RunLog(cfg, self.run_dir, enabled=self.is_main)
 
         # --- data description and Ultralytics' argument namespace --------------------------------------------
         if cfg.data == "synthetic":
@@ -90,20 +91,24 @@ class Trainer:
         model = build_model(spec, self.data["nc"], self.data["names"], self.args, verbose=self.is_main)
         weights_report = "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle)
         stride = max(int(model.stride.max()), 32)
+        self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
+        grad_ckpt = self._plan_memory(spec, model)
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
-        ckpt_layers = apply_grad_ckpt(model, cfg.grad_ckpt, cfg.grad_ckpt_recompute)
+        ckpt_layers = apply_grad_ckpt(model, grad_ckpt, cfg.grad_ckpt_recompute)
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
         with acc.main_process_first():
             self.train_set = build_dataset(self.args, self.data, "train", self.device_batch, stride)
             val_set = build_dataset(self.args, self.data, "val", cfg.val_batch or 2 * self.device_batch, stride)
+        if self.predicted_peak and self.device_batch > len(self.train_set) // self.world:  # batch=auto, small data
+            self.device_batch = self.cfg.device_batch = max(len(self.train_set) // self.world, 1)
         self.train_loader = self._train_loader()
         val_loader = build_val_loader(val_set, cfg, self.device_batch, acc.process_index, self.world, self.use_cuda)
         self.validator = Validator(self.args, self.data, val_loader, self.run_dir, self.world)
 
         # --- optimizer and schedule, Ultralytics' rules (optim.py) -----------------------------------------------
         self.batch = self.device_batch * self.world  # the global batch
-        self.choice = choose_optimizer(cfg, len(self.train_set), self.data["nc"])
+        self.choice = choose_optimizer(cfg, len(self.train_set), self.data["nc"], self.batch)
         # what exported checkpoints record as their training arguments, as Ultralytics' trainer records them
         self.args.optimizer, self.args.lr0 = self.choice.name, self.choice.lr0
         self.args.warmup_bias_lr = self.choice.warmup_bias_lr
@@ -128,7 +133,6 @@ class Trainer:
         self.progress = Progress(world_size=self.world, device_batch=self.device_batch, backend=cfg.backend)
         self.health = StepHealth(self.device)
         self.interval_losses, self.epoch_losses = LossMeter(self.device), LossMeter(self.device)
-        self.log = RunLog(cfg, self.run_dir, enabled=self.is_main)
         self.stop_signal = StopSignal()
         self.first_step_s: float | None = None
         self.on_micro_step: Callable[[], None] | None = None  # bench's timing hook: called after every micro-step
@@ -146,6 +150,27 @@ class Trainer:
         if nominal < (cfg.accumulate or max(round(cfg.nbs / self.batch), 1)):
             self.log.message(f"accumulate capped at {nominal}: an epoch has only {len(self.train_loader)} batches")
         self.log.message(self._describe(len(ckpt_layers), len(model.model)))
+
+    def _plan_memory(self, spec, model) -> str:
+        """batch=auto (or a fraction, or -1) and grad_ckpt=auto, from the memory model measured on this device
+        (planner.py); config.yaml records what was chosen, so a resume trains the same. Returns the grad_ckpt to
+        apply."""
+        from yoloscale.grad_ckpt import select_layers
+        from yoloscale.planner import plan_run
+
+        cfg = self.cfg
+        if self.device_batch and cfg.grad_ckpt != "auto":
+            return cfg.grad_ckpt
+        named = [] if cfg.grad_ckpt == "auto" else select_layers(model, cfg.grad_ckpt)
+        batch, layers, fit, peak = plan_run(cfg, spec, model, self.accelerator, self.backend.precision_name,
+                                            self.data["nc"], self.world, self.device_batch, named)  # fmt: skip
+        self.device_batch, self.predicted_peak, self.memory_model = batch, peak, fit
+        self.backend.set_device_batch(self.accelerator, batch, self.world)
+        grad_ckpt = ",".join(map(str, layers)) if layers else "off"
+        cfg.device_batch, cfg.grad_ckpt = batch, grad_ckpt
+        self.log.message(f"batch={cfg.batch}: device_batch {batch}, grad_ckpt={grad_ckpt} ({len(layers)} layers); "
+                         f"predicted peak {peak / 2**30:.1f} GiB on {self.device}")  # fmt: skip
+        return grad_ckpt
 
     def pieces(self) -> dict:
         """What a checkpoint holds besides the backend's state: name -> object with state_dict/load_state_dict."""
@@ -245,6 +270,9 @@ class Trainer:
                 values["img_s"] = n_log / (now - t_log)
                 if self.use_cuda:
                     values["mem_GiB"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+                    if self.predicted_peak and pr.optimizer_steps == cfg.log_interval:  # the plan, beside the truth
+                        self.log.message(f"peak memory {values['mem_GiB']:.1f} GiB after {pr.optimizer_steps} "
+                                         f"steps; the plan predicted {self.predicted_peak / 2**30:.1f} GiB")  # fmt: skip
                 t_log, n_log = now, 0
                 self.log.step(values, pr.optimizer_steps)
                 self._stop_if_signalled()
@@ -333,7 +361,8 @@ class Trainer:
             raise UserError(does_not_fit(self.device_batch, self.batch, self.world, cfg.imgsz, self.schedule.accumulate,
                                          cfg.grad_ckpt, self.device, str(error)))  # fmt: skip
         self._oom_retries = retries + 1
-        old, self.device_batch = self.device_batch, max(self.device_batch // 2, 1)
+        old, self.device_batch = self.device_batch, next_batch(self.device_batch, getattr(self, "memory_model", None),
+                                                                 peak, cfg, self.world)  # fmt: skip
         self.train_loader = self._train_loader()
         accumulate = self.schedule.accumulate * old // self.device_batch
         self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), accumulate)

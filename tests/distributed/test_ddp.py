@@ -169,3 +169,34 @@ def test_accelerate_launch_runs_two_gloo_processes(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout + proc.stderr
     assert (tmp_path / "acc" / "weights" / "last.pt").exists()
+
+
+AGREE_WORKER = """
+import torch.distributed as dist
+from yoloscale.planner import _agree
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+batch, layers = _agree(40 + 7 * rank, [rank, 5], dist.get_world_size())  # the ranks measured different fits
+print("agreed", batch, layers)
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_agrees_on_one_batch_auto_value(tiny_data, tmp_path):
+    """Each rank measures its own device; all take the smallest batch and rank 0's layers. And a two-process run
+    with batch=auto trains (a disagreement would break DDP's collectives)."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("agreed")) == ["agreed 40 [0, 5]"] * 2
+    env = dict(_env(), YOLOSCALE_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539",
+           "-m", "yoloscale", "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=auto", "workers=0",
+           "epochs=1", "val=False", f"project={tmp_path}", "name=auto", "plots=False", "optimizer=SGD"]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["device_batch"] >= 1

@@ -115,6 +115,9 @@ class Backend:
             **self.plugins(precision, device_batch, world),
         )
 
+    def set_device_batch(self, accelerator, device_batch: int, world: int) -> None:
+        """The per-device batch chosen after the Accelerator was built (batch=auto); only DeepSpeed needs it."""
+
     def wrap(self, accelerator, model: nn.Module) -> nn.Module:
         """Before the optimizer is built: SyncBatchNorm (multi-GPU CUDA only), then torch.compile."""
         if self.cfg.sync_bn and accelerator.num_processes > 1:

@@ -72,6 +72,10 @@ class Zero(Backend):
     def plugins(self, precision: str, device_batch: int, world: int) -> dict:
         return {"deepspeed_plugin": deepspeed_plugin(self.cfg, precision, device_batch, world)}
 
+    def set_device_batch(self, accelerator, device_batch: int, world: int) -> None:
+        config = accelerator.state.deepspeed_plugin.deepspeed_config  # read by Accelerate's prepare
+        config["train_micro_batch_size_per_gpu"], config["train_batch_size"] = device_batch, device_batch * world
+
     def accelerate_precision(self, precision: str) -> str:
         return "fp32"  # DeepSpeed's torch_autocast section does the mixed precision
 

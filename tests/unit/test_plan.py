@@ -1,0 +1,109 @@
+"""The memory model (plan.py), its choices (planner.py), `yoloscale plan` and `batch=auto`/`grad_ckpt=auto`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import ROOT, TINY, run_cli
+from yoloscale.plan import LayerCost, MemoryModel, checkpoint_order, fewest_layers
+
+GiB = 2**30
+
+
+def _fit(**kw) -> MemoryModel:
+    """Four layers: 1 and 3 hold most activations, 3 is cheap to recompute."""
+    layers = [LayerCost(saved=10e6, inputs=5e6, forward_s=1e-3), LayerCost(saved=100e6, inputs=5e6, forward_s=2e-3),
+              LayerCost(saved=20e6, inputs=5e6, forward_s=1e-3), LayerCost(saved=100e6, inputs=5e6, forward_s=1e-3)]
+    base = dict(device="test", precision="fp16", imgsz=320, intercept=1 * GiB, per_image=250e6, per_image_all=30e6,
+                reserved_ratio=1.0, weights=0.2 * GiB, trainable=0.2 * GiB, optimizer_state=0.4 * GiB, buffers=0.0,
+                step_s=(0.05, 0.01), layers=layers)  # fmt: skip
+    return MemoryModel(**{**base, **kw})
+
+
+def test_the_model_is_linear_in_batch_and_pixels_and_checkpointing_reaches_the_measured_slope():
+    fit = _fit()
+    assert fit.peak(10, 320, []) - fit.peak(0, 320, []) == pytest.approx(10 * 250e6)
+    assert fit.peak(10, 640, []) - fit.peak(0, 640, []) == pytest.approx(40 * 250e6)  # 4x the pixels
+    assert fit.activations_per_image([0, 1, 2, 3], 320) == pytest.approx(30e6)  # every layer: what was measured
+    assert 30e6 < fit.activations_per_image([1, 3], 320) < fit.activations_per_image([1], 320) < 250e6
+    b = fit.largest_batch(20 * GiB, 320, [1, 3])
+    assert fit.peak(b, 320, [1, 3]) <= 20 * GiB < fit.peak(b + 1, 320, [1, 3])
+
+
+def test_sharding_and_offload_divide_the_fixed_part():
+    fit = _fit()
+    ddp, zero1, zero2, fsdp = (fit.fixed(b, 4) for b in ("ddp", "zero1", "zero2", "fsdp"))
+    assert ddp - zero1 == pytest.approx(0.4 * GiB * 3 / 4)  # the optimizer state, a quarter each
+    assert zero1 - zero2 == pytest.approx(0.2 * GiB * 3 / 4)  # and the gradients
+    assert fsdp < zero2 and fit.fixed("zero2", 4, "optimizer") == pytest.approx(zero2 - 0.1 * GiB)
+    assert fit.fixed("ddp", 1) < ddp  # one process: no NCCL allowance
+
+
+def test_grad_ckpt_auto_checkpoints_the_fewest_layers_most_memory_per_recompute_first():
+    fit = _fit()
+    assert checkpoint_order(fit)[:2] == [3, 1]  # 95 MB saved per ms, then 47.5
+    limit = fit.peak(40, 320, [3]) + 1
+    assert fewest_layers(fit, 40, limit, 320, "ddp", 1, "none") == [3]
+    assert fewest_layers(fit, 40, fit.peak(40, 320, []) + 1, 320, "ddp", 1, "none") == []
+    assert fewest_layers(fit, 10_000, 2 * GiB, 320, "ddp", 1, "none") is None  # nothing reaches it
+
+
+def test_a_fit_round_trips_through_the_cache(tmp_path, monkeypatch):
+    from yoloscale import plan
+
+    monkeypatch.setenv("YOLOSCALE_CACHE", str(tmp_path))
+    plan.store("k", _fit())
+    assert plan.cached("k") == _fit()
+    assert plan.cached("missing") is None
+
+
+@pytest.mark.slow
+def test_a_cpu_plan_of_a_tiny_model_predicts_its_measured_peak():
+    """yolov8n at 128 px, batch 32, on the CPU (glibc told to return freed memory, so the resident peak follows the
+    tensors): the predicted growth of the peak over batch 1, without and with every layer checkpointed, against the
+    measured one. The CPU's resident memory is noisier than CUDA's allocator: the bound is wide, and errs high."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS="1")  # fmt: skip
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/unit/workers/plan_accuracy.py"), "yolov8n.yaml", "128",
+                           "32"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for selection, r in result.items():
+        assert 0.85 <= r["predicted_growth"] / r["measured_growth"] <= 1.5, (selection, r)
+
+
+@pytest.mark.slow
+def test_plan_prints_the_options_and_says_what_is_wrong(tmp_path):
+    env_cache = f"YOLOSCALE_CACHE={tmp_path}"
+    os.environ["YOLOSCALE_CACHE"] = str(tmp_path)
+    try:
+        no_memory = run_cli("plan", "model=yolov8n.yaml", "imgsz=96")
+        assert no_memory.returncode == 2 and "give gpu_memory=" in no_memory.stderr, env_cache
+        proc = run_cli("plan", "model=yolov8n.yaml", "imgsz=96", "gpu_memory=2GiB", "gpus=2", "backends=ddp,fsdp")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("<- best") == 1 and "A CPU plan" in proc.stdout and "fsdp" in proc.stdout
+        never = run_cli("plan", "model=yolov8n.yaml", "imgsz=96", "gpu_memory=20MiB")
+        assert never.returncode == 2 and "does not fit at device_batch 1" in never.stderr
+        bad = run_cli("plan", "model=yolov8n.yaml", "gpu_memory=lots")
+        assert bad.returncode == 2 and "gpu_memory" in bad.stderr
+    finally:
+        del os.environ["YOLOSCALE_CACHE"]
+
+
+@pytest.mark.slow
+def test_batch_auto_and_grad_ckpt_auto_train_and_record_their_choice(tiny_data, tmp_path, monkeypatch):
+    from yoloscale.cli import main
+
+    monkeypatch.setenv("YOLOSCALE_CACHE", str(tmp_path / "cache"))
+    args = [f"data={tiny_data}", *TINY, "epochs=1", "val=False", f"project={tmp_path}"]
+    assert main(["train", *args, "batch=auto", "grad_ckpt=auto", "name=auto"]) == 0
+    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert isinstance(saved["device_batch"], int) and 1 <= saved["device_batch"] <= 96  # at most the data set
+    assert saved["grad_ckpt"] == "off" or all(c.isdigit() or c == "," for c in saved["grad_ckpt"])
+    # a fixed batch with grad_ckpt=auto: the fewest layers that fit (this CPU fits batch 8 without any)
+    assert main(["train", *args, "grad_ckpt=auto", "name=fixed"]) == 0
+    assert yaml.safe_load((tmp_path / "fixed" / "config.yaml").read_text())["grad_ckpt"] == "off"

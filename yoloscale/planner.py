@@ -1,0 +1,206 @@
+"""Choosing a batch and the checkpointed layers from the memory model (plan.py): `batch=auto`, `grad_ckpt=auto` in a
+run, and `yoloscale plan`, the table of options before one.
+
+    yoloscale plan [config.yaml] [key=value ...] [gpu_memory=80GiB] [gpus=8] [backends=ddp,zero2,fsdp]
+
+A plan measures on this machine's first GPU, or on the CPU when there is none (then give gpu_memory=: a CPU plan
+estimates what a GPU would hold, see plan.py), and prints, for each backend and checkpointing choice, the largest
+per-device batch that fits, its predicted peak and img/s; the best choice is marked.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from yoloscale.config import TrainConfig, _f
+from yoloscale.errors import UserError
+from yoloscale.plan import (
+    FRACTION_AUTO,
+    FRACTION_ULTRALYTICS,
+    MemoryModel,
+    cache_key,
+    cached,
+    checkpoint_order,
+    device_limit,  # fmt: skip
+    fewest_layers,
+    fmt_gib,
+    measure,
+    parse_memory,
+    store,
+)
+
+
+def fraction_of(cfg: TrainConfig) -> float:
+    if 0 < cfg.batch < 1:
+        return float(cfg.batch)
+    return FRACTION_ULTRALYTICS if cfg.batch == -1 else FRACTION_AUTO
+
+
+def fit_for(cfg: TrainConfig, spec, model: torch.nn.Module, device: torch.device, precision: str, nc: int,
+            imgsz: int | None = None) -> MemoryModel:  # fmt: skip
+    """The memory model of this model on this device: from the cache, or measured on a copy of `model`."""
+    from yoloscale.optim import OptimizerChoice, build_optimizer
+
+    imgsz = imgsz or cfg.imgsz
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    optimizer = (
+        cfg.optimizer if cfg.optimizer != "auto" else "AdamW"
+    )  # auto's choice for short runs; MuSGD's state is alike
+    key = cache_key(spec, nc, name, precision, imgsz, optimizer)
+    fit = cached(key)
+    if fit is not None:
+        return fit
+    probe = copy.deepcopy(model).to(device)
+    opt = build_optimizer(probe, OptimizerChoice(optimizer, 1e-3, 0.9, 0.0), 0.0, fused=False)
+    try:
+        fit = measure(probe, opt, device, precision, imgsz, device_name=name)
+    finally:
+        del probe, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    store(key, fit)
+    return fit
+
+
+def best_selection(fit: MemoryModel, limit: float, imgsz: int, backend: str, world: int, offload: str
+                   ) -> tuple[list[int], int]:  # fmt: skip
+    """batch=auto with grad_ckpt=auto: among the prefixes of the checkpoint order, the one whose largest fitting
+    batch trains fastest (predicted img/s)."""
+    order, best = checkpoint_order(fit), ([], 0, 0.0)
+    for n in range(len(order) + 1):
+        selection = sorted(order[:n])
+        b = fit.largest_batch(limit, imgsz, selection, backend, world, offload)
+        speed = fit.img_s(b, imgsz, selection, world) if b else 0.0
+        if speed > best[2]:
+            best = (selection, b, speed)
+    return best[0], best[1]
+
+
+def plan_run(cfg: TrainConfig, spec, model: torch.nn.Module, accelerator, precision: str, nc: int, world: int,
+             fixed_batch: int, named_selection) -> tuple[int, list[int], MemoryModel, float]:  # fmt: skip
+    """For `batch=auto|fraction|-1` and/or `grad_ckpt=auto`: (per-device batch, checkpointed layers, the fit, the
+    predicted peak in bytes). Every rank measures its own device; all take the smallest batch and rank 0's layers."""
+    device = accelerator.device
+    local = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", "1"))
+    limit = device_limit(device, fraction_of(cfg), local)
+    fit = fit_for(cfg, spec, model, device, precision, nc)
+    args = (cfg.imgsz, cfg.backend, world, cfg.offload)
+    if cfg.grad_ckpt == "auto" and fixed_batch:
+        selection = fewest_layers(fit, fixed_batch, limit, *args)
+        if selection is None:
+            raise UserError(_never_fits(fit, fixed_batch, limit, cfg))
+        batch = fixed_batch
+    elif cfg.grad_ckpt == "auto":
+        selection, batch = best_selection(fit, limit, *args)
+    else:
+        selection = named_selection
+        batch = fit.largest_batch(limit, cfg.imgsz, selection, cfg.backend, world, cfg.offload)
+    if batch < 1:
+        raise UserError(_never_fits(fit, 1, limit, cfg))
+    batch, selection = _agree(batch, selection, world)
+    return batch, selection, fit, fit.peak(batch, *args[:1], selection, *args[1:])
+
+
+def _never_fits(fit: MemoryModel, batch: int, limit: float, cfg: TrainConfig) -> str:
+    everything = list(range(len(fit.layers)))
+    need = fit.peak(batch, cfg.imgsz, everything, cfg.backend, 1, cfg.offload)
+    return (f"{cfg.model} at imgsz {cfg.imgsz} does not fit at device_batch {batch} even with every layer "
+            f"checkpointed: {fmt_gib(need)} GiB predicted, {fmt_gib(limit)} GiB usable. Try a smaller imgsz, "
+            "backend=fsdp (shards the weights), or offload=params.")  # fmt: skip
+
+
+def _agree(batch: int, selection: list[int], world: int) -> tuple[int, list[int]]:
+    if world == 1 or not torch.distributed.is_initialized():
+        return batch, selection
+    t = torch.tensor(batch, dtype=torch.int64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    box = [selection]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return int(t.item()), box[0]
+
+
+# --- yoloscale plan ------------------------------------------------------------------------------------------------
+@dataclass
+class PlanSettings:
+    gpu_memory: str = _f(
+        "", "Memory of one GPU to plan for (e.g. 80GiB, 141GB); '' = the free memory of this machine's GPU."
+    )
+    gpus: int = _f(1, "GPUs per run to plan for (the sharded backends divide their state by it).")
+    backends: str = _f("ddp,zero1,zero2,fsdp", "Backends to compare (comma list).")
+    selections: str = _f(
+        "off,highres,all,auto",
+        "grad_ckpt choices to compare (comma list; auto: the fewest layers for the batch, the fastest choice for batch=auto).",
+    )
+    measure_imgsz: int = _f(
+        0, "Image size to measure at (0: imgsz on a GPU, at most 320 on the CPU); activations scale by pixels."
+    )
+
+
+def run(args: list[str]) -> list[dict]:
+    """Entry point of `yoloscale plan`: the table, the best choice marked."""
+    from yoloscale.config import load_config, parse_command
+    from yoloscale.data import ultralytics_args
+    from yoloscale.grad_ckpt import select_layers
+    from yoloscale.model import build_model, model_spec
+
+    ns, cfg_file, overrides = parse_command(PlanSettings, args, "plan")
+    cfg = load_config(cfg_file, overrides)
+    cuda = torch.cuda.is_available() and not cfg.cpu
+    if not cuda and not ns.gpu_memory:
+        raise UserError("plan: no GPU here; give gpu_memory= (e.g. gpu_memory=80GiB) to plan for one from the CPU.")
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    precision = {"auto": "fp16"}.get(cfg.precision, cfg.precision)  # what the GPU will run (auto: fp16)
+    nc = _classes(cfg)
+    spec = model_spec(cfg.model, cfg.trust_pickle)
+    model = build_model(spec, nc, {i: str(i) for i in range(nc)}, ultralytics_args(cfg, cfg.data))
+    imgsz = ns.measure_imgsz or (cfg.imgsz if cuda else min(cfg.imgsz, 320))
+    fit = fit_for(cfg, spec, model, device, precision if cuda else "fp32", nc, imgsz)
+    if not cuda:  # planned for a GPU of gpu_memory: its precision, the CPU's intercept replaced by an allowance
+        fit.precision, fit.cpu_measured = precision, True
+    limit = (parse_memory(ns.gpu_memory) if ns.gpu_memory else torch.cuda.mem_get_info(device)[0]) * fraction_of(cfg)
+    rows = []
+    for backend in [b for b in ns.backends.split(",") if b]:
+        for choice in [s for s in ns.selections.split(",") if s]:
+            if choice == "auto":
+                selection, batch = best_selection(fit, limit, cfg.imgsz, backend, ns.gpus, cfg.offload)
+            else:
+                selection = select_layers(model, choice)
+                batch = fit.largest_batch(limit, cfg.imgsz, selection, backend, ns.gpus, cfg.offload)
+            rows.append({"backend": backend, "grad_ckpt": choice, "layers": selection, "device_batch": batch,
+                         "peak": fit.peak(max(batch, 1), cfg.imgsz, selection, backend, ns.gpus, cfg.offload),
+                         "img_s": fit.img_s(batch, cfg.imgsz, selection, ns.gpus) if batch else 0.0})  # fmt: skip
+    if not any(r["device_batch"] for r in rows):
+        raise UserError(_never_fits(fit, 1, limit, cfg))
+    best = max(rows, key=lambda r: r["img_s"])
+    print(_table(rows, best, fit, cfg, ns, limit, cuda))
+    return rows
+
+
+def _classes(cfg: TrainConfig) -> int:
+    if cfg.data == "synthetic":
+        return 3
+    from yoloscale.data import check_dataset
+
+    return check_dataset(cfg.data)["nc"]
+
+
+def _table(rows: list[dict], best: dict, fit: MemoryModel, cfg: TrainConfig, ns, limit: float, cuda: bool) -> str:
+    where = fit.device if cuda else f"the CPU, for a GPU of {ns.gpu_memory}"
+    lines = [f"{cfg.model} at imgsz {cfg.imgsz}, {fit.precision}, {ns.gpus} GPU(s); measured on {where}; "
+             f"{fmt_gib(limit)} GiB usable per GPU ({fraction_of(cfg):.0%})",
+             f"  {'backend':<8}{'grad_ckpt':<11}{'layers':>7}{'batch/GPU':>10}{'peak GiB':>10}{'img/s':>9}"]  # fmt: skip
+    for r in rows:
+        mark = "<- best" if r is best else ""
+        lines.append(f"  {r['backend']:<8}{r['grad_ckpt']:<11}{len(r['layers']):>7}{r['device_batch']:>10}"
+                     f"{fmt_gib(r['peak']):>10}{r['img_s']:>9.1f}  {mark}")  # fmt: skip
+    if not cuda:
+        lines.append("A CPU plan: activations measured in fp32 on the CPU (halved for fp16/bf16), CUDA's workspaces and "
+                     "the allocator's fragmentation not measured; trust its batches to about +-25% and confirm on the "
+                     "GPU (batch=auto measures there).")  # fmt: skip
+    lines.append("img/s is extrapolated from short steps at small batches: compare the rows, not the numbers.")
+    return "\n".join(lines)
