@@ -25,8 +25,16 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def does_not_fit(device_batch: int, batch: int, world: int, imgsz: int, accumulate: int, grad_ckpt: str,
-                 device: torch.device, error: str) -> str:  # fmt: skip
+def does_not_fit(
+    device_batch: int,
+    batch: int,
+    world: int,
+    imgsz: int,
+    accumulate: int,
+    grad_ckpt: str,
+    device: torch.device,
+    error: str,
+) -> str:
     """The one-line message for a batch that does not fit, naming what would."""
     peak, total = reached_gib(device)
     hint = "" if grad_ckpt != "off" else ", or grad_ckpt=highres (about 60% less activation memory)"

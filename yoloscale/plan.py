@@ -80,8 +80,13 @@ class MemoryModel:
         # cuDNN's workspaces and the allocator (the CPU's intercept is the process's libraries)
         base = GPU_FROM_CPU_ALLOWANCE if self.cpu_measured else max(self.intercept - own, 0.0)
         w, g, o = self.weights, self.trainable, self.optimizer_state
-        shard = {"ddp": (1, 1, 1), "zero1": (1, 1, world), "zero2": (1, world, world), "zero3": (world,) * 3,
-                 "fsdp": (world,) * 3}[backend]  # fmt: skip
+        shard = {
+            "ddp": (1, 1, 1),
+            "zero1": (1, 1, world),
+            "zero2": (1, world, world),
+            "zero3": (world,) * 3,
+            "fsdp": (world,) * 3,
+        }[backend]
         w, g, o = w / shard[0], g / shard[1], o / shard[2]
         if offload in ("optimizer", "params"):
             o = 0.0
@@ -91,8 +96,15 @@ class MemoryModel:
         total = base + w + g + o + ema + self.weights + self.buffers
         return total + (NCCL_ALLOWANCE if world > 1 else 0.0)
 
-    def peak(self, device_batch: int, imgsz: int, selection: list[int], backend: str = "ddp", world: int = 1,
-             offload: str = "none") -> float:  # fmt: skip
+    def peak(
+        self,
+        device_batch: int,
+        imgsz: int,
+        selection: list[int],
+        backend: str = "ddp",
+        world: int = 1,
+        offload: str = "none",
+    ) -> float:
         """Predicted peak memory (bytes the allocator reserves) on one device."""
         allocated = self.fixed(backend, world, offload) + device_batch * self.activations_per_image(selection, imgsz)
         return allocated * self.reserved_ratio
@@ -105,8 +117,15 @@ class MemoryModel:
         seconds = a + (b + recompute) * pixels * device_batch
         return world * device_batch / max(seconds, 1e-9)
 
-    def largest_batch(self, limit: float, imgsz: int, selection: list[int], backend: str = "ddp", world: int = 1,
-                      offload: str = "none") -> int:  # fmt: skip
+    def largest_batch(
+        self,
+        limit: float,
+        imgsz: int,
+        selection: list[int],
+        backend: str = "ddp",
+        world: int = 1,
+        offload: str = "none",
+    ) -> int:
         """The largest per-device batch whose predicted peak stays within `limit` bytes (0 if none)."""
         per = self.activations_per_image(selection, imgsz) * self.reserved_ratio
         room = limit - self.fixed(backend, world, offload) * self.reserved_ratio
@@ -131,8 +150,9 @@ def checkpoint_order(model: MemoryModel) -> list[int]:
     ]
 
 
-def fewest_layers(model: MemoryModel, device_batch: int, limit: float, imgsz: int, backend: str, world: int,
-                  offload: str) -> list[int] | None:  # fmt: skip
+def fewest_layers(
+    model: MemoryModel, device_batch: int, limit: float, imgsz: int, backend: str, world: int, offload: str
+) -> list[int] | None:
     """grad_ckpt=auto for a given batch: the shortest prefix of `checkpoint_order` that fits (None if none does)."""
     order = checkpoint_order(model)
     for n in range(len(order) + 1):
@@ -176,12 +196,23 @@ def _peak(device: torch.device) -> tuple[float, float]:
 def _batch(n: int, imgsz: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     boxes = torch.rand(n * 3, 4, generator=g) * 0.3 + 0.3
-    return {"img": torch.rand(n, 3, imgsz, imgsz, generator=g).to(device), "batch_idx": torch.arange(n).repeat_interleave(3).float().to(device),
-            "cls": torch.zeros(n * 3, 1, device=device), "bboxes": boxes.to(device)}  # fmt: skip
+    return {
+        "img": torch.rand(n, 3, imgsz, imgsz, generator=g).to(device),
+        "batch_idx": torch.arange(n).repeat_interleave(3).float().to(device),
+        "cls": torch.zeros(n * 3, 1, device=device),
+        "bboxes": boxes.to(device),
+    }
 
 
-def measure(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str, imgsz: int,
-            batches: tuple[int, int] | None = None, device_name: str = "") -> MemoryModel:  # fmt: skip
+def measure(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: str,
+    imgsz: int,
+    batches: tuple[int, int] | None = None,
+    device_name: str = "",
+) -> MemoryModel:
     """Fit a MemoryModel from steps of `model` (a fresh model on `device`) with `optimizer` (its own). `batches`:
     the two measured per-device batches (CUDA's allocator is linear from small batches; the CPU's resident memory,
     through glibc's caches, only from larger ones)."""
@@ -229,14 +260,30 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.de
     params = list(model.parameters())
     weights = float(sum(p.numel() for p in params) * 4)
     trainable = float(sum(p.numel() for p in params if p.requires_grad) * 4)
-    state = float(sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                      if torch.is_tensor(t) and t.dim() > 0))  # fmt: skip
+    state = float(
+        sum(
+            t.numel() * t.element_size()
+            for s in optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
+    )
     buffers = float(sum(b.numel() * b.element_size() for b in model.buffers()))
-    return MemoryModel(device=device_name or device.type, precision=precision, imgsz=imgsz, intercept=intercept,
-                       per_image=per_image,
-        per_image_all=per_image_all, reserved_ratio=max(r2 / a2, 1.0) if a2 else 1.0, weights=weights,
-                       trainable=trainable, optimizer_state=state, buffers=buffers,
-                       step_s=(max(times[0] - t_per * batches[0], 0.0), max(t_per, 0.0)), layers=layers)  # fmt: skip
+    return MemoryModel(
+        device=device_name or device.type,
+        precision=precision,
+        imgsz=imgsz,
+        intercept=intercept,
+        per_image=per_image,
+        per_image_all=per_image_all,
+        reserved_ratio=max(r2 / a2, 1.0) if a2 else 1.0,
+        weights=weights,
+        trainable=trainable,
+        optimizer_state=state,
+        buffers=buffers,
+        step_s=(max(times[0] - t_per * batches[0], 0.0), max(t_per, 0.0)),
+        layers=layers,
+    )
 
 
 def _layer_costs(model: nn.Module, criterion, device: torch.device, imgsz: int, autocast) -> list[LayerCost]:
@@ -247,8 +294,10 @@ def _layer_costs(model: nn.Module, criterion, device: torch.device, imgsz: int, 
         _layer_pass(model, criterion, device, imgsz, autocast, 1),
         _layer_pass(model, criterion, device, imgsz, autocast, 2),
     )
-    return [LayerCost(saved=max(s2 - s1, 0.0), inputs=max(i2 - i1, 0.0), forward_s=max(t2 - t1, t2 / 2))
-            for (s1, i1, t1), (s2, i2, t2) in zip(one, two)]  # fmt: skip
+    return [
+        LayerCost(saved=max(s2 - s1, 0.0), inputs=max(i2 - i1, 0.0), forward_s=max(t2 - t1, t2 / 2))
+        for (s1, i1, t1), (s2, i2, t2) in zip(one, two)
+    ]
 
 
 def _layer_pass(model: nn.Module, criterion, device: torch.device, imgsz: int, autocast, n: int) -> list[tuple]:
@@ -307,8 +356,14 @@ def _tensors(value) -> list[torch.Tensor]:
 
 # --- the cache -----------------------------------------------------------------------------------------------------
 def cache_dir() -> Path:
-    return Path(os.environ.get("YOLOSCALE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
-                               "yoloscale")) / "plan"  # fmt: skip
+    return (
+        Path(
+            os.environ.get(
+                "YOLOSCALE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "yoloscale"
+            )
+        )
+        / "plan"
+    )
 
 
 def cache_key(model_spec, nc: int, device_name: str, precision: str, imgsz: int, optimizer: str) -> str:
@@ -317,8 +372,19 @@ def cache_key(model_spec, nc: int, device_name: str, precision: str, imgsz: int,
     from yoloscale import __version__
 
     spec = json.dumps(model_spec, sort_keys=True, default=str)
-    text = "|".join([spec, str(nc), device_name, precision, str(imgsz), optimizer, torch.__version__,
-                     ultralytics.__version__, __version__])  # fmt: skip
+    text = "|".join(
+        [
+            spec,
+            str(nc),
+            device_name,
+            precision,
+            str(imgsz),
+            optimizer,
+            torch.__version__,
+            ultralytics.__version__,
+            __version__,
+        ]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

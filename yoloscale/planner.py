@@ -24,7 +24,7 @@ from yoloscale.plan import (
     cache_key,
     cached,
     checkpoint_order,
-    device_limit,  # fmt: skip
+    device_limit,
     fewest_layers,
     fmt_gib,
     measure,
@@ -39,8 +39,15 @@ def fraction_of(cfg: TrainConfig) -> float:
     return FRACTION_ULTRALYTICS if cfg.batch == -1 else FRACTION_AUTO
 
 
-def fit_for(cfg: TrainConfig, spec, model: torch.nn.Module, device: torch.device, precision: str, nc: int,
-            imgsz: int | None = None) -> MemoryModel:  # fmt: skip
+def fit_for(
+    cfg: TrainConfig,
+    spec,
+    model: torch.nn.Module,
+    device: torch.device,
+    precision: str,
+    nc: int,
+    imgsz: int | None = None,
+) -> MemoryModel:
     """The memory model of this model on this device: from the cache, or measured on a copy of `model`."""
     from yoloscale.optim import OptimizerChoice, build_optimizer
 
@@ -65,8 +72,9 @@ def fit_for(cfg: TrainConfig, spec, model: torch.nn.Module, device: torch.device
     return fit
 
 
-def best_selection(fit: MemoryModel, limit: float, imgsz: int, backend: str, world: int, offload: str
-                   ) -> tuple[list[int], int]:  # fmt: skip
+def best_selection(
+    fit: MemoryModel, limit: float, imgsz: int, backend: str, world: int, offload: str
+) -> tuple[list[int], int]:
     """batch=auto with grad_ckpt=auto: among the prefixes of the checkpoint order, the one whose largest fitting
     batch trains fastest (predicted img/s)."""
     order, best = checkpoint_order(fit), ([], 0, 0.0)
@@ -79,8 +87,17 @@ def best_selection(fit: MemoryModel, limit: float, imgsz: int, backend: str, wor
     return best[0], best[1]
 
 
-def plan_run(cfg: TrainConfig, spec, model: torch.nn.Module, accelerator, precision: str, nc: int, world: int,
-             fixed_batch: int, named_selection) -> tuple[int, list[int], MemoryModel, float]:  # fmt: skip
+def plan_run(
+    cfg: TrainConfig,
+    spec,
+    model: torch.nn.Module,
+    accelerator,
+    precision: str,
+    nc: int,
+    world: int,
+    fixed_batch: int,
+    named_selection,
+) -> tuple[int, list[int], MemoryModel, float]:
     """For `batch=auto|fraction|-1` and/or `grad_ckpt=auto`: (per-device batch, checkpointed layers, the fit, the
     predicted peak in bytes). Every rank measures its own device; all take the smallest batch and rank 0's layers."""
     device = accelerator.device
@@ -107,9 +124,11 @@ def plan_run(cfg: TrainConfig, spec, model: torch.nn.Module, accelerator, precis
 def _never_fits(fit: MemoryModel, batch: int, limit: float, cfg: TrainConfig) -> str:
     everything = list(range(len(fit.layers)))
     need = fit.peak(batch, cfg.imgsz, everything, cfg.backend, 1, cfg.offload)
-    return (f"{cfg.model} at imgsz {cfg.imgsz} does not fit at device_batch {batch} even with every layer "
-            f"checkpointed: {fmt_gib(need)} GiB predicted, {fmt_gib(limit)} GiB usable. Try a smaller imgsz, "
-            "backend=fsdp (shards the weights), or offload=params.")  # fmt: skip
+    return (
+        f"{cfg.model} at imgsz {cfg.imgsz} does not fit at device_batch {batch} even with every layer "
+        f"checkpointed: {fmt_gib(need)} GiB predicted, {fmt_gib(limit)} GiB usable. Try a smaller imgsz, "
+        "backend=fsdp (shards the weights), or offload=params."
+    )
 
 
 def _agree(batch: int, selection: list[int], world: int) -> tuple[int, list[int]]:
@@ -171,9 +190,16 @@ def run(args: list[str]) -> list[dict]:
             else:
                 selection = select_layers(model, choice)
                 batch = fit.largest_batch(limit, cfg.imgsz, selection, backend, ns.gpus, cfg.offload)
-            rows.append({"backend": backend, "grad_ckpt": choice, "layers": selection, "device_batch": batch,
-                         "peak": fit.peak(max(batch, 1), cfg.imgsz, selection, backend, ns.gpus, cfg.offload),
-                         "img_s": fit.img_s(batch, cfg.imgsz, selection, ns.gpus) if batch else 0.0})  # fmt: skip
+            rows.append(
+                {
+                    "backend": backend,
+                    "grad_ckpt": choice,
+                    "layers": selection,
+                    "device_batch": batch,
+                    "peak": fit.peak(max(batch, 1), cfg.imgsz, selection, backend, ns.gpus, cfg.offload),
+                    "img_s": fit.img_s(batch, cfg.imgsz, selection, ns.gpus) if batch else 0.0,
+                }
+            )
     if not any(r["device_batch"] for r in rows):
         raise UserError(_never_fits(fit, 1, limit, cfg))
     best = max(rows, key=lambda r: r["img_s"])
@@ -191,16 +217,22 @@ def _classes(cfg: TrainConfig) -> int:
 
 def _table(rows: list[dict], best: dict, fit: MemoryModel, cfg: TrainConfig, ns, limit: float, cuda: bool) -> str:
     where = fit.device if cuda else f"the CPU, for a GPU of {ns.gpu_memory}"
-    lines = [f"{cfg.model} at imgsz {cfg.imgsz}, {fit.precision}, {ns.gpus} GPU(s); measured on {where}; "
-             f"{fmt_gib(limit)} GiB usable per GPU ({fraction_of(cfg):.0%})",
-             f"  {'backend':<8}{'grad_ckpt':<11}{'layers':>7}{'batch/GPU':>10}{'peak GiB':>10}{'img/s':>9}"]  # fmt: skip
+    lines = [
+        f"{cfg.model} at imgsz {cfg.imgsz}, {fit.precision}, {ns.gpus} GPU(s); measured on {where}; "
+        f"{fmt_gib(limit)} GiB usable per GPU ({fraction_of(cfg):.0%})",
+        f"  {'backend':<8}{'grad_ckpt':<11}{'layers':>7}{'batch/GPU':>10}{'peak GiB':>10}{'img/s':>9}",
+    ]
     for r in rows:
         mark = "<- best" if r is best else ""
-        lines.append(f"  {r['backend']:<8}{r['grad_ckpt']:<11}{len(r['layers']):>7}{r['device_batch']:>10}"
-                     f"{fmt_gib(r['peak']):>10}{r['img_s']:>9.1f}  {mark}")  # fmt: skip
+        lines.append(
+            f"  {r['backend']:<8}{r['grad_ckpt']:<11}{len(r['layers']):>7}{r['device_batch']:>10}"
+            f"{fmt_gib(r['peak']):>10}{r['img_s']:>9.1f}  {mark}"
+        )
     if not cuda:
-        lines.append("A CPU plan: activations measured in fp32 on the CPU (halved for fp16/bf16), CUDA's workspaces and "
-                     "the allocator's fragmentation not measured; trust its batches to about +-25% and confirm on the "
-                     "GPU (batch=auto measures there).")  # fmt: skip
+        lines.append(
+            "A CPU plan: activations measured in fp32 on the CPU (halved for fp16/bf16), CUDA's workspaces and "
+            "the allocator's fragmentation not measured; trust its batches to about +-25% and confirm on the "
+            "GPU (batch=auto measures there)."
+        )
     lines.append("img/s is extrapolated from short steps at small batches: compare the rows, not the numbers.")
     return "\n".join(lines)

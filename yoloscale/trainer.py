@@ -162,14 +162,25 @@ class Trainer:
         if self.device_batch and cfg.grad_ckpt != "auto":
             return cfg.grad_ckpt
         named = [] if cfg.grad_ckpt == "auto" else select_layers(model, cfg.grad_ckpt)
-        batch, layers, fit, peak = plan_run(cfg, spec, model, self.accelerator, self.backend.precision_name,
-                                            self.data["nc"], self.world, self.device_batch, named)  # fmt: skip
+        batch, layers, fit, peak = plan_run(
+            cfg,
+            spec,
+            model,
+            self.accelerator,
+            self.backend.precision_name,
+            self.data["nc"],
+            self.world,
+            self.device_batch,
+            named,
+        )
         self.device_batch, self.predicted_peak, self.memory_model = batch, peak, fit
         self.backend.set_device_batch(self.accelerator, batch, self.world)
         grad_ckpt = ",".join(map(str, layers)) if layers else "off"
         cfg.device_batch, cfg.grad_ckpt = batch, grad_ckpt
-        self.log.message(f"batch={cfg.batch}: device_batch {batch}, grad_ckpt={grad_ckpt} ({len(layers)} layers); "
-                         f"predicted peak {peak / 2**30:.1f} GiB on {self.device}")  # fmt: skip
+        self.log.message(
+            f"batch={cfg.batch}: device_batch {batch}, grad_ckpt={grad_ckpt} ({len(layers)} layers); "
+            f"predicted peak {peak / 2**30:.1f} GiB on {self.device}"
+        )
         return grad_ckpt
 
     def pieces(self) -> dict:
@@ -271,8 +282,10 @@ class Trainer:
                 if self.use_cuda:
                     values["mem_GiB"] = torch.cuda.max_memory_reserved(self.device) / 2**30
                     if self.predicted_peak and pr.optimizer_steps == cfg.log_interval:  # the plan, beside the truth
-                        self.log.message(f"peak memory {values['mem_GiB']:.1f} GiB after {pr.optimizer_steps} "
-                                         f"steps; the plan predicted {self.predicted_peak / 2**30:.1f} GiB")  # fmt: skip
+                        self.log.message(
+                            f"peak memory {values['mem_GiB']:.1f} GiB after {pr.optimizer_steps} "
+                            f"steps; the plan predicted {self.predicted_peak / 2**30:.1f} GiB"
+                        )
                 t_log, n_log = now, 0
                 self.log.step(values, pr.optimizer_steps)
                 self._stop_if_signalled()
@@ -358,11 +371,23 @@ class Trainer:
         free_memory(self.device)
         retries = getattr(self, "_oom_retries", 0)
         if self.world > 1 or pr.epoch != first_epoch or retries >= OOM_RETRIES or self.device_batch == 1:
-            raise UserError(does_not_fit(self.device_batch, self.batch, self.world, cfg.imgsz, self.schedule.accumulate,
-                                         cfg.grad_ckpt, self.device, str(error)))  # fmt: skip
+            raise UserError(
+                does_not_fit(
+                    self.device_batch,
+                    self.batch,
+                    self.world,
+                    cfg.imgsz,
+                    self.schedule.accumulate,
+                    cfg.grad_ckpt,
+                    self.device,
+                    str(error),
+                )
+            )
         self._oom_retries = retries + 1
-        old, self.device_batch = self.device_batch, next_batch(self.device_batch, getattr(self, "memory_model", None),
-                                                                 peak, cfg, self.world)  # fmt: skip
+        old, self.device_batch = (
+            self.device_batch,
+            next_batch(self.device_batch, getattr(self, "memory_model", None), peak, cfg, self.world),
+        )
         self.train_loader = self._train_loader()
         accumulate = self.schedule.accumulate * old // self.device_batch
         self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), accumulate)

@@ -187,14 +187,38 @@ def test_every_rank_agrees_on_one_batch_auto_value(tiny_data, tmp_path):
     with batch=auto trains (a disagreement would break DDP's collectives)."""
     script = tmp_path / "agree.py"
     script.write_text(AGREE_WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=_env(), capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("agreed")) == ["agreed 40 [0, 5]"] * 2
     env = dict(_env(), YOLOSCALE_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539",
-           "-m", "yoloscale", "train", f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=auto", "workers=0",
-           "epochs=1", "val=False", f"project={tmp_path}", "name=auto", "plots=False", "optimizer=SGD"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29539",
+        "-m",
+        "yoloscale",
+        "train",
+        f"data={tiny_data}",
+        "model=yolov8n.yaml",
+        "imgsz=96",
+        "batch=auto",
+        "workers=0",
+        "epochs=1",
+        "val=False",
+        f"project={tmp_path}",
+        "name=auto",
+        "plots=False",
+        "optimizer=SGD",
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     import yaml

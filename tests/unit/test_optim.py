@@ -27,7 +27,9 @@ def test_accumulate_follows_ultralytics_rule_unless_explicit(batch, accumulate, 
 def test_optimizer_auto_follows_ultralytics_rule():
     short = choose_optimizer(load_config(None, ["epochs=10", "batch=16"]), images=1600, nc=5, batch=16)
     assert (short.name, short.lr0, short.momentum, short.warmup_bias_lr) == ("AdamW", round(0.01 / 9, 6), 0.9, 0.0)
-    long = choose_optimizer(load_config(None, ["epochs=500", "batch=16"]), images=1600, nc=5, batch=16)  # 25 x 500 > 10,000
+    long = choose_optimizer(
+        load_config(None, ["epochs=500", "batch=16"]), images=1600, nc=5, batch=16
+    )  # 25 x 500 > 10,000
     assert (long.name, long.lr0, long.momentum, long.warmup_bias_lr) == ("MuSGD", 0.01, 0.9, 0.0)
     given = choose_optimizer(load_config(None, ["optimizer=sgd", "lr0=0.02"]), images=1600, nc=5, batch=16)
     assert (given.name, given.lr0, given.momentum, given.warmup_bias_lr) == ("SGD", 0.02, 0.937, 0.1)

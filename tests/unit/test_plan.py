@@ -16,11 +16,27 @@ GiB = 2**30
 
 def _fit(**kw) -> MemoryModel:
     """Four layers: 1 and 3 hold most activations, 3 is cheap to recompute."""
-    layers = [LayerCost(saved=10e6, inputs=5e6, forward_s=1e-3), LayerCost(saved=100e6, inputs=5e6, forward_s=2e-3),
-              LayerCost(saved=20e6, inputs=5e6, forward_s=1e-3), LayerCost(saved=100e6, inputs=5e6, forward_s=1e-3)]
-    base = dict(device="test", precision="fp16", imgsz=320, intercept=1 * GiB, per_image=250e6, per_image_all=30e6,
-                reserved_ratio=1.0, weights=0.2 * GiB, trainable=0.2 * GiB, optimizer_state=0.4 * GiB, buffers=0.0,
-                step_s=(0.05, 0.01), layers=layers)  # fmt: skip
+    layers = [
+        LayerCost(saved=10e6, inputs=5e6, forward_s=1e-3),
+        LayerCost(saved=100e6, inputs=5e6, forward_s=2e-3),
+        LayerCost(saved=20e6, inputs=5e6, forward_s=1e-3),
+        LayerCost(saved=100e6, inputs=5e6, forward_s=1e-3),
+    ]
+    base = dict(
+        device="test",
+        precision="fp16",
+        imgsz=320,
+        intercept=1 * GiB,
+        per_image=250e6,
+        per_image_all=30e6,
+        reserved_ratio=1.0,
+        weights=0.2 * GiB,
+        trainable=0.2 * GiB,
+        optimizer_state=0.4 * GiB,
+        buffers=0.0,
+        step_s=(0.05, 0.01),
+        layers=layers,
+    )
     return MemoryModel(**{**base, **kw})
 
 
@@ -66,10 +82,20 @@ def test_a_cpu_plan_of_a_tiny_model_predicts_its_measured_peak():
     """yolov8n at 128 px, batch 32, on the CPU (glibc told to return freed memory, so the resident peak follows the
     tensors): the predicted growth of the peak over batch 1, without and with every layer checkpointed, against the
     measured one. The CPU's resident memory is noisier than CUDA's allocator: the bound is wide, and errs high."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", PYTHONPATH=str(ROOT),
-               OMP_NUM_THREADS="1")  # fmt: skip
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/unit/workers/plan_accuracy.py"), "yolov8n.yaml", "128",
-                           "32"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="65536",
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests/unit/workers/plan_accuracy.py"), "yolov8n.yaml", "128", "32"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for selection, r in result.items():

@@ -32,7 +32,7 @@ for selection in ("off", "all"):
     criterion = model.init_criterion()
     model.train()
 
-    def step(n):
+    def step(n, model=model, opt=opt, criterion=criterion):
         b = _batch(n, imgsz, device)
         loss, _ = criterion(model(b["img"]), b)
         loss.sum().backward()
@@ -40,12 +40,15 @@ for selection in ("off", "all"):
         opt.zero_grad(set_to_none=True)
 
     step(1)
-    low = _reset_peak(device)
+    _reset_peak(device)
     step(1)
     one = _peak(device)[0]
     _reset_peak(device)
     step(batch)
     peak = _peak(device)[0]
-    out[selection] = {"measured_growth": peak - one, "predicted_growth": fit.peak(batch, imgsz, layers) - fit.peak(1, imgsz, layers)}
-    del model, opt
+    out[selection] = {
+        "measured_growth": peak - one,
+        "predicted_growth": fit.peak(batch, imgsz, layers) - fit.peak(1, imgsz, layers),
+    }
+    del model, opt, step
 print(json.dumps(out))
