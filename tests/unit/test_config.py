@@ -38,7 +38,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
 @pytest.mark.parametrize(
     "arg, message",
     [
-        ("batch=big", "key 'batch' expects int"),
+        ("batch=big", "key 'batch' expects a number or 'auto'"),
         ("cos_lr=maybe", "key 'cos_lr' expects bool"),
         ("precision=bf61", "must be one of.*Did you mean 'bf16'"),
         ("optimizer=adamx", "must be one of.*Did you mean 'Adam"),
