@@ -97,4 +97,7 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(tiny_data, tmp_path, laun
     assert "stop signal received: checkpoint" in log and f"requeued Slurm job {job}" in log, log[-3000:]
     assert "resumed from" in log, log[-3000:]
     assert (run / "weights" / "last.pt").exists()
-    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036-end"  # 3 epochs x 96/(2 x 4) steps
+    rows = (run / "metrics.csv").read_text().splitlines()
+    steps = rows[-1].split(",")[rows[0].split(",").index("optimizer_steps")]
+    assert len(rows) == 4 and rows[-1].startswith("3,")  # three epochs, each once, the interrupted one included
+    assert sorted((run / "checkpoints").glob("step-*"))[-1].name == f"step-{int(steps):08d}-end"

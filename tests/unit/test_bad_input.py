@@ -36,7 +36,7 @@ def test_unknown_model_yaml(tiny_data, tmp_path):
 
 def test_unknown_key_and_bad_value():
     _fails(["train", "epoch=3"], "unknown key 'epoch'. Did you mean 'epochs'?")
-    _fails(["train", "batch=-1"], "'batch' must be > 0")
+    _fails(["train", "batch=-2"], "key 'batch' must be a whole number >= 1, auto, a fraction in (0, 1) or -1")
 
 
 def test_missing_config_file():
