@@ -20,6 +20,7 @@ WRITTEN_FOR = {  # tested: CI (CPU) and the GPU machines
     "deepspeed": "0.19.8",
     "accelerate": "1.15.0",
     "ultralytics": "8.4.190",
+    "optuna": "5.0.0",
 }
 
 PRIVATE = {  # importable names, "module:attribute"
@@ -48,6 +49,9 @@ PRIVATE = {  # importable names, "module:attribute"
         "ultralytics.engine.trainer:check_amp",  # replaced offline by bench/race (it downloads weights)
     ],
 }
+
+# Of Optuna's FrozenTrial: `_trial_id`, to act on a trial found with study.get_trials() (sweep/study.py): Optuna's
+# public API reaches a trial by its id only from inside study.ask().
 
 # Attributes of DeepSpeed's ZeRO optimizers read or set by backend/zero.py and checkpoint/zero_reshard.py.
 ZERO_OPTIMIZER = {
@@ -201,3 +205,18 @@ def register_fused_sgd_for_dtensor() -> bool:
     except (ImportError, AttributeError, TypeError):
         return False
     return True
+
+
+def optuna_trial(study, frozen):
+    """A live `optuna.trial.Trial` of a trial found with `study.get_trials()` (for set_user_attr/report from a
+    worker or process other than the one that asked for it). Optuna's own `Trial(study, trial_id)`, as ask() builds
+    it; the id is FrozenTrial's private `_trial_id`."""
+    import optuna
+
+    trial_id = getattr(frozen, "_trial_id", None)
+    if trial_id is None:
+        raise UserError(
+            f"optuna {installed('optuna')}'s FrozenTrial lacks _trial_id, which yoloscale's sweeps use; "
+            f"they were written for optuna {WRITTEN_FOR['optuna']}."
+        )
+    return optuna.trial.Trial(study, trial_id)

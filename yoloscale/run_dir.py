@@ -109,6 +109,21 @@ def lock_run_dir(run: Path) -> RunLock:
     return lock
 
 
+def in_use(run: Path) -> bool:
+    """Whether a live process holds the run directory's lock (without taking it)."""
+    try:
+        fd = os.open(Path(run) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases the lock if it was taken here)
+
+
 def resolve_resume(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, Path, Path]:
     """For resume=auto|PATH: (the run's saved config + command-line overrides, run dir, checkpoint folder)."""
     if cfg.resume == "auto":

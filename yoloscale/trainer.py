@@ -46,6 +46,7 @@ from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
 from yoloscale.run_dir import lock_run_dir, new_run_dir, update_run_info, write_run_info
 from yoloscale.run_log import RunLog, seconds_since_start
 from yoloscale.state import LossMeter, Progress, StepHealth
+from yoloscale.sweep.trial import TRIAL_ENV, TrialReporter
 from yoloscale.validate import Validator
 
 OOM_RETRIES = 3  # as Ultralytics' trainer
@@ -134,6 +135,9 @@ class Trainer:
         self.health = StepHealth(self.device)
         self.interval_losses, self.epoch_losses = LossMeter(self.device), LossMeter(self.device)
         self.stop_signal = StopSignal()
+        # a trial of `yoloscale sweep`: each epoch's objective goes to the study, whose pruner may stop the run
+        self.in_sweep = TRIAL_ENV in os.environ
+        self.sweep_trial = TrialReporter.from_environment() if self.in_sweep and self.is_main else None
         self.first_step_s: float | None = None
         self.on_micro_step: Callable[[], None] | None = None  # bench's timing hook: called after every micro-step
         if cfg.resume:
@@ -229,7 +233,8 @@ class Trainer:
             self.criterion.update()
         self._check_health()
         self._refresh_eval_model()  # collective under sharding
-        if cfg.val or pr.epoch + 1 == cfg.epochs:
+        validated = cfg.val or pr.epoch + 1 == cfg.epochs
+        if validated:
             half = self.use_cuda and self.backend.precision_name != "fp32"  # Ultralytics: AMP runs val in fp16
             metrics = self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half)
         epoch = pr.epoch
@@ -241,6 +246,8 @@ class Trainer:
                 f"early stopping: no better fitness for {cfg.patience} epochs (best at epoch "
                 f"{pr.best_epoch}); patience=0 disables it"
             )
+        if self.in_sweep and validated and not pr.early_stopped:
+            self._ask_sweep_pruner(metrics)
         self.log.epoch_end(self._epoch_row(metrics, img_s), step=pr.optimizer_steps)
         self.epoch_losses.reset()
         keep = cfg.save_period > 0 and epoch % cfg.save_period == 0  # Ultralytics' epoch{N}.pt, N 0-based
@@ -404,10 +411,26 @@ class Trainer:
             f"forward instead of {old}"
         )
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Collective: whether `flag` is true on any rank."""
+        if self.world == 1:
+            return flag
+        return self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="max").item() > 0
+
+    def _ask_sweep_pruner(self, metrics: dict[str, float]) -> None:
+        """Collective. The main rank reports the epoch's objective to the sweep's study; when its pruner says so,
+        every rank stops at this epoch's end (the epoch-end checkpoint and the weights are written as usual)."""
+        pr = self.progress
+        if not self._any_rank(self.sweep_trial is not None and self.sweep_trial.should_stop(pr.epoch, metrics)):
+            return
+        pr.early_stopped = True
+        if self.is_main:
+            update_run_info(self.run_dir, pruned_at_epoch=pr.epoch)
+        self.log.message(f"pruned by the sweep after epoch {pr.epoch}: its objective trails the other trials")
+
     def _stop_if_signalled(self) -> None:
         """At a logging interval: if any rank got SIGUSR1/SIGTERM, all save a checkpoint here and stop together."""
-        got = torch.tensor(float(self.stop_signal.received is not None), device=self.device)
-        if self.accelerator.reduce(got, reduction="max").item() == 0:
+        if not self._any_rank(self.stop_signal.received is not None):
             return
         ckpt = self._checkpoint()
         requeued = requeue_slurm_job() if self.is_main else None
@@ -468,6 +491,7 @@ class Trainer:
                 # 'instrument_w_nvtx.<locals>.wrapped_fn'", seen on an H100).
                 model.load_state_dict(load_file(str(best)))
                 write_ultralytics_pt(model, self.args, weights / "best.pt")
+            update_run_info(self.run_dir, finished=True)
             self.log.message(f"done: weights in {weights}")
         self.log.finish(self.cfg.plots)
         self.accelerator.wait_for_everyone()
@@ -494,6 +518,7 @@ class Trainer:
             for _ in range(pr.epoch):  # replay E2ELoss's per-epoch schedule
                 self.criterion.update()
         if self.is_main:  # the continuing run's settings (overrides such as epochs= included) for the next resume
+            update_run_info(self.run_dir, finished=False)
             self.cfg.resume = ""
             self.cfg.save(self.run_dir / "config.yaml")
             self.cfg.resume = str(ckpt)
