@@ -2,7 +2,7 @@
 
     yoloscale train [config.yaml] [key=value ...]        yoloscale bench [config.yaml] [key=value ...]
     yoloscale race [config.yaml] [key=value ...]         yoloscale launch slurm [config.yaml] [key=value ...]
-    yoloscale plan [config.yaml] [key=value ...]
+    yoloscale plan [config.yaml] [key=value ...]          yoloscale sweep space.yaml [config.yaml] [key=value ...]
     yoloscale launch templates out=DIR                   yoloscale data synth out=DIR [key=value ...]
     yoloscale export RUN                                  yoloscale doctor [bench=True] [export=True]
 
@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
         "Ultralytics' trainer and ours on the same data, one after the other",
         "yoloscale.race:RaceSettings",
     )
+    sw = _command(
+        sub,
+        "sweep",
+        "hyperparameter search with Optuna: many trainings at once, pruned by their per-epoch mAP, resumable",
+        "yoloscale.sweep.command:SweepSettings",
+        usage="yoloscale sweep space.yaml [config.yaml] [key=value ...] | yoloscale sweep --status DIR",
+    )
+    sw.add_argument("--status", metavar="DIR", default=None, help="print the table of the sweep in DIR and exit")
     d = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     _command(
         d,
@@ -107,12 +115,14 @@ def _parser() -> argparse.ArgumentParser:
         train_keys=False,
     )
     la = sub.add_parser("launch", help="launch recipes").add_subparsers(dest="launch_command", required=True)
-    _command(
+    ls = _command(
         la,
         "launch slurm",
-        "write (and optionally submit) an sbatch script for a training run",
+        "write (and optionally submit) an sbatch script for a training run, or a job array for a sweep",
         "yoloscale.launch:SlurmSettings",
     )
+    ls.add_argument("--sweep", metavar="SPACE", default=None, help="the same as sweep=SPACE")
+    ls.add_argument("--array", metavar="N", default=None, help="the same as array=N")
     _command(
         la,
         "launch templates",
@@ -197,6 +207,10 @@ def _run(ns: argparse.Namespace) -> None:
         from yoloscale import race
 
         race.main(ns.args)
+    elif ns.command == "sweep":
+        from yoloscale.sweep import command
+
+        command.run(ns.args, ns.status)
     elif ns.command == "data":
         from yoloscale import synth
 
@@ -204,7 +218,8 @@ def _run(ns: argparse.Namespace) -> None:
     elif ns.command == "launch" and ns.launch_command == "slurm":
         from yoloscale.launch import launch_slurm
 
-        launch_slurm(ns.args)
+        flags = [f"{k}={v}" for k, v in (("sweep", ns.sweep), ("array", ns.array)) if v is not None]
+        launch_slurm([*ns.args, *flags])
     elif ns.command == "launch":
         from yoloscale.launch import copy_templates
 

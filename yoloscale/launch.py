@@ -3,6 +3,7 @@ templates`: copy the shipped launcher templates out of the package.
 
     yoloscale launch slurm [config.yaml] [key=value ...] nodes=2 gpus_per_node=8 [launcher=srun]
                            [partition=P] [account=A] [time=24:00:00] [cpus_per_task=12] [submit=True]
+    yoloscale launch slurm sweep=space.yaml array=N [config.yaml] [key=value ...]   (a sweep: sweep/slurm.py)
 
 Launchers (how the training processes are started inside the allocation):
   srun        one Slurm task per GPU running `python -m yoloscale train`; yoloscale maps SLURM_PROCID /
@@ -41,9 +42,9 @@ from yoloscale.config import _f
 from yoloscale.errors import UserError
 
 LAUNCHERS = ("srun", "torchrun", "accelerate", "deepspeed")
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # partitions, accounts, job names
-_PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")  # what an #SBATCH --output line can hold without quoting
-_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes | [D-]HH[:MM[:SS]]
+SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # partitions, accounts, job names
+PLAIN_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")  # what an #SBATCH --output line can hold without quoting
+SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # minutes | [D-]HH[:MM[:SS]]
 
 HEADER = """#!/bin/bash
 # {title}
@@ -108,7 +109,7 @@ srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "${{@:1:3}}" --node_rank="
 }
 
 
-def _check(value: str, pattern: re.Pattern, flag: str) -> str:
+def slurm_value(value: str, pattern: re.Pattern, flag: str) -> str:
     if not pattern.match(value):
         raise UserError(f"key '{flag}' {value!r} is not a valid Slurm value (allowed: {pattern.pattern}).")
     return value
@@ -146,18 +147,20 @@ def _script(
     procs = gpus_per_node or tasks_per_node  # training processes per node: one per GPU, or tasks_per_node on CPUs
     per_node = launcher != "srun"  # one launcher task per node, holding all of the node's CPUs
     optional = "".join(
-        f"#SBATCH --{k}={_check(v, _SLURM_NAME, k)}\n" for k, v in (("partition", partition), ("account", account)) if v
+        f"#SBATCH --{k}={slurm_value(v, SLURM_NAME, k)}\n"
+        for k, v in (("partition", partition), ("account", account))
+        if v
     )
     accelerate_on_cpu = launcher == "accelerate" and not gpus_per_node
     header = HEADER.format(
         title=title,
-        job_name=_check(job_name, _SLURM_NAME, "name"),
+        job_name=slurm_value(job_name, SLURM_NAME, "name"),
         nodes=nodes,
         tasks_per_node=1 if per_node else procs,
         gpu_line=f"#SBATCH --gpus-per-node={gpus_per_node}\n" if gpus_per_node else "",
         cpus_per_task=cpus_per_task * procs if per_node else cpus_per_task,
         cpus_per_process=cpus_per_task,
-        time=_check(time_limit, _SLURM_TIME, "time"),
+        time=slurm_value(time_limit, SLURM_TIME, "time"),
         optional_lines=optional,
         log=log,
         signal_lead=signal_lead,
@@ -201,7 +204,7 @@ def render_sbatch(
     ]
     if not any(o.startswith("project=") for o in overrides):
         args.append(f"project={Path(cfg.project).resolve()}")  # absolute: the job may start in another directory
-    project = _check(str(run_dir.parent), _PLAIN_PATH, "project")
+    project = slurm_value(str(run_dir.parent), PLAIN_PATH, "project")
     script = _script(
         launcher,
         nodes=nodes,
@@ -273,14 +276,26 @@ class SlurmSettings:
     )
     submit: bool = _f(False, "Run sbatch on the written script.")
     generic: bool = _f(False, "Print a reusable template that takes the training settings from sbatch's command line.")
+    sweep: str = _f(
+        "",
+        "A sweep's search space (space.yaml): write a job array of sweep workers instead of a training run; the "
+        "other keys are the sweep's (yoloscale sweep --help) and training keys.",
+    )
+    array: int = _f(0, "With sweep=: the number of array tasks (workers, one node each) pulling trials from the study.")
 
 
 def launch_slurm(args: list[str]) -> Path | None:
     """`yoloscale launch slurm [config.yaml] key=value ...`: write PROJECT/NAME.sbatch (next to the run directory)
     and submit it if asked; with generic=True, print a template instead."""
-    from yoloscale.config import parse_command
+    from yoloscale.config import parse_command, split_override
 
+    if any("=" in a and split_override(a)[0] == "sweep" for a in args):
+        from yoloscale.sweep.slurm import launch_sweep_array
+
+        return launch_sweep_array(args)
     ns, cfg_file, overrides = parse_command(SlurmSettings, args, "launch slurm")
+    if ns.array:
+        raise UserError("launch slurm: array= goes with sweep=space.yaml (a job array of sweep workers).")
     if ns.generic:
         if cfg_file or overrides or ns.submit:
             raise UserError(

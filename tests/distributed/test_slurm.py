@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import run_cli
+from helpers import TINY, run_cli
 
 
 def _slurm_up() -> bool:
@@ -101,3 +101,43 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(tiny_data, tmp_path, laun
     steps = rows[-1].split(",")[rows[0].split(",").index("optimizer_steps")]
     assert len(rows) == 4 and rows[-1].startswith("3,")  # three epochs, each once, the interrupted one included
     assert sorted((run / "checkpoints").glob("step-*"))[-1].name == f"step-{int(steps):08d}-end"
+
+
+def test_a_sweep_job_array_of_two_workers_shares_one_study(tiny_data, tmp_path):
+    """`launch slurm sweep=... array=2`: two array tasks on the one-node cluster, each a sweep worker, pull the
+    trials of one study from the journal in the sweep folder."""
+    space = tmp_path / "space.yaml"
+    space.write_text("lr0: {type: float, low: 0.005, high: 0.03, log: true}\n")
+    out = tmp_path / "sweep"
+    proc = run_cli(
+        "launch",
+        "slurm",
+        "--sweep",
+        str(space),
+        "--array",
+        "2",
+        f"data={tiny_data}",
+        *[a for a in TINY if a != "epochs=2"],
+        "epochs=1",
+        "trials=4",
+        f"out={out}",
+        "gpus_per_node=0",
+        "cpus_per_task=1",
+        "time=20",
+        "submit=True",
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[-1]
+    _submitted.append(job)
+    _wait_gone(job, 600)
+    logs = sorted(out.glob(f"slurm-{job}_*.out"))
+    assert len(logs) == 2, list(out.iterdir())
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(
+        study_name="sweep", storage=JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    )
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4, [log.read_text()[-2000:] for log in logs]
+    assert {t.user_attrs["worker"]["task"] for t in study.trials} == {0, 1}  # both workers took trials
+    assert (out / "sweep.csv").is_file()
