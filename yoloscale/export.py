@@ -51,6 +51,39 @@ def write_ultralytics_pt(
     return path
 
 
+class RunWeights:
+    """The run directory's weights/ folder, written by the main rank: best.safetensors whenever the fitness improves,
+    epoch{N}.pt at each save_period, and at the end last.safetensors plus best.pt / last.pt for Ultralytics."""
+
+    def __init__(self, run_dir: Path, args: SimpleNamespace):
+        self.folder, self.args = Path(run_dir) / "weights", args
+
+    def best(self, model: torch.nn.Module) -> None:
+        from yoloscale.checkpoint import save_weights
+
+        self.folder.mkdir(exist_ok=True)
+        save_weights(model.state_dict(), self.folder / "best.safetensors")
+
+    def epoch(self, model: torch.nn.Module, epoch: int, metrics: dict) -> None:
+        """Ultralytics' save_period file: epoch{N}.pt, N 0-based as there."""
+        self.folder.mkdir(exist_ok=True)
+        write_ultralytics_pt(model, self.args, self.folder / f"epoch{epoch}.pt", metrics)
+
+    def final(self, model: torch.nn.Module, metrics: dict) -> None:
+        """last.* from the model as it is, then best.pt from best.safetensors, loaded into the same model: under
+        ZeRO-3 DeepSpeed instruments modules created after its engine, and such a model cannot be pickled ("Can't
+        pickle local object 'instrument_w_nvtx.<locals>.wrapped_fn'", seen on an H100)."""
+        from yoloscale.checkpoint import save_weights
+
+        self.folder.mkdir(exist_ok=True)
+        save_weights(model.state_dict(), self.folder / "last.safetensors")
+        write_ultralytics_pt(model, self.args, self.folder / "last.pt", metrics)
+        best = self.folder / "best.safetensors"
+        if best.is_file():
+            model.load_state_dict(load_file(str(best)))
+            write_ultralytics_pt(model, self.args, self.folder / "best.pt")
+
+
 def pt_from_weights(src: Path | dict, dst: Path, model_yaml: str, names: dict, args: SimpleNamespace) -> Path:
     """Rebuild the model from its YAML, load weights (a safetensors file or a state dict), write an Ultralytics .pt."""
     from yoloscale.model import build_model

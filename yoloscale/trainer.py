@@ -13,11 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from yoloscale import backend
 from yoloscale.autotune import Autotune
-from yoloscale.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from yoloscale.checkpoint import load_checkpoint, save_checkpoint
 from yoloscale.checkpoint.full_state import optimizer_names
 from yoloscale.config import TrainConfig
 from yoloscale.data import (
@@ -30,7 +29,7 @@ from yoloscale.data import (
 )
 from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
-from yoloscale.export import write_ultralytics_pt
+from yoloscale.export import RunWeights
 from yoloscale.grad_ckpt import apply_grad_ckpt
 from yoloscale.memory import OutOfMemory, does_not_fit, free_memory, next_batch, reached_gib
 from yoloscale.model import build_model, initial_weights, model_spec
@@ -86,6 +85,7 @@ class Trainer:
             data_yaml = Path(cfg.data).resolve()
         self.data = check_dataset(data_yaml)
         self.args = ultralytics_args(cfg, data_yaml)
+        self.weights = RunWeights(self.run_dir, self.args)  # weights/: best, epoch{N}.pt, last; .pt for Ultralytics
 
         # --- model, its initial weights, a plain copy for validation and export -------------------------------
         spec = model_spec(cfg.model, cfg.trust_pickle)
@@ -253,8 +253,7 @@ class Trainer:
         keep = cfg.save_period > 0 and epoch % cfg.save_period == 0  # Ultralytics' epoch{N}.pt, N 0-based
         self._checkpoint(epoch_end=True, keep_this=keep)
         if keep and self.is_main:
-            (self.run_dir / "weights").mkdir(exist_ok=True)
-            write_ultralytics_pt(self.eval_model, self.args, self.run_dir / "weights" / f"epoch{epoch}.pt", metrics)
+            self.weights.epoch(self.eval_model, epoch, metrics)
         return metrics
 
     def train_epoch(self) -> int:
@@ -472,27 +471,15 @@ class Trainer:
             return
         self.progress.best_fitness, self.progress.best_epoch = fitness, self.progress.epoch
         if self.is_main:
-            (self.run_dir / "weights").mkdir(exist_ok=True)
-            save_weights(self.eval_model.state_dict(), self.run_dir / "weights" / "best.safetensors")
+            self.weights.best(self.eval_model)
 
     def _finish(self, metrics: dict[str, float]) -> None:
         """Final EMA weights as safetensors, best/last as Ultralytics .pt, and the plots."""
         self._refresh_eval_model()
         if self.is_main:
-            weights = self.run_dir / "weights"
-            weights.mkdir(exist_ok=True)
-            model = self.eval_model
-            save_weights(model.state_dict(), weights / "last.safetensors")
-            write_ultralytics_pt(model, self.args, weights / "last.pt", metrics)
-            best = weights / "best.safetensors"
-            if best.is_file():
-                # Into the eval model, not a model built now: under ZeRO-3 DeepSpeed instruments modules created
-                # after its engine, and such a model cannot be pickled ("Can't pickle local object
-                # 'instrument_w_nvtx.<locals>.wrapped_fn'", seen on an H100).
-                model.load_state_dict(load_file(str(best)))
-                write_ultralytics_pt(model, self.args, weights / "best.pt")
+            self.weights.final(self.eval_model, metrics)
             update_run_info(self.run_dir, finished=True)
-            self.log.message(f"done: weights in {weights}")
+            self.log.message(f"done: weights in {self.weights.folder}")
         self.log.finish(self.cfg.plots)
         self.accelerator.wait_for_everyone()
 
