@@ -35,6 +35,9 @@ ClusterName=yoloscale-ci
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (120 by default): 20 keeps the requeue
+# tests short, and is still long enough to start a job step on a loaded 2-core machine.
+AuthInfo=cred_expire=20
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
