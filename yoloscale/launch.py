@@ -334,9 +334,14 @@ def launch_slurm(args: list[str]) -> Path | None:
     if path.exists():
         raise UserError(f"'{path}' already exists; choose another name= (it is never overwritten).")
     path.parent.mkdir(parents=True, exist_ok=True)
+    return write_sbatch(path, script, ns.submit)
+
+
+def write_sbatch(path: Path, script: str, submit: bool) -> Path:
+    """Write the rendered script; with submit, run sbatch on it (its error as one line)."""
     path.write_text(script)
     print(f"wrote {path}")
-    if ns.submit:
+    if submit:
         result = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
         if result.returncode != 0:
             raise UserError(f"sbatch {path} failed: {result.stderr.strip()}")

@@ -10,7 +10,6 @@ continues the sweep.
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def split_sweep_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 def launch_sweep_array(args: list[str]) -> Path:
     from yoloscale.config import parse_command
-    from yoloscale.launch import PLAIN_PATH, SLURM_NAME, SLURM_TIME, SlurmSettings, slurm_value
+    from yoloscale.launch import PLAIN_PATH, SLURM_NAME, SLURM_TIME, SlurmSettings, slurm_value, write_sbatch
     from yoloscale.sweep.command import check_out, check_sweep
 
     slurm_args, sweep_args = split_sweep_args(args)
@@ -97,11 +96,4 @@ def launch_sweep_array(args: list[str]) -> Path:
     path = out / f"{study}-array.sbatch"
     if path.exists():
         raise UserError(f"'{path}' already exists (it is never overwritten): submit it again with sbatch to continue.")
-    path.write_text(script)
-    print(f"wrote {path}")
-    if ns.submit:
-        result = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise UserError(f"sbatch {path} failed: {result.stderr.strip()}")
-        print(result.stdout.strip())
-    return path
+    return write_sbatch(path, script, ns.submit)
