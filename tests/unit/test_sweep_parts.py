@@ -47,13 +47,18 @@ def test_the_documented_space_reads_into_optuna_distributions(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("mosaik: {type: float, low: 0.5, high: 1.0}\n", "unknown training key 'mosaik'. Did you mean 'mosaic'?"),
+        (
+            "mosaik: {type: float, low: 0.5, high: 1.0}\n",
+            "line 1: unknown training key 'mosaik'. Did you mean 'mosaic'?",
+        ),
         ("name: [a, b]\n", "key 'name' is set by the sweep"),
         ("lr0: {type: float, low: 0.02, high: 0.001}\n", "low (0.02) must be below high (0.001)"),
         ("lr0: {type: float, low: 0, high: 0.1, log: true}\n", "log: true needs low > 0"),
         ("lr0: {type: float, lo: 0.001, high: 0.1}\n", "unknown field(s) ['lo']"),
         ("lr0: {type: normal, low: 0.001, high: 0.1}\n", "give a list of choices or a mapping with type:"),
-        ("imgsz: {type: int, low: 320.5, high: 640}\n", "space.yaml': key 'imgsz' expects int, got 320.5"),
+        ("lr0: [0.01]\nmosaic: {type: flot, low: 0.5, high: 1}\n", "line 2, key 'mosaic'"),
+        ("mosaic: {type: flot, low: 0.5, high: 1}\n", "Did you mean type: float?"),
+        ("imgsz: {type: int, low: 320.5, high: 640}\n", "space.yaml' line 1: key 'imgsz' expects int, got 320.5"),
         ("mosaic: {type: int, low: 0.5, high: 1}\n", "type int needs whole numbers"),
         ("epochs: [10, ten]\n", "key 'epochs' expects int, got 'ten'"),
         ("lr0: [0.01\n", "line 2: not valid YAML"),

@@ -11,6 +11,7 @@ With `sampler=grid` every value of every key is tried: lists as they are, ranges
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,17 @@ def override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of each top-level key of a YAML mapping, for messages that name it."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and check `space.yaml`: every key a training key, every bound or choice a valid value of it."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -82,18 +94,23 @@ def load_space(path: str | Path) -> SearchSpace:
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{where}: expected a mapping of training key -> range or list of choices.")
     distributions: dict[str, Any] = {}
+    lines = _key_lines(text)
     for key, spec in raw.items():
+        at = f"{where} line {lines[key]}" if key in lines else where  # what _coerce's messages name
         if key not in FIELDS:
-            raise UserError(f"{where}: unknown training key '{key}'.{_suggest(key)}")
+            raise UserError(f"{at}: unknown training key '{key}'.{_suggest(key)}")
         if key in NOT_SWEPT:
-            raise UserError(f"{where}: key '{key}' is set by the sweep for each trial and cannot be searched.")
-        here = f"{where}, key '{key}'"
+            raise UserError(f"{at}: key '{key}' is set by the sweep for each trial and cannot be searched.")
+        here = f"{at}, key '{key}'"
         if isinstance(spec, list):
             spec = {"type": "categorical", "choices": spec}
         if not isinstance(spec, dict) or spec.get("type") not in KINDS:
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            close = difflib.get_close_matches(str(kind), KINDS, n=1) if isinstance(kind, str) else []
             raise UserError(
                 f"{here}: give a list of choices or a mapping with type: {' | '.join(KINDS)} "
                 f"(e.g. {{type: float, low: 0.001, high: 0.02, log: true}}), got {spec!r}."
+                + (f" Did you mean type: {close[0]}?" if close else "")
             )
         kind = spec["type"]
         allowed = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}}
@@ -107,12 +124,12 @@ def load_space(path: str | Path) -> SearchSpace:
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise UserError(f"{here}: choices must be a non-empty list.")
-            values = tuple(_coerce(key, c, where) for c in choices)
+            values = tuple(_coerce(key, c, at) for c in choices)
             distributions[key] = CategoricalDistribution(values)
             continue
         if "low" not in spec or "high" not in spec:
             raise UserError(f"{here}: type {kind} needs low and high.")
-        low, high = (_coerce(key, spec[b], where) for b in ("low", "high"))
+        low, high = (_coerce(key, spec[b], at) for b in ("low", "high"))
         if kind == "int" and not all(
             isinstance(v, int) and not isinstance(v, bool) for v in (spec["low"], spec["high"])
         ):
