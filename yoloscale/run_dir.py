@@ -72,14 +72,20 @@ def _holder(run: Path) -> str:
         return "another process"
 
 
+def _in_use_error(run: Path) -> UserError:
+    return UserError(f"run directory '{run}' is in use by {_holder(run)}; choose another name=.")
+
+
 def new_run_dir(cfg: TrainConfig) -> tuple[Path, RunLock]:
     """project/name, or the first free project/train, train2, ... when name is empty; claimed for this run."""
     root = Path(cfg.project)
     if cfg.name:
         run = root / cfg.name
+        if in_use(run):  # a live run, whether or not it has written results yet
+            raise _in_use_error(run)
         lock = None if _holds_results(run) else _claim(run)  # a directory with results is not even locked
-        if lock is None and (run / LOCK).exists() and not _holds_results(run):
-            raise UserError(f"run directory '{run}' is in use by {_holder(run)}; choose another name=.")
+        if lock is None and not _holds_results(run):  # claimed by another run since the check above
+            raise _in_use_error(run)
         if lock is None or _holds_results(run):  # (the second check: results written while we claimed it)
             raise UserError(
                 f"run directory '{run}' already exists and holds results; it is never overwritten. "
