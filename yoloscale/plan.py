@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from yoloscale.backend import memory_divisors
+
 GPU_FROM_CPU_ALLOWANCE = 0.5 * 2**30  # a CPU plan for a GPU: workspaces and the allocator (an allowance)
 NCCL_ALLOWANCE = 0.5 * 2**30  # several processes: NCCL's buffers and DDP's buckets (an allowance, not measured)
 FRACTION_AUTO = 0.85  # batch=auto uses this fraction of the device's memory (Ultralytics' -1: 0.60)
@@ -80,13 +82,7 @@ class MemoryModel:
         # cuDNN's workspaces and the allocator (the CPU's intercept is the process's libraries)
         base = GPU_FROM_CPU_ALLOWANCE if self.cpu_measured else max(self.intercept - own, 0.0)
         w, g, o = self.weights, self.trainable, self.optimizer_state
-        shard = {
-            "ddp": (1, 1, 1),
-            "zero1": (1, 1, world),
-            "zero2": (1, world, world),
-            "zero3": (world,) * 3,
-            "fsdp": (world,) * 3,
-        }[backend]
+        shard = memory_divisors(backend, world)
         w, g, o = w / shard[0], g / shard[1], o / shard[2]
         if offload in ("optimizer", "params"):
             o = 0.0

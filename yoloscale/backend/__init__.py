@@ -30,8 +30,19 @@ BACKENDS = {
     "zero3": ("yoloscale.backend.zero", "Zero3"),
 }
 
+# backend= -> what each rank holds a 1/world share of: weights, gradients, optimizer state (the rest is whole on every
+# rank). Read by the memory planner (plan.py), which plans backends without importing them.
+SHARDED = {
+    "ddp": (False, False, False),
+    "fsdp": (True, True, True),
+    "zero1": (False, False, True),
+    "zero2": (False, True, True),
+    "zero3": (True, True, True),
+}
+
 __all__ = [
     "BACKENDS",
+    "SHARDED",
     "FP16_INIT_SCALE",
     "Backend",
     "autocast_forward",
@@ -39,6 +50,7 @@ __all__ = [
     "distributed_env_from_slurm",
     "get",
     "layout_of",
+    "memory_divisors",
     "unwrap",
 ]
 
@@ -56,3 +68,8 @@ def get(cfg: TrainConfig) -> Backend:
 def layout_of(name: str) -> str:
     """The checkpoint layout a backend writes (checkpoints record the backend's name)."""
     return _class(name).layout
+
+
+def memory_divisors(name: str, world: int) -> tuple[int, int, int]:
+    """How many ranks share the weights, the gradients and the optimizer state under backend `name`."""
+    return tuple(world if sharded else 1 for sharded in SHARDED[name])  # type: ignore[return-value]
