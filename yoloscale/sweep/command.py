@@ -208,19 +208,21 @@ class Worker:
         from yoloscale.sweep.trial import trial_link
 
         resumes, resume_dir = trial.user_attrs.get("resumes"), trial.user_attrs.get("resume_dir")
-        if resumes is not None:  # the old trial's epochs, so the pruner compares the whole curve
+        if resume_dir and complete_checkpoints(Path(resume_dir)):
+            # the old trial's epochs first, so the pruner compares the whole curve
             old = next(t for t in self.study.get_trials(deepcopy=False) if t.number == resumes)
             for step, value in sorted(old.intermediate_values.items()):
                 trial.report(value, step)
-        if resume_dir and complete_checkpoints(Path(resume_dir)):
             run_dir, args = Path(resume_dir), [f"resume={resume_dir}"]
             what = f"continues trial {resumes} from {run_dir}"
-        else:
+        else:  # a fresh run; also a trial interrupted before its first checkpoint starts over
             run_dir = self.out / "trials" / f"trial_{trial.number:04d}"
             params = [override(k, v) for k, v in trial.params.items()]
             args = [*([self.cfg_file] if self.cfg_file else []), *self.train_args, *params]
             args += [f"project={run_dir.parent}", f"name={run_dir.name}"]
             what = describe_params(trial.params)
+            if resumes is not None:
+                what += f" (starts trial {resumes} over: it had no checkpoint)"
         args.append(f"workers={slot.workers}")
         trial.set_user_attr("run_dir", str(run_dir))
         link = trial_link(self.storage_spec, self.study_name, trial.number, self.s.objective, self.pruner)
