@@ -76,6 +76,10 @@ ZERO_OPTIMIZER = {
     ],
     "fp16 under torch_autocast": ["torch_autocast_gradscaler", "loss_scaler", "dynamic_loss_scale"],
 }
+# Of torch's Dynamo (compile.py): `torch._dynamo.config.recompile_limit` (called `cache_size_limit` before torch
+# 2.6), the number of graphs kept per function, `automatic_dynamic_shapes`, and `torch._dynamo.utils.counters["stats"]["unique_graphs"]`, the
+# number of graphs compiled so far.
+
 # Optional, with a fallback (register_fused_sgd_for_dtensor): torch.distributed.tensor._ops._pointwise_ops's
 # _register_single_dim_pointwise (torch 2.14) or list_pointwise_strategy + _ops.utils.register_op_strategy (2.11).
 # And of their parameters: ZeRO-1/2 `_hp_mapping` (hp_fragment_address, lp_fragment_address); ZeRO-3 `ds_tensor`,
@@ -220,3 +224,25 @@ def optuna_trial(study, frozen):
             f"they were written for optuna {WRITTEN_FOR['optuna']}."
         )
     return optuna.trial.Trial(study, trial_id)
+
+
+def configure_dynamo_for_layers(at_least: int) -> None:
+    """compile.py's settings: Dynamo keeps `at_least` compiled graphs per function (one per distinct layer of a
+    class), and a shape that changes does not make a graph dynamic by itself (only the batch dimension, marked, is):
+    two graphs of one class's forward that both accept a layer would let a checkpointed layer recompute with
+    another graph than its forward's (torch's checkpoint then refuses it; pytorch#166926)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.automatic_dynamic_shapes = False
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), at_least))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * at_least)
+
+
+def compiled_graph_count() -> int:
+    """How many graphs Dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

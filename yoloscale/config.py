@@ -126,9 +126,19 @@ class TrainConfig:
         ("auto", "on", "off"),
     )
     channels_last: bool = _f(True, "Feed the input batch as channels_last on CUDA (parameters stay contiguous).")
-    compile: bool = _f(
-        False,
-        "torch.compile the training model in place (backend=ddp, grad_ckpt=off): minutes of compilation in the first step, then somewhat faster in bf16, not in fp16, with less peak memory (docs/benchmarks.md).",
+    compile: str = _f(
+        "off",
+        "torch.compile the training model (Ultralytics' key): off, True (= default), or a torch.compile mode. The first steps compile (minutes with inductor on a GPU; torch's caches make a second run of the same model faster); validation runs uncompiled. Measured results: docs/benchmarks.md.",
+        ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
+    compile_scope: str = _f(
+        "layers",
+        "What compile= compiles: layers (each layer of the model on its own; works with grad_ckpt and every backend) or model (the whole model at once, as Ultralytics does; backend=ddp and grad_ckpt=off only).",
+        ("layers", "model"),
+    )
+    compile_backend: str = _f(
+        "inductor",
+        "torch.compile's backend: inductor (generates kernels), or e.g. aot_eager (Dynamo's graph capture and AOTAutograd without code generation: checks that a model compiles, in seconds).",
     )
     seed: int = _f(0, "Random seed (model init, data order).")
     # --- distributed backend and memory (docs/backends.md says which to pick)
@@ -232,7 +242,26 @@ _BOOLISH = {
     "grad_ckpt": {True: "all", False: "off"},
     "cudnn_benchmark": {True: "on", False: "off"},
     "cache": {True: "ram", False: ""},
+    "compile": {True: "default", False: "off"},
 }
+
+
+def _validate_compile(cfg: TrainConfig, checkpointed: bool) -> None:
+    """The combinations of compile= that are tested (tests/distributed/test_backends.py, test_compile.py)."""
+    if cfg.compile == "off":
+        return
+    if cfg.compile_scope == "model" and (cfg.backend != "ddp" or checkpointed):
+        raise UserError(
+            f"compile_scope=model is supported with backend=ddp and grad_ckpt=off only (got backend={cfg.backend}, "
+            f"grad_ckpt={cfg.grad_ckpt}); compile_scope=layers works with both."
+        )
+    if checkpointed and cfg.grad_ckpt_recompute == "cheap":
+        raise UserError(
+            "compile= with grad_ckpt_recompute=cheap is not supported: its per-op policy cannot see inside a "
+            "compiled layer; use grad_ckpt_recompute=all."
+        )
+    if cfg.offload != "none":
+        raise UserError(f"compile= with offload={cfg.offload} is not tested; use offload=none or compile=off.")
 
 
 def _batch_value(value: Any, where: str) -> int | float:
@@ -334,11 +363,7 @@ def _validate(cfg: TrainConfig) -> None:
     from yoloscale.grad_ckpt import parse_selection
 
     parse_selection(cfg.grad_ckpt)  # raises UserError naming the key
-    if cfg.compile and parse_selection(cfg.grad_ckpt) != "off":
-        raise UserError(
-            f"compile=True is supported with grad_ckpt=off only (got grad_ckpt={cfg.grad_ckpt}): the "
-            "combination is not tested."
-        )
+    _validate_compile(cfg, parse_selection(cfg.grad_ckpt) != "off")
     from yoloscale import backend
 
     backend.get(cfg).validate()  # each backend's own rules (offload, sync_bn, compile, ds_config)

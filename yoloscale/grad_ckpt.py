@@ -135,30 +135,45 @@ def apply_grad_ckpt(model: nn.Module, text: str, recompute: str = "all") -> list
     chosen = select_layers(model, text)
     for i in chosen:
         layer = model.model[i]
-        if "forward" not in vars(layer):  # not patched already
+        if not _checkpointed(layer):  # layer.forward may be the compiled one (compile.py): it is what is recomputed
             layer.forward = functools.partial(_checkpointed_forward, layer, layer.forward, recompute)
     return chosen
 
 
 def remove_grad_ckpt(model: nn.Module) -> None:
-    """Undo `apply_grad_ckpt` (e.g. before pickling a model for Ultralytics)."""
+    """Undo `apply_grad_ckpt` (e.g. before pickling a model for Ultralytics); a compiled forward stays."""
     for layer in model.modules():
-        if isinstance(vars(layer).get("forward"), functools.partial):
-            del layer.forward
+        if _checkpointed(layer):
+            inner = vars(layer)["forward"].args[1]
+            if isinstance(inner, functools.partial):
+                layer.forward = inner
+            else:
+                del layer.forward
+
+
+def _checkpointed(layer: nn.Module) -> bool:
+    patched = vars(layer).get("forward")
+    return isinstance(patched, functools.partial) and patched.func is _checkpointed_forward
 
 
 def _checkpointed_forward(layer: nn.Module, forward, recompute: str, *args):
+    from yoloscale.compile import is_compiled
+
     if not (layer.training and torch.is_grad_enabled()):
         return forward(*args)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=functools.partial(_contexts, layer, recompute))
+    # A compiled layer must recompute with the very graph of its forward (torch's checkpoint compares what both
+    # saved); a changed momentum would select another graph, so its statistics are put back after instead.
+    keep_stats = _running_stats_restored if is_compiled(forward) else _running_stats_frozen
+    contexts = functools.partial(_contexts, layer, recompute, keep_stats)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
 
 
-def _contexts(layer: nn.Module, recompute: str):
+def _contexts(layer: nn.Module, recompute: str, keep_stats):
     """(context of the original forward, context of the recomputation)."""
     if recompute == "all":
-        return contextlib.nullcontext(), _running_stats_frozen(layer)
+        return contextlib.nullcontext(), keep_stats(layer)
     forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_keep_compute_bound)
-    return forward_ctx, _entered(_running_stats_frozen(layer), recompute_ctx)
+    return forward_ctx, _entered(keep_stats(layer), recompute_ctx)
 
 
 def _keep_compute_bound(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -173,14 +188,33 @@ def _entered(*contexts):
         yield
 
 
+def _tracked_norms(layer: nn.Module) -> list[nn.Module]:
+    from yoloscale.compat import batchnorm_base
+
+    return [m for m in layer.modules() if isinstance(m, batchnorm_base()) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def _running_stats_restored(layer: nn.Module):
+    """A compiled layer's recomputation: the BatchNorm statistics (and `num_batches_tracked`) as they were before it,
+    copied back after it."""
+    buffers = [b for m in _tracked_norms(layer) for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    buffers = [b for b in buffers if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
+
+
 @contextlib.contextmanager
 def _running_stats_frozen(layer: nn.Module):
     """BatchNorm momentum 0 during the recomputation: new = 1 x old + 0 x batch, exactly the old statistics, while
     the op itself (and the tensors it saves for backward) stays the same as in the original forward.
     `num_batches_tracked`, counted again by the recomputation, is set back."""
-    from yoloscale.compat import batchnorm_base
-
-    norms = [m for m in layer.modules() if isinstance(m, batchnorm_base()) and m.track_running_stats]
+    norms = _tracked_norms(layer)
     saved = [(m, m.momentum) for m in norms]
     for m in norms:
         m.momentum = 0.0

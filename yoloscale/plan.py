@@ -351,15 +351,15 @@ def _tensors(value) -> list[torch.Tensor]:
 
 
 # --- the cache -----------------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    return (
-        Path(
-            os.environ.get(
-                "YOLOSCALE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "yoloscale"
-            )
-        )
-        / "plan"
+def cache_root() -> Path:
+    """The user's cache folder for yoloscale: $YOLOSCALE_CACHE, else $XDG_CACHE_HOME/yoloscale or ~/.cache/yoloscale."""
+    return Path(
+        os.environ.get("YOLOSCALE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "yoloscale")
     )
+
+
+def cache_dir() -> Path:
+    return cache_root() / "plan"
 
 
 def cache_key(model_spec, nc: int, device_name: str, precision: str, imgsz: int, optimizer: str) -> str:

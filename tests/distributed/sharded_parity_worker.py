@@ -2,7 +2,7 @@
 ZeRO-2/3 with our configuration (ZeRO-3 with its whole-layer gathers), for test_backends.py.
 usage: torchrun --nproc_per_node 2 sharded_parity_worker.py MODE OUT_FILE
 MODE: ddp|fsdp|fsdp_ckpt|fsdp_cheap|zero2|zero3|zero3_ckpt|zero3_cheap in fp32 (_ckpt: grad_ckpt=all, _cheap: and
-grad_ckpt_recompute=cheap), or ddp_bf16|zero2_bf16 (bf16 autocast, no clipping), or ddp_fp16|zero2_fp16|zero3_fp16
+grad_ckpt_recompute=cheap), each also with _compile (every layer compiled, compile_scope=layers, with aot_eager), or ddp_bf16|zero2_bf16 (bf16 autocast, no clipping), or ddp_fp16|zero2_fp16|zero3_fp16
 (fp16 autocast and dynamic loss scaling from a scale so high that the first steps overflow, no clipping: torch's
 GradScaler on DDP, our DeepSpeed loss scaler and aligned BatchNorm on ZeRO)
 
@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from yoloscale import backend
 from yoloscale.backend.fsdp import allow_fused_sgd, shard_model
+from yoloscale.compile import compile_training_model
 from yoloscale.config import load_config
 from yoloscale.data import ultralytics_args
 from yoloscale.ema import ShardedEMA, full_model_state
@@ -36,6 +37,7 @@ from yoloscale.optim import OptimizerChoice, build_optimizer, init_momentum_buff
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 mode, out = sys.argv[1], sys.argv[2]
+mode, compiled = mode.removesuffix("_compile"), mode.endswith("_compile")  # layers compiled with aot_eager
 low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode.split("_")[-1])  # autocast dtype, if any
 clip = 0.0 if low else 10.0
 SGD = OptimizerChoice("SGD", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1)
@@ -48,6 +50,8 @@ be = backend.get(
     load_config(None, [f"backend={mode.split('_')[0]}"])
 )  # its backward and step, as the trainer calls them
 model = build_model("yolov8n.yaml", 3, {0: "a", 1: "b", 2: "c"}, ultralytics_args(cfg, "unused.yaml"))
+if compiled:  # before grad_ckpt, as the trainer does: the checkpoint recomputes the compiled layer
+    compile_training_model(model, "default", "layers", backend="aot_eager")
 if mode.endswith(("ckpt", "cheap")):
     apply_grad_ckpt(model, "all", "cheap" if mode.endswith("cheap") else "all")
 opt = None

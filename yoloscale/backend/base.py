@@ -119,15 +119,11 @@ class Backend:
         """The per-device batch chosen after the Accelerator was built (batch=auto); only DeepSpeed needs it."""
 
     def wrap(self, accelerator, model: nn.Module) -> nn.Module:
-        """Before the optimizer is built: SyncBatchNorm (multi-GPU CUDA only), then torch.compile."""
+        """Before the optimizer is built: SyncBatchNorm (multi-GPU CUDA only)."""
         if self.cfg.sync_bn and accelerator.num_processes > 1:
             if accelerator.device.type != "cuda":
                 raise UserError("sync_bn=True needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU).")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if self.cfg.compile:
-            # In place (nn.Module.compile): the module, its state-dict keys, the EMA and checkpoints stay as they
-            # are; DDP then calls the compiled forward. The eval model is a separate, uncompiled copy.
-            model.compile()
         return model
 
     def fused_optimizer(self) -> bool:

@@ -51,8 +51,6 @@ class FSDP(Backend):
             raise UserError(
                 f"ds_config='{cfg.ds_config}' is a DeepSpeed configuration, but backend=fsdp; use backend=zero1/2/3."
             )
-        if cfg.compile:
-            raise UserError("compile=True is supported with backend=ddp only: the other backends are not tested.")
 
     def precision(self, use_cuda: bool) -> str:
         if self.cfg.precision == "auto" and use_cuda and self.cfg.offload == "params":

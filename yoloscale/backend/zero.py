@@ -66,8 +66,6 @@ class Zero(Backend):
                 "sync_bn=True is not supported with backend=zero3 (ZeRO-3 partitions the BatchNorm "
                 "parameters that SyncBatchNorm reads outside DeepSpeed's hooks); use zero2 or fsdp."
             )
-        if cfg.compile:
-            raise UserError("compile=True is supported with backend=ddp only: the other backends are not tested.")
 
     def plugins(self, precision: str, device_batch: int, world: int) -> dict:
         return {"deepspeed_plugin": deepspeed_plugin(self.cfg, precision, device_batch, world)}
