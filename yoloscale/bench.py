@@ -226,17 +226,28 @@ def _measure_one(kind: str, cfg, opts) -> None:
         result = measure_ultralytics(cfg, opts.out, opts.warmup, opts.window)
     elif kind.startswith("loader-"):
         result = measure_loader(dataclasses.replace(cfg, workers=int(kind.split("-")[1])), opts.warmup, opts.window)
-    else:  # loop-<precision>-<devices>
-        result = measure_loop(dataclasses.replace(cfg, precision=kind.split("-")[1]), opts.warmup, opts.window)
+    else:  # loop-<precision>-<devices>, or loop-<precision>-v<variant>-1
+        cfg = dataclasses.replace(cfg, precision=kind.split("-")[1])
+        if "-v" in kind:
+            cfg = with_variant(cfg, opts.variants[int(kind.split("-v")[1].split("-")[0])])
+        result = measure_loop(cfg, opts.warmup, opts.window)
         if not result.pop("is_main"):
             return
     (opts.out / f"{kind}.json").write_text(json.dumps(result))
+
+
+def with_variant(cfg, variant: list[str]):
+    """The configuration with a variant's key=value settings applied (checked like the command line's)."""
+    from yoloscale.config import load_config, parse_override
+
+    return load_config(None, {**cfg.to_dict(), **dict(parse_override(a) for a in variant)})
 
 
 def _kinds(opts) -> list[str]:
     kinds = ["peak"]
     kinds += [] if "ultralytics" in opts.skip else ["ultralytics"]
     kinds += [f"loop-{p}-{n}" for p in opts.precisions for n in opts.gpus]
+    kinds += [f"loop-{p}-v{i}-1" for p in opts.precisions for i in range(len(opts.variants))]
     kinds += [] if "loader" in opts.skip else [f"loader-{w}" for w in opts.loader_workers]
     return kinds
 
@@ -275,6 +286,17 @@ def summarise(results: dict, opts, cfg) -> dict:
                 row["mfu"] = mfu(row["img_s"], r["forward_gflops"], peak, n) if peak and r["forward_gflops"] else None
                 row["scaling"] = scaling_efficiency(row["img_s"], one[part]["img_s"], n) if one and n > 1 else None
                 rows.append(row)
+        eager = results.get(f"loop-{p}-1")
+        for i, variant in enumerate(opts.variants):
+            r = results.get(f"loop-{p}-v{i}-1")
+            if r:
+                row = {"what": f"yoloscale loop {p} {' '.join(variant)}", "devices": 1, "img_s": r["loop"]["img_s"]}
+                row["peak_GiB"], row["skipped_steps"] = r["loop"].get("peak_GiB"), r["skipped_steps"]
+                row["x_ultralytics"] = row["img_s"] / ul if ul else None
+                row["x_eager"] = row["img_s"] / eager["loop"]["img_s"] if eager else None
+                row["mfu"] = mfu(row["img_s"], r["forward_gflops"], peak, 1) if peak and r["forward_gflops"] else None
+                row["first_step_s"] = r["loop"].get("first_step_s")
+                rows.append(row)
     for w in opts.loader_workers:
         r = results.get(f"loader-{w}")
         if r:
@@ -311,13 +333,15 @@ def table(summary: dict) -> str:
         f"{summary['device']}, {summary['config']['model']}, imgsz {summary['config']['imgsz']}, "
         f"batch {summary['config']['batch']}/device; peak {fmt((summary['peak'] or {}).get('tflops'), '.1f')} "
         f"TFLOP/s ({(summary['peak'] or {}).get('how', '-')})",
-        f"{'what':<30}{'dev':>4}{'img/s':>9}{'peak GiB':>9}{'x UL':>7}{'x ceil':>7}{'MFU':>7}{'scaling':>8}",
+        f"{'what':<30}{'dev':>4}{'img/s':>9}{'peak GiB':>9}{'x UL':>7}{'x ceil':>7}{'MFU':>7}{'scaling':>8}"
+        f"{'x eager':>8}{'1st step s':>11}",
     ]
     for r in summary["rows"]:
         lines.append(
             f"{r['what']:<30}{r['devices']:>4}{r['img_s']:>9.1f}{fmt(r.get('peak_GiB'), '.1f'):>9}"
             f"{fmt(r.get('x_ultralytics'), '.2f'):>7}{fmt(r.get('x_ceiling'), '.2f'):>7}"
             f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r.get('scaling'), '.2f'):>8}"
+            f"{fmt(r.get('x_eager'), '.2f'):>8}{fmt(r.get('first_step_s'), '.1f'):>11}"
         )
     return "\n".join(lines)
 
@@ -420,6 +444,10 @@ class BenchSettings:
     gpus: str = _f("1", "Device counts, e.g. 1,2,8 (several: launched with torchrun); the per-device batch stays.")
     loader_workers: str = _f("4,8,16", "Worker counts for the loader-alone measurement.")
     skip: str = _f("", "Comma list of parts to skip: ultralytics, loader.")
+    variants: str = _f(
+        "",
+        "Variants of our step to measure beside the plain loop on one GPU, separated by ';', each a space-separated list of training keys, e.g. 'fused_bn_silu=True;compile=default' (rows 'x eager': against the plain loop of the same precision; '1st step s': what the first step took, compiling included).",
+    )
     warmup: int = _f(14, "Micro-batches dropped before timing.")
     window: int = _f(10, "Micro-batches per timing window.")
 
@@ -439,6 +467,7 @@ def run(args: list[str], only: str | None = None) -> None:
         gpus=_int_list(ns.gpus, "gpus", minimum=1),
         loader_workers=_int_list(ns.loader_workers, "loader_workers", minimum=0),
         skip=set(ns.skip.split(",")) - {""},
+        variants=[v.split() for v in ns.variants.split(";") if v.strip()],
     )
     bad = [p for p in opts.precisions if p not in ("bf16", "fp16", "fp32")] + sorted(
         opts.skip - {"ultralytics", "loader"}
@@ -450,8 +479,10 @@ def run(args: list[str], only: str | None = None) -> None:
         )
     # what each child process is given: the same settings (data replaced by the prepared set) and timing keys
     opts.settings = ([cfg_file] if cfg_file else []) + [a for a in overrides if not a.startswith("data=")]
-    opts.flags = [f"out={opts.out}", f"warmup={opts.warmup}", f"window={opts.window}"]
+    opts.flags = [f"out={opts.out}", f"warmup={opts.warmup}", f"window={opts.window}", f"variants={ns.variants}"]
     cfg = load_config(cfg_file, overrides)
+    for variant in opts.variants:
+        with_variant(cfg, variant)  # a bad key or value stops here, before any measurement
     if only:
         cfg = dataclasses.replace(
             cfg, epochs=1, val=False, plots=False, close_mosaic=0, project=str(opts.out / "runs"), name=only

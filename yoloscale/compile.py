@@ -29,6 +29,22 @@ MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-c
 SCOPES = ("layers", "model")
 
 
+def speed_up(model: nn.Module, cfg) -> str:
+    """What `fused_bn_silu=` and `compile=` ask for, applied to the training model (not the eval copy); returns
+    what was done, for the run's log ('' for nothing)."""
+    done = []
+    if cfg.fused_bn_silu:
+        try:
+            from yoloscale.kernels.bn_silu import fuse_bn_silu
+        except ImportError as e:
+            from yoloscale.errors import UserError
+
+            raise UserError(f"fused_bn_silu=True needs Triton ({e}); pip install triton, or fused_bn_silu=False.")
+        done.append(f"BatchNorm+SiLU fused in {fuse_bn_silu(model)} Convs")
+    compiled = compile_training_model(model, cfg.compile, cfg.compile_scope, cfg.compile_backend)
+    return "; ".join(done + ([compiled] if compiled else []))
+
+
 def compile_training_model(model: nn.Module, mode: str, scope: str, backend: str = "inductor") -> str:
     """Compile `model` (an Ultralytics DetectionModel) in place; returns a short description for the run's log.
     Compilation itself is lazy: it happens in the first forward/backward."""

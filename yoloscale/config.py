@@ -140,6 +140,10 @@ class TrainConfig:
         "inductor",
         "torch.compile's backend: inductor (generates kernels), or e.g. aot_eager (Dynamo's graph capture and AOTAutograd without code generation: checks that a model compiles, in seconds).",
     )
+    fused_bn_silu: bool = _f(
+        False,
+        "Fuse each Conv's BatchNorm and SiLU into one Triton kernel, forward and backward, in training on CUDA (channels_last activations; elsewhere the eager ops run). Not with compile (which fuses them itself) or sync_bn.",
+    )
     seed: int = _f(0, "Random seed (model init, data order).")
     # --- distributed backend and memory (docs/backends.md says which to pick)
     backend: str = _f(
@@ -247,7 +251,12 @@ _BOOLISH = {
 
 
 def _validate_compile(cfg: TrainConfig, checkpointed: bool) -> None:
-    """The combinations of compile= that are tested (tests/distributed/test_backends.py, test_compile.py)."""
+    """The combinations of compile= and fused_bn_silu= that are tested (tests/distributed/test_backends.py, test_compile.py)."""
+    if cfg.fused_bn_silu and (cfg.compile != "off" or cfg.sync_bn):
+        raise UserError(
+            "fused_bn_silu=True cannot be combined with compile= (it fuses BatchNorm and SiLU itself) or "
+            "sync_bn=True (the kernel computes each device's own statistics)."
+        )
     if cfg.compile == "off":
         return
     if cfg.compile_scope == "model" and (cfg.backend != "ddp" or checkpointed):

@@ -18,7 +18,7 @@ from yoloscale import backend
 from yoloscale.autotune import Autotune
 from yoloscale.checkpoint import load_checkpoint, save_checkpoint
 from yoloscale.checkpoint.full_state import optimizer_names
-from yoloscale.compile import CompileWatch, compile_training_model
+from yoloscale.compile import CompileWatch, speed_up
 from yoloscale.config import TrainConfig
 from yoloscale.data import (
     build_dataset,
@@ -96,8 +96,8 @@ class Trainer:
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
         grad_ckpt = self._plan_memory(spec, model)
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
-        self.compiled = compile_training_model(model, cfg.compile, cfg.compile_scope, cfg.compile_backend)
-        self.compile_watch = CompileWatch(enabled=bool(self.compiled))
+        self.speed_ups = speed_up(model, cfg)  # fused kernels, torch.compile (compile.py)
+        self.compile_watch = CompileWatch(enabled=cfg.compile != "off")
         ckpt_layers = apply_grad_ckpt(model, grad_ckpt, cfg.grad_ckpt_recompute)  # around the compiled layers
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
@@ -204,7 +204,7 @@ class Trainer:
             f"{self.device_batch}/device x {self.world}, accumulate {self.schedule.accumulate}"
             f"{' (from 1 during warmup)' if self.schedule.warmup_batches and self.schedule.accumulate > 1 else ''}; "
             f"{c.reason or f'optimizer {c.name}'}: lr0 {c.lr0:g}, weight_decay {self.weight_decay:.4g}; "
-            f"{self.compiled + '; ' if self.compiled else ''}run directory {self.run_dir}"
+            f"{self.speed_ups + '; ' if self.speed_ups else ''}run directory {self.run_dir}"
         )
 
     # ------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ def test_bench_on_cpu_writes_table_json_and_chart(tmp_path):
         "loader_workers=0",
         "warmup=2",
         "window=2",
+        "variants=fused_bn_silu=True",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "yoloscale loop fp32" in proc.stdout and "ultralytics (fp16 AMP)" in proc.stdout
@@ -50,8 +51,11 @@ def test_bench_on_cpu_writes_table_json_and_chart(tmp_path):
         "ultralytics (fp16 AMP)",
         "yoloscale loop fp32",
         "yoloscale bare fp32",
+        "yoloscale loop fp32 fused_bn_silu=True",
         "loader alone, 0 workers",
     }
+    variant = rows["yoloscale loop fp32 fused_bn_silu=True"]
+    assert variant["x_eager"] > 0 and variant["first_step_s"] > 0
     loop = rows["yoloscale loop fp32"]
     assert loop["img_s"] > 0 and loop["x_ultralytics"] > 0 and 0 < loop["mfu"] < 1 and loop["x_ceiling"] > 0
     assert summary["peak"]["tflops"] > 0 and "matmul" in summary["peak"]["how"]
