@@ -1,9 +1,10 @@
 """The fused BatchNorm + SiLU kernels against eager BatchNorm2d + SiLU, for test_kernels.py. Run with
-TRITON_INTERPRET=1 on the CPU (Triton's interpreter; small shapes). Prints one JSON line per case: the largest
+TRITON_INTERPRET=1 on the CPU (Triton's interpreter; small shapes), or with DEVICE=cuda on a GPU. Prints one JSON line per case: the largest
 differences of the output, dx, dweight, dbias (relative to the eager values' scale) and of the running statistics."""
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -13,6 +14,7 @@ from yoloscale.kernels import bn_silu
 from yoloscale.kernels.bn_silu import BatchNormSiLU, fuse_bn_silu
 
 torch.manual_seed(0)
+DEVICE = os.environ.get("DEVICE", "cpu")
 
 
 def case(dtype, n, c, h, w, momentum, steps=2):
@@ -22,10 +24,11 @@ def case(dtype, n, c, h, w, momentum, steps=2):
         eager.bias.uniform_(-0.5, 0.5)
     fused = BatchNormSiLU(c, momentum=momentum)
     fused.load_state_dict(eager.state_dict())
+    eager, fused = eager.to(DEVICE), fused.to(DEVICE)
     result = {"dtype": str(dtype), "shape": [n, c, h, w], "momentum": momentum}
     for _ in range(steps):
-        x = (torch.randn(n, c, h, w) * 3 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
-        dy = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+        x = (torch.randn(n, c, h, w) * 3 + 2).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(n, c, h, w).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
         xe = x.float().detach().requires_grad_(True)  # eager reference in fp32, from the same low-precision input
         ye = F.silu(eager(xe))
         ye.backward(dy.float())
@@ -49,7 +52,7 @@ def case(dtype, n, c, h, w, momentum, steps=2):
         )
         eager.weight.grad = eager.bias.grad = fused.weight.grad = fused.bias.grad = None
     fused.eval()  # outside training: the eager path, on the fused module's own statistics
-    x = torch.randn(n, c, h, w)
+    x = torch.randn(n, c, h, w, device=DEVICE)
     result["eval"] = rel(fused(x), F.silu(copy.deepcopy(eager).eval()(x)))
     return result
 
@@ -81,11 +84,11 @@ def model_case():
     from ultralytics.nn.tasks import DetectionModel
 
     torch.manual_seed(0)
-    nchw = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train()
+    nchw = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train().to(DEVICE)
     eager = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
     fused = copy.deepcopy(eager)
     count = fuse_bn_silu(fused)
-    x = torch.rand(4, 3, 64, 64)
+    x = torch.rand(4, 3, 64, 64, device=DEVICE)
     _train_step(nchw, x)
     for model in (eager, fused):
         _train_step(model, x.contiguous(memory_format=torch.channels_last))
