@@ -174,3 +174,35 @@ def test_the_grid_sampler_tries_every_combination_under_ask_and_tell(tmp_path):
     assert seen == {(0.0, 0.5), (0.0, 1.0), (0.5, 0.5), (0.5, 1.0)}
     assert isinstance(build_pruner("halving", 2, 3), optuna.pruners.SuccessiveHalvingPruner)
     assert isinstance(build_pruner("none", 1, 3), optuna.pruners.NopPruner)
+
+
+@pytest.mark.parametrize(
+    "tie_break, direction", [("val_loss", "maximize"), ("none", "maximize"), ("val_loss", "minimize")]
+)
+def test_tied_objectives_are_ranked_by_val_loss_for_the_pruner(tmp_path, tie_break, direction):
+    """Two trials both at mAP 0 after an epoch: with tie_break=val_loss the one with the lower val loss reports
+    the higher intermediate value (by 1e-6 x the loss); the objective itself is what the study keeps."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from yoloscale.sweep.trial import TrialReporter, trial_link
+
+    journal = str(tmp_path / "study.journal")
+    study = optuna.create_study(
+        study_name="s", storage=JournalStorage(JournalFileBackend(journal)), direction=direction
+    )
+    reported = []
+    for loss in (2.0, 5.0):
+        trial = study.ask()
+        pruner = {"name": "none", "after": 1, "startup": 3}
+        link = json.loads(trial_link(journal, "s", trial.number, "mAP50-95", pruner, tie_break))
+        TrialReporter(link).should_stop(1, {"mAP50-95": 0.0, "box_loss": loss, "cls_loss": 1.0, "dfl_loss": 1.0})
+        reported.append(study.trials[trial.number].intermediate_values[1])
+        study.tell(trial, 0.0)
+    if tie_break == "none" or direction == "minimize":
+        assert reported == [0.0, 0.0]
+    else:
+        assert reported == pytest.approx([-4e-6, -7e-6]) and reported[0] > reported[1]
+    assert [t.value for t in study.trials] == [0.0, 0.0]
+    plain = [t.user_attrs.get("objective") for t in study.trials]  # kept beside a shifted report
+    assert plain == ([None, None] if reported == [0.0, 0.0] else [0.0, 0.0])

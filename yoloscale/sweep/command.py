@@ -35,6 +35,13 @@ class SweepSettings:
     )
     prune_after: int = _f(1, "Epochs every trial trains before the pruner may stop it.")
     prune_startup: int = _f(3, "pruner=median: finished trials before pruning starts.")
+    tie_break: str = _f(
+        "val_loss",
+        "What ranks trials for the pruner while their objective ties (from scratch every trial is at mAP 0 for its "
+        "first epochs): val_loss (it is given objective - 1e-6 x the summed val losses; a finished trial's value "
+        "is the plain objective) or none.",
+        ("val_loss", "none"),
+    )
     objective: str = _f(
         "mAP50-95",
         "The validation metric to optimise, a val/ column of metrics.csv: mAP50-95, mAP50, precision, recall, "
@@ -225,7 +232,9 @@ class Worker:
                 what += f" (starts trial {resumes} over: it had no checkpoint)"
         args.append(f"workers={slot.workers}")
         trial.set_user_attr("run_dir", str(run_dir))
-        link = trial_link(self.storage_spec, self.study_name, trial.number, self.s.objective, self.pruner)
+        link = trial_link(
+            self.storage_spec, self.study_name, trial.number, self.s.objective, self.pruner, self.s.tie_break
+        )
         log = self.out / "logs" / f"trial_{trial.number:04d}.log"
         print(f"trial {trial.number} on {slot.describe()}: {what} (log {log})")
         return TrialProcess(trial, slot, run_dir, args, link, log)

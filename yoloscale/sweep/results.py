@@ -31,6 +31,8 @@ def rows(study) -> list[dict[str, Any]]:
     out = []
     for t in counted(study):
         value = t.value if t.values else (list(t.intermediate_values.values())[-1] if t.intermediate_values else None)
+        if t.state.name != "COMPLETE":  # its last report, which may carry the val-loss tie-break (trial.py)
+            value = t.user_attrs.get("objective", value)
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         out.append(
             {

@@ -16,10 +16,15 @@ from typing import Any
 TRIAL_ENV = "YOLOSCALE_SWEEP_TRIAL"  # JSON: storage, study, trial number, objective, pruner (set by the sweep)
 
 
-def trial_link(storage: str, study: str, number: int, objective: str, pruner: dict[str, Any]) -> str:
+TIE_BREAK = 1e-6  # x the summed val losses (~1-20): far below any mAP difference that the study reports
+
+
+def trial_link(
+    storage: str, study: str, number: int, objective: str, pruner: dict[str, Any], tie_break: str = "none"
+) -> str:
     """The value of TRIAL_ENV for one trial's training process."""
     link = {"storage": storage, "study": study, "number": number, "objective": objective, "pruner": pruner}
-    return json.dumps(link)
+    return json.dumps({**link, "tie_break": tie_break})
 
 
 class TrialReporter:
@@ -39,6 +44,9 @@ class TrialReporter:
         )
         self.number = link["number"]
         self.trial = optuna_trial(self.study, self._frozen())
+        # a maximised metric only: a loss objective does not tie, and lower is better there
+        maximised = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        self.tie_break = link.get("tie_break") == "val_loss" and maximised and not self.objective.endswith("_loss")
 
     def _frozen(self):
         return next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.number)
@@ -53,8 +61,13 @@ class TrialReporter:
         value = metrics.get(self.objective)
         if value is None or not math.isfinite(value):
             return False
+        reported = float(value)
+        if self.tie_break:  # among trials tied at the same objective, the lower val loss ranks higher
+            reported -= TIE_BREAK * sum(v for k, v in metrics.items() if k.endswith("_loss") and math.isfinite(v))
         if epochs_done not in self._frozen().intermediate_values:
-            self.trial.report(float(value), step=epochs_done)  # (a resumed trial does not report an epoch twice)
+            self.trial.report(reported, step=epochs_done)  # (a resumed trial does not report an epoch twice)
+            if self.tie_break:  # a pruned trial's value is its last report (Optuna's rule): the plain one beside it
+                self.trial.set_user_attr("objective", float(value))
         return self.trial.should_prune()
 
 
