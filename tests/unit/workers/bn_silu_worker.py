@@ -95,8 +95,23 @@ def model_case():
     grads, state = _largest_difference(fused, eager)
     noise_grads, noise_state = _largest_difference(eager, nchw)
     same_keys = list(fused.state_dict()) == list(eager.state_dict())
+    # and inside BN-safe gradient checkpointing: the recomputation runs the kernels again, statistics updated once
+    from yoloscale.grad_ckpt import apply_grad_ckpt
+
+    checkpointed = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    checkpointed.zero_grad(set_to_none=True)
+    for m in checkpointed.modules():  # back to the state before the step (its statistics were updated by it)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+    fresh = copy.deepcopy(checkpointed)
+    fuse_bn_silu(checkpointed)
+    apply_grad_ckpt(checkpointed, "all")
+    _train_step(checkpointed, x.contiguous(memory_format=torch.channels_last))
+    _train_step(fresh, x.contiguous(memory_format=torch.channels_last))
+    ckpt_grads, ckpt_state = _largest_difference(checkpointed, fresh)
     return {"model": "yolov8n", "fused": count, "grads": grads, "state": state, "same_keys": same_keys,
-            "noise_grads": noise_grads, "noise_state": noise_state}  # fmt: skip
+            "noise_grads": noise_grads, "noise_state": noise_state, "ckpt_grads": ckpt_grads,
+            "ckpt_state": ckpt_state}  # fmt: skip
 
 
 print(json.dumps(model_case()))
