@@ -25,9 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
-SCOPES = ("layers", "model")
-
 
 def speed_up(model: nn.Module, cfg) -> str:
     """What `fused_bn_silu=` and `compile=` ask for, applied to the training model (not the eval copy); returns
