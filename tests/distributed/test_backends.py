@@ -39,7 +39,6 @@ MODES = (
     "zero2_fp16",
     "zero3_fp16",
     "fsdp_ckpt_compile",
-    "zero2_compile",
     "zero3_ckpt_compile",
 )
 
@@ -74,8 +73,9 @@ def parity(tmp_path_factory):
 def test_sharded_backends_reproduce_ddp(parity, mode):
     """Losses, weights and the sharded EMA (gathered) agree with DDP after three steps (fp32 reduction order only):
     FSDP2 with our wrap policy, ZeRO-2, and ZeRO-3 with its whole-layer gathers, with and without grad_ckpt (both
-    recompute modes), and with every layer compiled (compile_scope=layers, aot_eager) on FSDP2 + grad_ckpt, ZeRO-2
-    and ZeRO-3 + grad_ckpt; and
+    recompute modes), and with every layer compiled (compile_scope=layers, aot_eager) on FSDP2 + grad_ckpt and ZeRO-3 +
+    grad_ckpt, the backends whose hooks run around the compiled layers (ZeRO-2 has none in the forward and passed the
+    same comparison by hand); and
     ZeRO-2 under bf16 autocast with DDP under bf16 autocast, which needs DeepSpeed to reduce gradients in fp32 (its
     default, bf16 for Conv2d weights, was 4e-3 apart after one step); and
     ZeRO-2/3 under fp16 autocast with DDP and torch's GradScaler, from a loss scale at which the first step overflows:
