@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from yoloscale.config import _f
+from yoloscale.config import TrainConfig, _f
 from yoloscale.errors import UserError
 
 
@@ -236,7 +236,7 @@ def _measure_one(kind: str, cfg, opts) -> None:
     (opts.out / f"{kind}.json").write_text(json.dumps(result))
 
 
-def with_variant(cfg, variant: list[str]):
+def with_variant(cfg: TrainConfig, variant: list[str]) -> TrainConfig:
     """The configuration with a variant's key=value settings applied (checked like the command line's)."""
     from yoloscale.config import load_config, parse_override
 

@@ -77,8 +77,8 @@ ZERO_OPTIMIZER = {
     "fp16 under torch_autocast": ["torch_autocast_gradscaler", "loss_scaler", "dynamic_loss_scale"],
 }
 # Of torch's Dynamo (compile.py): `torch._dynamo.config.recompile_limit` (called `cache_size_limit` before torch
-# 2.6), the number of graphs kept per function, `automatic_dynamic_shapes`, and `torch._dynamo.utils.counters["stats"]["unique_graphs"]`, the
-# number of graphs compiled so far.
+# 2.6), the number of graphs kept per function; `automatic_dynamic_shapes`; and
+# `torch._dynamo.utils.counters["stats"]["unique_graphs"]`, the number of graphs compiled so far.
 
 # Optional, with a fallback (register_fused_sgd_for_dtensor): torch.distributed.tensor._ops._pointwise_ops's
 # _register_single_dim_pointwise (torch 2.14) or list_pointwise_strategy + _ops.utils.register_op_strategy (2.11).

@@ -21,12 +21,16 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from yoloscale.config import TrainConfig
 
-def speed_up(model: nn.Module, cfg) -> str:
+
+def speed_up(model: nn.Module, cfg: TrainConfig) -> str:
     """What `fused_bn_silu=` and `compile=` ask for, applied to the training model (not the eval copy); returns
     what was done, for the run's log ('' for nothing)."""
     done = []

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from yoloscale.compile import is_compiled
 from yoloscale.errors import UserError
 
 _NAMED = ("off", "all", "backbone", "head", "highres", "auto")  # auto: resolved to layers by plan.fewest_layers
@@ -157,8 +158,6 @@ def _checkpointed(layer: nn.Module) -> bool:
 
 
 def _checkpointed_forward(layer: nn.Module, forward, recompute: str, *args):
-    from yoloscale.compile import is_compiled
-
     if not (layer.training and torch.is_grad_enabled()):
         return forward(*args)
     # A compiled layer must recompute with the very graph of its forward (torch's checkpoint compares what both

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TRIAL_ENV = "YOLOSCALE_SWEEP_TRIAL"  # JSON: storage, study, trial number, objective, pruner (set by the sweep)
+TRIAL_ENV = (
+    "YOLOSCALE_SWEEP_TRIAL"  # JSON: storage, study, trial number, objective, pruner, tie_break (set by the sweep)
+)
 
 
 TIE_BREAK = 1e-6  # x the summed val losses (~1-20): far below any mAP difference that the study reports
