@@ -42,6 +42,7 @@ PRIVATE = {  # importable names, "module:attribute"
         "accelerate.checkpointing:load_accelerator_state",  # RNG/scaler files of a checkpoint of another layout
         "accelerate.utils:convert_outputs_to_fp32",
         "accelerate.utils:get_mixed_precision_context_manager",
+        "accelerate.utils.other:TORCH_SAFE_GLOBALS",  # what its weights-only loads of RNG states allow (numpy)
     ],
     "ultralytics": [
         "ultralytics.nn.tasks:torch_safe_load",  # weights-only loading with its allow-list (safe_only=)
@@ -153,6 +154,10 @@ def batchnorm_base():
 
 def load_accelerator_state():
     return _get("accelerate", "accelerate.checkpointing:load_accelerator_state")
+
+
+def accelerate_safe_globals() -> list:
+    return list(_get("accelerate", "accelerate.utils.other:TORCH_SAFE_GLOBALS"))
 
 
 def convert_outputs_to_fp32(forward):

@@ -45,9 +45,18 @@ def ultralytics_checkpoint(model: torch.nn.Module, args: SimpleNamespace, metric
 def write_ultralytics_pt(
     model: torch.nn.Module, args: SimpleNamespace, path: Path, metrics: dict | None = None
 ) -> Path:
+    from yoloscale.checkpoint.folder import io_error
+
     tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(ultralytics_checkpoint(model, args, metrics), tmp)
-    tmp.replace(path)
+    try:
+        torch.save(ultralytics_checkpoint(model, args, metrics), tmp)
+        tmp.replace(path)
+    except Exception as e:  # torch raises RuntimeError on a full disk
+        tmp.unlink(missing_ok=True)
+        error = io_error(e, path, 2 * sum(p.numel() for p in model.parameters()), what="an Ultralytics .pt")
+        if error is None:
+            raise
+        raise error from None
     return path
 
 
@@ -84,11 +93,14 @@ class RunWeights:
             write_ultralytics_pt(model, self.args, self.folder / "best.pt")
 
 
-def pt_from_weights(src: Path | dict, dst: Path, model_yaml: str, names: dict, args: SimpleNamespace) -> Path:
+def pt_from_weights(
+    src: Path | dict, dst: Path, model_yaml: str | dict, names: dict, args: SimpleNamespace, trust_pickle: bool = False
+) -> Path:
     """Rebuild the model from its YAML, load weights (a safetensors file or a state dict), write an Ultralytics .pt."""
     from yoloscale.model import build_model
 
-    model = build_model(model_yaml, len(names), {int(k): v for k, v in names.items()}, args)
+    names = {int(k): v for k, v in names.items()}
+    model = build_model(model_yaml, len(names), names, args, trust_pickle=trust_pickle)
     try:
         model.load_state_dict(src if isinstance(src, dict) else load_file(str(src)))
     except Exception as e:
@@ -97,15 +109,18 @@ def pt_from_weights(src: Path | dict, dst: Path, model_yaml: str, names: dict, a
     return write_ultralytics_pt(model.eval(), args, dst)
 
 
-def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+def checkpoint_weights(ckpt: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A checkpoint's EMA, or (a run with ema=False) its model weights in whichever layout its backend wrote:
-    DDP's safetensors, FSDP2's DCP shards or DeepSpeed's ZeRO partitions, consolidated on this machine."""
+    DDP's safetensors, FSDP2's DCP shards or DeepSpeed's ZeRO partitions, consolidated on this machine. Pickles
+    are read only once found harmless (checkpoint/trusted.py)."""
 
     from yoloscale.backend import layout_of
     from yoloscale.checkpoint.full_state import read_weights
+    from yoloscale.checkpoint.trusted import check_folder
 
     if (ckpt / "ema.safetensors").is_file():
         return load_file(str(ckpt / "ema.safetensors"))
+    check_folder(ckpt, trust_pickle)
     try:
         from yoloscale.checkpoint import read_state
 
@@ -115,7 +130,7 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
 
 
-def export_run(run: Path) -> list[Path]:
+def export_run(run: Path, trust_pickle: bool = False) -> list[Path]:
     """`yoloscale export RUN`: write weights/last.pt from the latest checkpoint (its EMA, or with ema=False its model
     weights, whatever the backend; else weights/last.safetensors) and weights/best.pt from weights/best.safetensors,
     without needing the training data or GPUs. A run killed before its end gets weights/last.safetensors too."""
@@ -132,11 +147,11 @@ def export_run(run: Path) -> list[Path]:
     weights.mkdir(exist_ok=True)
     sources: dict = {"best": weights / "best.safetensors", "last": weights / "last.safetensors"}
     if complete_checkpoints(run):
-        sources["last"] = checkpoint_weights(find_checkpoint(run))  # the newest that verifies
+        sources["last"] = checkpoint_weights(find_checkpoint(run), trust_pickle)  # the newest that verifies
         if not (weights / "last.safetensors").exists():
             save_weights(sources["last"], weights / "last.safetensors")
     written = [
-        pt_from_weights(src, weights / f"{kind}.pt", info["model"], info["names"], args)
+        pt_from_weights(src, weights / f"{kind}.pt", info["model"], info["names"], args, trust_pickle)
         for kind, src in sources.items()
         if isinstance(src, dict) or src.is_file()
     ]
@@ -148,6 +163,10 @@ def export_run(run: Path) -> list[Path]:
 @dataclass
 class ExportSettings:
     run: str = _f("", "The run directory (required; may also be given first, without run=).")
+    trust_pickle: bool = _f(
+        False,
+        "Read the run's checkpoint pickles and model architecture even where they could run code (trusted runs only).",
+    )
 
 
 def run(args: list[str]) -> list[Path]:
@@ -159,7 +178,7 @@ def run(args: list[str]) -> list[Path]:
     ns, _, _ = parse_command(ExportSettings, args, "export", train_keys=False)
     if not ns.run:
         raise UserError("export: give the run directory (yoloscale export RUN).")
-    written = export_run(Path(ns.run))
+    written = export_run(Path(ns.run), ns.trust_pickle)
     for path in written:
         print(f"wrote {path}")
     return written

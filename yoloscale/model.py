@@ -3,6 +3,7 @@ weights, as `yolo train model=yolo11x.pt` fine-tunes), with `nc` from the data; 
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,17 +27,30 @@ def model_spec(model: str, trust_pickle: bool = False) -> str | dict:
     return model
 
 
-def build_model(spec: str | dict, nc: int, names: dict[int, str], args: SimpleNamespace, verbose: bool = False):
+def build_model(
+    spec: str | dict,
+    nc: int,
+    names: dict[int, str],
+    args: SimpleNamespace,
+    verbose: bool = False,
+    trust_pickle: bool = False,
+):
     """A DetectionModel from a YAML name/path or an architecture dict; `args` (Ultralytics' namespace) carries the
-    loss gains the criterion reads."""
+    loss gains the criterion reads. The architecture is checked first (`check_architecture`): Ultralytics evaluates
+    parts of it as Python, so anything but layer names and literals is refused unless `trust_pickle=True`."""
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
     what = spec if isinstance(spec, str) else f"the architecture in {spec.get('yaml_file', 'the .pt')}"
     try:
         cfg = yaml_model_load(spec) if isinstance(spec, str) else dict(spec)  # bundled names -> their scale
-        model = DetectionModel(cfg, nc=nc, verbose=verbose)
     except FileNotFoundError:
         raise UserError(f"model YAML '{spec}' not found (neither a file nor an Ultralytics model name).") from None
+    except Exception as e:
+        raise UserError(f"model {what!r} could not be read: {e}") from None
+    if not trust_pickle:
+        check_architecture(cfg, what)
+    try:
+        model = DetectionModel(cfg, nc=nc, verbose=verbose)
     except Exception as e:
         raise UserError(f"model {what!r} could not be built: {e}") from None
     if not hasattr(model.model[-1], "stride") or not hasattr(model, "stride"):
@@ -44,6 +58,64 @@ def build_model(spec: str | dict, nc: int, names: dict[int, str], args: SimpleNa
     model.names = names
     model.args = args
     return model
+
+
+def check_architecture(arch: dict, what: str) -> None:
+    """Refuse an architecture that would make Ultralytics run code while building it: its `activation` is evaluated
+    as Python and each layer's module name is looked up among the globals of its model module (functions included).
+    Allowed, as Ultralytics' own restricted loading allows: an activation `[torch.]nn.<Module>(<literals>)`, and
+    layer modules that are torch.nn / torchvision.ops / Ultralytics module classes."""
+    import torch.nn as nn
+
+    why = "it would run code while the model is built; pass trust_pickle=True only if you trust its source"
+    act = arch.get("activation")
+    if act is not None and not _plain_activation(act):
+        raise UserError(
+            f"model {what}: activation {str(act)[:80]!r} is not a torch.nn module with literal arguments ({why})."
+        )
+    layers = arch.get("backbone", []) + arch.get("head", [])
+    if not isinstance(layers, list):
+        raise UserError(f"model {what}: 'backbone' and 'head' must be lists of layers.")
+    for i, layer in enumerate(layers):
+        name = layer[2] if isinstance(layer, (list, tuple)) and len(layer) == 4 else None
+        if not isinstance(name, str) or not _is_module_class(name, nn.Module):
+            raise UserError(f"model {what}: layer {i}'s module {str(name)[:80]!r} is not a model layer class ({why}).")
+
+
+def _plain_activation(act: Any) -> bool:
+    """`nn.SiLU()`, `torch.nn.LeakyReLU(0.1)`: a torch.nn Module class called with literal arguments only."""
+    import torch.nn as nn
+
+    try:
+        call = ast.parse(str(act).strip(), mode="eval").body
+        node, path = call.func if isinstance(call, ast.Call) else None, []
+        while isinstance(node, ast.Attribute):
+            path.insert(0, node.attr)
+            node = node.value
+        if not isinstance(node, ast.Name) or [node.id, *path[:-1]] not in (["nn"], ["torch", "nn"]):
+            return False
+        klass = getattr(nn, path[-1], None)
+        for arg in [*call.args, *(k.value for k in call.keywords)]:
+            ast.literal_eval(arg)
+    except (SyntaxError, ValueError, TypeError, IndexError):
+        return False
+    return isinstance(klass, type) and issubclass(klass, nn.Module) and all(k.arg for k in call.keywords)
+
+
+def _is_module_class(name: str, base: type) -> bool:
+    """Whether Ultralytics' parse_model would resolve `name` to a Module class (its lookup, without calling it)."""
+    import torch.nn as nn
+    import ultralytics.nn.tasks as tasks
+
+    if name.startswith("nn."):
+        found = getattr(nn, name[3:], None)
+    elif name.startswith("torchvision.ops."):
+        import torchvision.ops
+
+        found = getattr(torchvision.ops, name[16:], None)
+    else:
+        found = vars(tasks).get(name)
+    return isinstance(found, type) and issubclass(found, base)
 
 
 def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -176,7 +176,9 @@ def run(args: list[str]) -> list[dict]:
     precision = {"auto": "fp16"}.get(cfg.precision, cfg.precision)  # what the GPU will run (auto: fp16)
     nc = _classes(cfg)
     spec = model_spec(cfg.model, cfg.trust_pickle)
-    model = build_model(spec, nc, {i: str(i) for i in range(nc)}, ultralytics_args(cfg, cfg.data))
+    model = build_model(
+        spec, nc, {i: str(i) for i in range(nc)}, ultralytics_args(cfg, cfg.data), trust_pickle=cfg.trust_pickle
+    )
     imgsz = ns.measure_imgsz or (cfg.imgsz if cuda else min(cfg.imgsz, 320))
     fit = fit_for(cfg, spec, model, device, precision if cuda else "fp32", nc, imgsz)
     if not cuda:  # planned for a GPU of gpu_memory: its precision, the CPU's intercept replaced by an allowance

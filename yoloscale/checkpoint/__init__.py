@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from yoloscale.checkpoint import folder
 from yoloscale.checkpoint.folder import KEEP, MARKER
+from yoloscale.checkpoint.trusted import check_folder
 from yoloscale.errors import UserError, warn
 
 STATE = "trainer_state.json"
@@ -47,7 +48,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
         os.replace(tmp, path)
     except Exception as e:  # torch raises RuntimeError, safetensors SafetensorError on a full disk
         tmp.unlink(missing_ok=True)
-        error = folder.io_error(e, path, 4 * sum(v.numel() for v in state_dict.values()))
+        error = folder.io_error(e, path, 4 * sum(v.numel() for v in state_dict.values()), what="a weights file")
         if error is None:
             raise
         raise error from None
@@ -93,7 +94,8 @@ def save_checkpoint(
             if keep_this:
                 (tmp / KEEP).touch()
     except Exception as e:  # torch raises RuntimeError, safetensors SafetensorError on a full disk
-        error = folder.io_error(e, tmp, folder.size_of(_newest(root)))
+        newest = _newest(root)
+        error = folder.io_error(e, tmp, folder.size_of(newest), previous=newest)
         if error is None:
             raise
     if _any_rank(accelerator, error is not None):  # every rank stops together, the main one says why
@@ -138,10 +140,12 @@ def find_checkpoint(path: Path) -> Path:
                 "back to an older checkpoint."
             )
         return path
+    if not path.exists():
+        raise UserError(f"resume: '{path}' does not exist.")
     if folder.step_name(path) or (path.parent.name == "checkpoints" and path.is_dir()):
         raise UserError(f"checkpoint '{path}' is incomplete (no {MARKER} marker): the save was interrupted.")
     if not path.is_dir():
-        raise UserError(f"resume: '{path}' does not exist.")
+        raise UserError(f"resume: '{path}' is not a run directory or a checkpoint folder.")
     found = complete_checkpoints(path)
     if not found:
         raise UserError(f"resume: run directory '{path}' holds no complete checkpoint under checkpoints/.")
@@ -169,13 +173,23 @@ def read_state(ckpt: Path) -> dict:
 
 
 def load_checkpoint(
-    accelerator, ckpt: Path, model, optimizer, backend, group_names: list[list[str]], pieces: dict[str, Any], check=None
+    accelerator,
+    ckpt: Path,
+    model,
+    optimizer,
+    backend,
+    group_names: list[list[str]],
+    pieces: dict[str, Any],
+    check=None,
+    trust_pickle: bool = False,
 ) -> None:
     """Restore the backend's state (from any backend and world size: Backend.load_state) and every piece in place.
     `check(progress_state)` runs before anything is loaded, so a checkpoint this run cannot take (e.g. saved
-    mid-epoch with another per-device batch) is refused with its own message instead of failing inside the loader."""
+    mid-epoch with another per-device batch) is refused with its own message instead of failing inside the loader.
+    No file is handed to a loader before every pickle in the folder was found harmless (trusted.py)."""
     from yoloscale.backend import layout_of
 
+    check_folder(ckpt, trust_pickle)
     saved = read_state(ckpt)
     progress = saved["progress"]
     if check is not None:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloscale.checkpoint.trusted import load_weights_only
+
 
 @dataclass
 class FullState:
@@ -62,7 +64,7 @@ def read_full_state(ckpt: Path, layout: str, names: list[list[str]]) -> FullStat
     ckpt = Path(ckpt)
     weights = read_weights(ckpt, layout)
     if layout == "ddp":
-        numbered = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=False)["state"]
+        numbered = load_weights_only(ckpt / "optimizer.bin")["state"]
         in_order = [n for group in names for n in group]
         return FullState(weights, {in_order[i]: st for i, st in numbered.items()})
     if layout == "fsdp":

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from yoloscale.checkpoint.trusted import load_weights_only
 from yoloscale.compat import check_zero_optimizer, zero_to_fp32
 
 
@@ -56,10 +57,7 @@ def read_zero(ckpt_dir: str) -> tuple[dict[str, dict[str, Any]], dict]:
 
     model_files = z.get_model_state_files(ckpt_dir)
     model_states = z.parse_model_states(model_files)
-    files = [
-        torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        for f in z.get_optim_files(ckpt_dir)
-    ]
+    files = [load_weights_only(f)["optimizer_state_dict"] for f in z.get_optim_files(ckpt_dir)]
     stage = int(files[0]["zero_stage"])
     if stage <= 2:  # torch's state dict of the flat partitions; every group padded at the end of the last rank's
         per_rank = [
@@ -92,7 +90,7 @@ def read_zero(ckpt_dir: str) -> tuple[dict[str, dict[str, Any]], dict]:
         scalars = {k: v for k, v in group_state.items() if k not in flat_keys}  # AdamW's step: one per group
         for n in group_names:  # a copy each: torch's AdamW increments every parameter's step tensor in place
             optim[n] = {**{k: by_key[k][n] for k in flat_keys}, **{k: _copy(v) for k, v in scalars.items()}}
-    saved = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    saved = load_weights_only(model_files[0])
     counters = {k: saved[k] for k in ("global_steps", "global_samples", "skipped_steps")}
     return optim, counters
 
