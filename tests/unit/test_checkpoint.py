@@ -99,3 +99,45 @@ def test_a_skipped_step_is_counted_and_the_schedule_moves_on_as_in_ultralytics(t
     trainer._check_health()
     assert trainer.health.skipped() == 1 and trainer.progress.optimizer_steps == 12
     assert positions == list(range(12))
+
+
+def test_rotation_removes_only_what_the_writer_made(tmp_path):
+    """The newest `keep` stay; older ones lose only their manifest's files; a user's copy, notes, a step-named
+    folder the writer never sealed and a file of the user's inside an old checkpoint all stay."""
+    root = tmp_path / "checkpoints"
+    old, kept = _fake(tmp_path, "step-00000010-end"), _fake(tmp_path, "step-00000020-end")
+    newest = _fake(tmp_path, "step-00000030-end")
+    shutil.copytree(old, root / "my-safe-copy")
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("keep me")
+    (root / "readme.txt").write_text("mine")
+    unsealed = root / "step-00000005"
+    unsealed.mkdir()
+    (unsealed / "mine.bin").write_bytes(b"x")
+    leftover = _fake(tmp_path, ".tmp-step-00000040", complete=False)  # a save killed before its manifest
+    (old / "my-note.txt").write_text("inside an old checkpoint")
+    folder.rotate(root, keep=2)
+    assert kept.is_dir() and newest.is_dir() and not leftover.exists()
+    assert sorted(p.name for p in old.iterdir()) == ["my-note.txt"]  # only the user's file is left of it
+    assert (root / "my-safe-copy" / folder.MARKER).is_file() and folder.verify(root / "my-safe-copy") is None
+    assert (root / "notes" / "todo.txt").read_text() == "keep me" and (root / "readme.txt").is_file()
+    assert (unsealed / "mine.bin").is_file()
+
+
+def test_a_copy_of_a_checkpoint_survives_a_resumed_run(trained_run, tmp_path):
+    """As a user does it: copy a checkpoint aside inside checkpoints/, add notes, resume for more epochs."""
+    run = tmp_path / "r"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".lock"))
+    first = complete_checkpoints(run)[0]
+    shutil.copytree(first, run / "checkpoints" / "my-safe-copy")
+    (run / "checkpoints" / "notes").mkdir()
+    proc = run_cli("train", f"resume={run}", "epochs=10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is not a checkpoint this run wrote: left in place" in proc.stderr
+    assert folder.verify(run / "checkpoints" / "my-safe-copy") is None and (run / "checkpoints" / "notes").is_dir()
+    assert not first.exists()  # rotated as before
+
+
+def test_a_missing_checkpoint_folder_is_not_called_incomplete(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        find_checkpoint(tmp_path / "checkpoints" / "step-00000099")

@@ -13,6 +13,7 @@ the renames of step 3 leaves the complete copy there), and it is resumed from on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -127,18 +128,55 @@ def repair(root: Path) -> None:
 
 
 def rotate(root: Path, keep: int) -> None:
-    """Remove all but the newest `keep` complete checkpoints (never those marked KEEP), and any other leftovers."""
+    """Remove all but the newest `keep` complete checkpoints (never those marked KEEP) and the leftovers of killed
+    saves. Only what this writer made is removed: folders with its names (`step-N[-end]`, `.tmp-`/`.old-` ones), and
+    of those only the files their manifest names (a leftover without a manifest: wholly). Anything else in
+    checkpoints/ (a copy the user made, notes) stays, with a one-line note the first time it is seen."""
     repair(root)
     done = complete(root)
     newest = {step_name(p) for p in done[-keep:]}
-    for p in root.iterdir():
-        if not p.is_dir() or (p / KEEP).exists():
-            continue
+    for p in sorted(root.iterdir()):
         name = step_name(p)
-        if name and p.name == name and name in newest:
+        if name is None or not p.is_dir():
+            _note_foreign(p)
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if (p / KEEP).exists() or (p.name == name and name in newest):
+            continue
+        if p.name == name and not (p / MANIFEST).is_file():
+            _note_foreign(p)  # a step-named folder our writer did not seal: not ours to delete
+            continue
+        _remove_checkpoint(p)
     fault("rotated")
+
+
+_noted: set[Path] = set()
+
+
+def _note_foreign(path: Path) -> None:
+    if path not in _noted:
+        _noted.add(path)
+        from yoloscale.errors import warn
+
+        warn(f"'{path}' is not a checkpoint this run wrote: left in place (old checkpoints are rotated around it)")
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """A sealed checkpoint: the files its manifest names, its marker and manifest, then the folders left empty;
+    anything else in it stays (with a note). A leftover of a killed save (no manifest yet): removed whole."""
+    try:
+        listed = list(json.loads((folder / MANIFEST).read_text()))
+    except (OSError, ValueError):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for rel in [*listed, KEEP, MARKER, MANIFEST]:
+        path = (folder / rel).resolve()
+        if path.is_relative_to(folder.resolve()) and path.is_file():
+            path.unlink()
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda d: -len(d.parts)) + [folder]:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if empty
+    if folder.exists():
+        _note_foreign(folder)
 
 
 def verify(folder: Path) -> str | None:
@@ -160,16 +198,23 @@ def verify(folder: Path) -> str | None:
     return f"'{extra[0]}' is not in its manifest" if extra else None
 
 
-def io_error(e: BaseException, path: Path, needed: int) -> UserError | None:
-    """A one-line UserError for a full disk, a read-only file system or a permission problem; None otherwise."""
+def io_error(
+    e: BaseException, path: Path, needed: int, what: str = "a checkpoint", previous: Path | None = None
+) -> UserError | None:
+    """A one-line UserError for a full disk, a read-only file system or a permission problem; None otherwise.
+    `previous`: the last complete checkpoint, if there is one (a resume starts from it)."""
     code = getattr(e, "errno", None)
     text = str(e)
     if code == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
         free = shutil.disk_usage(path if path.exists() else path.parent).free
+        after = (
+            f" The last complete checkpoint, '{previous.name}', is intact (resume=auto)."
+            if previous is not None
+            else ""
+        )
         return UserError(
-            f"no space left on the device writing '{path}': a checkpoint needs about "
-            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free. The half-written checkpoint "
-            "was removed; the previous one is intact (resume=auto)."
+            f"no space left on the device writing '{path}': {what} needs about {needed / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free. The half-written file was removed.{after}"
         )
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return UserError(f"cannot write '{path}': {os.strerror(code)}. Choose a writable project=.")
