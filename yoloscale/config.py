@@ -119,6 +119,16 @@ class TrainConfig:
         ("auto", "bf16", "fp16", "fp32"),
     )
     cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
+    dist_timeout: int = _f(
+        600,
+        "Seconds a collective may wait for the other processes before the job stops with an error (torch's "
+        "default is 1800); raise it only if one step, checkpoint or validation really takes longer.",
+    )
+    heartbeat_s: float = _f(
+        120.0,
+        "A process of a multi-process job that shows no sign of life for this many seconds (frozen, stopped, its "
+        "node lost) ends the job with a line naming its rank; 0 turns the heartbeat off.",
+    )
     sync_bn: bool = _f(False, "Convert BatchNorm to SyncBatchNorm under multi-GPU (CUDA) training.")
     cudnn_benchmark: str = _f(
         "auto",
@@ -349,13 +359,38 @@ def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: 
     return value
 
 
+# Keys Ultralytics checks to lie in [0, 1] (its cfg.CFG_FRACTION_KEYS; a test keeps this list complete).
+FRACTION_KEYS = (
+    "lr0",
+    "lrf",
+    "momentum",
+    "weight_decay",
+    "warmup_momentum",
+    "warmup_bias_lr",
+    "hsv_h",
+    "hsv_s",
+    "hsv_v",
+    "translate",
+    "perspective",
+    "flipud",
+    "fliplr",
+    "mosaic",
+    "mixup",
+    "cutmix",
+    "copy_paste",
+)
+
+
 def _validate(cfg: TrainConfig) -> None:
-    positive = ("imgsz", "epochs", "nbs", "log_interval", "max_bad_steps", "keep_checkpoints")
+    positive = ("imgsz", "epochs", "nbs", "log_interval", "max_bad_steps", "keep_checkpoints", "dist_timeout")
     if not (cfg.batch >= 1 and cfg.batch == int(cfg.batch) or 0 < cfg.batch < 1 or cfg.batch == -1):
         raise UserError(f"key 'batch' must be a whole number >= 1, auto, a fraction in (0, 1) or -1; got {cfg.batch}.")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"key '{key}' must be > 0, got {getattr(cfg, key)}.")
+    for key in FRACTION_KEYS:
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise UserError(f"key '{key}' must be between 0 and 1 (as in Ultralytics), got {getattr(cfg, key)}.")
     for key in (
         "accumulate",
         "device_batch",
@@ -366,6 +401,7 @@ def _validate(cfg: TrainConfig) -> None:
         "close_mosaic",
         "grad_clip",
         "lr0",
+        "heartbeat_s",
     ):
         if getattr(cfg, key) < 0:
             raise UserError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}.")

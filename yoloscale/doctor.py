@@ -99,11 +99,6 @@ def recommend(topo: Topology, ib_devices: list[str], interfaces: list[str], env:
     """(variable, value, why) for this node; variables already in `env` are reported as kept, never replaced."""
     recs = [
         ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3", "a failed collective tears the job down instead of hanging it"),
-        (
-            "YOLOSCALE_DIST_TIMEOUT",
-            "1800",
-            "seconds before a stuck collective fails (long enough for a slow validation or checkpoint on rank 0)",
-        ),
     ]
     if ib_devices:
         recs.append(("NCCL_IB_HCA", ",".join(ib_devices), "use the InfiniBand/RoCE adapters for inter-node traffic"))

@@ -17,7 +17,8 @@ Launchers (how the training processes are started inside the allocation):
 The rendezvous is the job's first node on a port derived from the job id. `--signal=USR1@90` + `--requeue`: the run
 checkpoints on the signal and requeues itself; the requeued script resumes. Slurm signals every process of a job
 step, so the per-node launchers are started with SIGUSR1 ignored (its default action would kill the launcher and,
-with it, the run); the training processes install their own handler.
+with it, the run), and torchrun / `accelerate launch` with SIGTERM ignored too (they would turn it into a traceback
+and exit 1 once the run has saved); the training processes install their own handler.
 
 `generic=True` writes a reusable template instead: the training settings come from the sbatch command line
 (`sbatch FILE.sbatch my.yaml name=exp1`) and a requeued job resumes with `resume=auto`; the package ships four
@@ -84,16 +85,24 @@ if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
   RESUME=("resume=auto")  # a requeued job continues its run (give name= so it finds the right one)
 fi"""
 
+# torchrun's agent (also inside `accelerate launch`) turns a SIGTERM into a traceback and exit 1, after forwarding it
+# to the training processes and killing them 30 s later, even when they saved and exited 0. Slurm sends SIGTERM to
+# every process of the step, so the agent ignores it (its signal list without SIGTERM, through torchrun's PET_
+# variable) and the training processes, which handle it, save, exit 0 and end the agent cleanly.
+QUIET_LAUNCHER = """export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT  # SIGTERM is for the training processes"""
+
 # The launch line of each launcher; {train} is `yoloscale train ARGS "${RESUME[@]}"`.
 BODIES = {
     "srun": """srun --kill-on-bad-exit=1 {python} -m {train}""",
-    "torchrun": """# shellcheck disable=SC2016  # $@ expands inside the task's shell
-srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$@"' launcher \\
+    "torchrun": """{quiet_launcher}
+# shellcheck disable=SC2016  # $@ expands inside the task's shell
+srun --kill-on-bad-exit=1 bash -c 'trap "" USR1 TERM; exec "$@"' launcher \\
   {python} -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} \\
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \\
   -m {train}""",
-    "accelerate": """# shellcheck disable=SC2016  # SLURM_NODEID expands inside each node's task
-srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "${{@:1:3}}" --machine_rank="$SLURM_NODEID" "${{@:4}}"' launcher \\
+    "accelerate": """{quiet_launcher}
+# shellcheck disable=SC2016  # SLURM_NODEID expands inside each node's task
+srun --kill-on-bad-exit=1 bash -c 'trap "" USR1 TERM; exec "${{@:1:3}}" --machine_rank="$SLURM_NODEID" "${{@:4}}"' launcher \\
   {python} -m accelerate.commands.launch --multi_gpu --num_machines="$SLURM_JOB_NUM_NODES" \\
   --num_processes=$((SLURM_JOB_NUM_NODES * {procs})) --main_process_ip="$MASTER_ADDR" \\
   --main_process_port="$MASTER_PORT" --rdzv_backend=c10d --same_network \\
@@ -169,7 +178,11 @@ def _script(
         cpu_line="export ACCELERATE_USE_CPU=1  # CPU nodes: gloo processes\n" if accelerate_on_cpu else "",
     )
     body = BODIES[launcher].format(
-        python=python, procs=procs, shared_dir=shared_dir, train=f'yoloscale train {train_args} "${{RESUME[@]}}"'
+        python=python,
+        procs=procs,
+        shared_dir=shared_dir,
+        train=f'yoloscale train {train_args} "${{RESUME[@]}}"',
+        quiet_launcher=QUIET_LAUNCHER,
     )
     return header + body + "\n"
 

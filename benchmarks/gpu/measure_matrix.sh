@@ -16,7 +16,7 @@ for job in "$@"; do
     read -r backend specs <<<"$job"
     tag=${backend//[,=]/-}  # "fsdp,reshard_after_forward=False": a backend with settings
     # shellcheck disable=SC2086  # the specs are words
-    YOLOSCALE_DIST_TIMEOUT=180 timeout "${MATRIX_TIMEOUT:-400}" python -m torch.distributed.run --standalone \
+    timeout "${MATRIX_TIMEOUT:-400}" python -m torch.distributed.run --standalone \
         --nproc_per_node "$gpus" "$here/gpu_backend_matrix.py" "$out" "$backend" "$out/d640/data.yaml" \
         "$out/d1280/data.yaml" $specs >"$out/matrix-$tag.log" 2>&1
     echo "== $backend exit $? ($(date +%T))"

@@ -108,7 +108,7 @@ def test_export_lines_only_set_what_is_missing_and_quote_values():
 
     recs = recommend(_load("h200x2-nvlink.txt"), [], ["ens5"], {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
     lines = export_lines(recs, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
-    assert lines == ["export YOLOSCALE_DIST_TIMEOUT=1800", "export NCCL_SOCKET_IFNAME=ens5"]
+    assert lines == ["export NCCL_SOCKET_IFNAME=ens5"]
     assert export_lines([("NCCL_SOCKET_IFNAME", "a b;$(x)", "")], {}) == ["export NCCL_SOCKET_IFNAME='a b;$(x)'"]
 
 

@@ -99,8 +99,9 @@ class Backend:
             # YOLO uses every parameter in every step. Buffers (BN running stats) are broadcast from rank 0 at each
             # forward, as in Ultralytics' DDP, so every rank's EMA sees the same statistics.
             DistributedDataParallelKwargs(find_unused_parameters=False, gradient_as_bucket_view=True),
-            # A dead rank must stop the others, not hang them for NCCL's default 10 minutes x retries.
-            InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("YOLOSCALE_DIST_TIMEOUT", 1800)))),
+            # A collective that waits longer than a training step can take ends the job (torch's default: 30 min);
+            # a frozen rank is found sooner by the heartbeat (liveness.py).
+            InitProcessGroupKwargs(timeout=timedelta(seconds=self.cfg.dist_timeout)),
             GradScalerKwargs(init_scale=FP16_INIT_SCALE),
         ]
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,133 @@
+"""No rank hangs a job: a rank frozen with SIGSTOP under torchrun (two gloo processes) ends the job within the
+heartbeat bound, with one line naming it, instead of the collective timeout (liveness.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from helpers import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+HEARTBEAT_S = 10
+# heartbeat_s, a beat interval of slack, then torchrun's grace before it SIGKILLs a worker that ignores SIGTERM (a
+# stopped one does) and some seconds of start-up noise on a loaded 2-core machine
+BOUND_S = HEARTBEAT_S + 5 + 30 + 25
+
+
+def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
+    for child in launcher.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "yoloscale" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_frozen_rank_ends_the_job_within_the_heartbeat_bound(tiny_data, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "yoloscale",
+        "train",
+        f"data={tiny_data}",
+        *TINY,
+        "epochs=500",
+        "val=False",
+        f"heartbeat_s={HEARTBEAT_S}",
+        f"project={tmp_path}",
+        "name=f",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    frozen = None
+    try:
+        deadline = time.monotonic() + 300
+        while not any("first optimizer step" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        frozen = _rank_pid(psutil.Process(proc.pid), 1)
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        proc.wait(timeout=BOUND_S + 60)
+        took = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if frozen is not None and psutil.pid_exists(frozen):
+            os.kill(frozen, signal.SIGKILL)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode != 0
+    assert "rank 1 has shown no sign of life" in out, out[-3000:]
+    assert took < BOUND_S, f"the job took {took:.0f} s to end\n{out[-3000:]}"
+
+
+def test_sigterm_to_the_whole_step_saves_and_ends_torchrun_cleanly(tiny_data, tmp_path):
+    """As Slurm cancels a step: SIGTERM to every process of the step, torchrun started the way our
+    templates start it (launch.py's QUIET_LAUNCHER). The training processes save and exit 0; so does torchrun, with
+    no traceback of its own."""
+    from yoloscale.launch import QUIET_LAUNCHER
+
+    signals = QUIET_LAUNCHER.split("=", 1)[1].split()[0]
+    cmd = [
+        "bash",
+        "-c",
+        'trap "" USR1 TERM; exec "$@"',
+        "launcher",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "yoloscale",
+        "train",
+        f"data={tiny_data}",
+        *TINY,
+        "epochs=500",
+        "val=False",
+        f"project={tmp_path}",
+        "name=t",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PET_SIGNALS_TO_HANDLE=signals)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("first optimizer step" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in everyone:  # as Slurm signals every process of a step (torchrun gives its workers their own group)
+            p.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "SignalException" not in out, out[-3000:]
+    assert "stop signal received: checkpoint" in out
+    assert any((tmp_path / "t" / "checkpoints").iterdir())
