@@ -234,11 +234,33 @@ def _run(ns: argparse.Namespace) -> None:
         export.run(ns.args)
 
 
+def _options_first(argv: list[str]) -> list[str]:
+    """Launchers put their options (`--deepspeed FILE`, `--local_rank=N`) anywhere among our key=value arguments;
+    argparse takes positionals only up to the first option, so options move to just after the command's name."""
+    if not argv or argv[0].startswith("-"):
+        return argv
+    head, rest, options = [argv[0]], argv[1:], []
+    if head[0] in ("launch", "data") and rest and not rest[0].startswith("-"):
+        head, rest = [*head, rest[0]], rest[1:]
+    takes_value = ("--deepspeed", "--deepspeed_config", "--local_rank", "--local-rank", "--only", "--status")
+    plain, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in takes_value and i + 1 < len(rest):
+            options += rest[i : i + 2]
+            i += 2
+            continue
+        (options if arg.startswith("-") else plain).append(arg)
+        i += 1
+    return [*head, *options, *plain]
+
+
 def main(argv: list[str] | None = None) -> int:
     global _HELP
     os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics: no online checks or downloads, ever
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # ... nor pip installs (e.g. pi-heif for an unreadable image)
     _HELP = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
-    ns = _parser().parse_args(argv)
+    ns = _parser().parse_args(_options_first(sys.argv[1:] if argv is None else argv))
     try:
         _run(ns)
     except UserError as e:

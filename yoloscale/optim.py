@@ -39,14 +39,17 @@ class OptimizerChoice:
     reason: str = ""
 
 
-def choose_optimizer(cfg: TrainConfig, images: int, nc: int, batch: int) -> OptimizerChoice:
+def choose_optimizer(cfg: TrainConfig, images: int, nc: int, batch: int, chosen: str = "") -> OptimizerChoice:
     """Ultralytics' `build_optimizer(name='auto')` rule (`batch`: the global batch, as Ultralytics' after its
-    AutoBatch); any other name is taken with the configured lr0/momentum."""
+    AutoBatch); any other name is taken with the configured lr0/momentum. `chosen`: what auto chose when the run
+    started (a resume keeps it, even where a changed `epochs` would tip the rule the other way)."""
     if cfg.optimizer != "auto":
         return OptimizerChoice(cfg.optimizer, cfg.lr0, cfg.momentum, cfg.warmup_bias_lr)
     iterations = math.ceil(images / max(batch, cfg.nbs)) * cfg.epochs
     why = f"optimizer=auto: {iterations} iterations (ceil({images} images / max(batch, nbs)) x {cfg.epochs} epochs)"
-    if iterations > AUTO_ITERATIONS:
+    if chosen:
+        why = f"optimizer=auto chose {chosen} when this run started"
+    if chosen == "MuSGD" or not chosen and iterations > AUTO_ITERATIONS:
         return OptimizerChoice("MuSGD", 0.01, 0.9, 0.0, f"{why} > {AUTO_ITERATIONS}: MuSGD, lr0 0.01, momentum 0.9")
     lr = round(0.002 * 5 / (4 + nc), 6)
     return OptimizerChoice(
@@ -157,6 +160,25 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fused_kw)
 
 
+HYPERPARAMETERS = ("initial_lr", "weight_decay", "momentum", "betas")
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each group's settings that come from the configuration (not its parameters or their state)."""
+    return [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+
+
+def restore_hyperparameters(
+    optimizer: torch.optim.Optimizer, built: list[dict], schedule: Schedule, choice: OptimizerChoice, ni: int
+) -> None:
+    """After loading a checkpoint's optimizer state, which brings the saved run's lr0, momentum and weight decay
+    along: this run's values (as `built` from its configuration), with momentum where the schedule has it by now."""
+    for group, settings in zip(optimizer.param_groups, built):
+        group.update(settings)
+        if "momentum" in group:
+            group["momentum"] = schedule.momentum_after(ni, choice.momentum)
+
+
 def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
     """Zero SGD's momentum buffers before the first step (call once the parameters are on their device).
 
@@ -233,6 +255,10 @@ class Schedule:
         if self.in_warmup(ni):
             return max(1, int(np.interp(ni, [0, self.warmup_batches], [1, self.accumulate]).round()))
         return self.accumulate
+
+    def momentum_after(self, ni: int, initial: float) -> float:
+        """A group's momentum once `ni` micro-batches have been scheduled: warmup's last value, else `initial`."""
+        return self.momentum_at(min(ni - 1, self.warmup_batches)) if self.warmup_batches and ni > 0 else initial
 
     def apply(self, optimizer: torch.optim.Optimizer, ni: int, epoch: int) -> None:
         """Every group's lr (and momentum, where the group has one) for micro-batch `ni` of `epoch`."""

@@ -148,9 +148,34 @@ def resolve_resume(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig,
     if not saved.is_file():
         raise UserError(f"resume: '{saved}' is missing, so the run's configuration is unknown.")
     keep = [o for o in overrides if parse_override(o)[0] not in ("resume", "name", "project")]
+    before = load_config(saved)
     resumed = load_config(saved, keep)
     resumed.resume, resumed.project, resumed.name = str(ckpt), str(run.parent), run.name
+    refuse_changes(before, resumed, ckpt)
     return resumed, run, ckpt
+
+
+# What a checkpoint cannot continue with: another model, data set or optimizer kind would be another run; without
+# (or with) an EMA the checkpoint lacks (or holds) its state; the seed fixed the data order and the saved RNG states.
+# Initial weights are not read by a resume at all. Every other key is applied to the continuing run.
+FIXED_ON_RESUME = ("model", "data", "weights", "optimizer", "ema", "seed")
+
+
+def changes_on_resume(before: TrainConfig, after: TrainConfig) -> dict[str, tuple]:
+    """key -> (the run's value, the resume's) for every setting the resume changes."""
+    ignore = ("resume", "project", "name")
+    old, new = before.to_dict(), after.to_dict()
+    return {k: (old[k], new[k]) for k in new if k not in ignore and old.get(k) != new[k]}
+
+
+def refuse_changes(before: TrainConfig, after: TrainConfig, ckpt: Path) -> None:
+    fixed = {k: v for k, v in changes_on_resume(before, after).items() if k in FIXED_ON_RESUME}
+    if fixed:
+        key, (old, new) = next(iter(fixed.items()))
+        raise UserError(
+            f"resume: {key}={new!r} differs from the run's {key}={old!r} ({ckpt}); a resumed run keeps its "
+            f"{', '.join(FIXED_ON_RESUME)}. Start a new run (name=) to change it."
+        )
 
 
 def write_run_info(run: Path, info: dict[str, Any]) -> None:

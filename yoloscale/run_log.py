@@ -79,6 +79,24 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
+    def forget_epochs_after(self, epochs_done: int) -> None:
+        """On resume: rows of epochs after the checkpoint's go (they are trained again, and written again), so that
+        metrics.csv never holds an epoch twice."""
+        if not self.enabled or not self.csv_path.exists():
+            return
+        with open(self.csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = list(reader.fieldnames or []), list(reader)
+        kept = [r for r in rows if int(float(r["epoch"])) <= epochs_done]
+        if len(kept) == len(rows):
+            return
+        tmp = self.csv_path.with_name(f".tmp-{self.csv_path.name}")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        tmp.replace(self.csv_path)
+
     def finish(self, plots: bool) -> None:
         if not self.enabled:
             return

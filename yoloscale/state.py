@@ -30,6 +30,7 @@ class Progress:
     world_size: int = 1
     device_batch: int = 0
     backend: str = "ddp"  # the backend that wrote the checkpoint (its layout: backend.layout_of)
+    optimizer: str = ""  # the optimizer it trains with (what optimizer=auto chose at the start; a resume keeps it)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,10 +17,10 @@ import torch
 
 from yoloscale import backend
 from yoloscale.autotune import Autotune
-from yoloscale.checkpoint import load_checkpoint, save_checkpoint
+from yoloscale.checkpoint import load_checkpoint, read_state, save_checkpoint
 from yoloscale.checkpoint.full_state import optimizer_names
 from yoloscale.compile import CompileWatch, speed_up
-from yoloscale.config import TrainConfig
+from yoloscale.config import TrainConfig, load_config
 from yoloscale.data import (
     build_dataset,
     build_train_loader,
@@ -32,6 +33,7 @@ from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
 from yoloscale.export import RunWeights
 from yoloscale.grad_ckpt import apply_grad_ckpt
+from yoloscale.liveness import Heartbeat
 from yoloscale.memory import OutOfMemory, does_not_fit, free_memory, next_batch, reached_gib
 from yoloscale.model import build_model, initial_weights, model_spec
 from yoloscale.optim import (
@@ -39,17 +41,20 @@ from yoloscale.optim import (
     build_optimizer,
     choose_optimizer,
     device_batch_of,
+    hyperparameters,
     nominal_accumulate,
+    restore_hyperparameters,
     scaled_weight_decay,
 )
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
-from yoloscale.run_dir import lock_run_dir, new_run_dir, update_run_info, write_run_info
+from yoloscale.run_dir import changes_on_resume, lock_run_dir, new_run_dir, update_run_info, write_run_info
 from yoloscale.run_log import RunLog, seconds_since_start
 from yoloscale.state import LossMeter, Progress, StepHealth
 from yoloscale.sweep.trial import TRIAL_ENV, TrialReporter
 from yoloscale.validate import Validator
 
 OOM_RETRIES = 3  # as Ultralytics' trainer
+AUTO_SET = ("lr0", "momentum")  # what optimizer=auto decides instead of the configuration
 
 
 class TrainingDiverged(UserError):
@@ -73,11 +78,13 @@ class Trainer:
         set_seed(cfg.seed)
 
         # --- run directory: claimed by rank 0 (an exclusive lock for the run's life), shared with the others -----
-        run, self.run_lock = [Path(cfg.project) / cfg.name], None
+        run, self.run_lock = [Path(cfg.project) / cfg.name, uuid.uuid4().hex], None
         if self.is_main:
             run[0], self.run_lock = (run[0], lock_run_dir(run[0])) if cfg.resume else new_run_dir(cfg)
-        self.run_dir: Path = broadcast_object_list(run)[0] if self.world > 1 else run[0]
+        self.run_dir, job = broadcast_object_list(run) if self.world > 1 else run
         self.log = RunLog(cfg, self.run_dir, enabled=self.is_main)
+        # a frozen or lost rank ends the job within heartbeat_s, naming it (liveness.py)
+        self.heartbeat = Heartbeat(acc.process_index, self.world, cfg.heartbeat_s, job).start()
 
         # --- data description and Ultralytics' argument namespace --------------------------------------------
         if cfg.data == "synthetic":
@@ -90,7 +97,7 @@ class Trainer:
 
         # --- model, its initial weights, a plain copy for validation and export -------------------------------
         spec = model_spec(cfg.model, cfg.trust_pickle)
-        model = build_model(spec, self.data["nc"], self.data["names"], self.args, verbose=self.is_main)
+        model = build_model(spec, self.data["nc"], self.data["names"], self.args, self.is_main, cfg.trust_pickle)
         weights_report = "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle)
         stride = max(int(model.stride.max()), 32)
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
@@ -101,7 +108,7 @@ class Trainer:
         ckpt_layers = apply_grad_ckpt(model, grad_ckpt, cfg.grad_ckpt_recompute)  # around the compiled layers
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
-        with acc.main_process_first():
+        with self.heartbeat.main_first(acc, "datasets"):
             self.train_set = build_dataset(self.args, self.data, "train", self.device_batch, stride)
             val_set = build_dataset(self.args, self.data, "val", cfg.val_batch or 2 * self.device_batch, stride)
         if self.predicted_peak and self.device_batch > len(self.train_set) // self.world:  # batch=auto, small data
@@ -112,7 +119,8 @@ class Trainer:
 
         # --- optimizer and schedule, Ultralytics' rules (optim.py) -----------------------------------------------
         self.batch = self.device_batch * self.world  # the global batch
-        self.choice = choose_optimizer(cfg, len(self.train_set), self.data["nc"], self.batch)
+        chosen = read_state(Path(cfg.resume))["progress"].get("optimizer", "") if cfg.resume else ""
+        self.choice = choose_optimizer(cfg, len(self.train_set), self.data["nc"], self.batch, chosen)
         # what exported checkpoints record as their training arguments, as Ultralytics' trainer records them
         self.args.optimizer, self.args.lr0 = self.choice.name, self.choice.lr0
         self.args.warmup_bias_lr = self.choice.warmup_bias_lr
@@ -134,7 +142,9 @@ class Trainer:
         self.autotune = Autotune(cfg.cudnn_benchmark, self.use_cuda)
 
         # --- the resumable state (state.py), logging, signals -------------------------------------------------
-        self.progress = Progress(world_size=self.world, device_batch=self.device_batch, backend=cfg.backend)
+        self.progress = Progress(
+            world_size=self.world, device_batch=self.device_batch, backend=cfg.backend, optimizer=self.choice.name
+        )
         self.health = StepHealth(self.device)
         self.interval_losses, self.epoch_losses = LossMeter(self.device), LossMeter(self.device)
         self.stop_signal = StopSignal()
@@ -225,6 +235,7 @@ class Trainer:
             self._finish(metrics)
         finally:
             self.stop_signal.uninstall()
+            self.heartbeat.stop()
             if self.run_lock is not None:
                 self.run_lock.release()  # the run is over (or failed): the directory may be resumed
         return metrics
@@ -500,19 +511,41 @@ class Trainer:
                     f"checkpoint (now {self.world} x {self.device_batch})."
                 )
 
+        built = hyperparameters(self.optimizer)  # this run's lr0, momentum, weight decay: the checkpoint's replace them
         load_checkpoint(
-            self.accelerator, ckpt, self.model, self.optimizer, self.backend, self.group_names, self.pieces(), check
+            self.accelerator,
+            ckpt,
+            self.model,
+            self.optimizer,
+            self.backend,
+            self.group_names,
+            self.pieces(),
+            check,
+            self.cfg.trust_pickle,
         )
         pr = self.progress
+        restore_hyperparameters(self.optimizer, built, self.schedule, self.choice, pr.micro_step)
         if pr.backend != self.cfg.backend:
             self.log.message(f"resuming a backend={pr.backend} checkpoint with backend={self.cfg.backend}")
         if hasattr(self.criterion, "update"):
             for _ in range(pr.epoch):  # replay E2ELoss's per-epoch schedule
                 self.criterion.update()
         if self.is_main:  # the continuing run's settings (overrides such as epochs= included) for the next resume
+            if changes := changes_on_resume(load_config(self.run_dir / "config.yaml"), self.cfg):
+                auto = self.cfg.optimizer == "auto"  # which, as in a new run, chooses lr0 and momentum itself
+                self.log.message(
+                    "resume applies changed settings: "
+                    + ", ".join(
+                        f"{k} {a!r} -> {b!r}"
+                        + (" (unused: optimizer=auto chooses it)" if auto and k in AUTO_SET else "")
+                        for k, (a, b) in changes.items()
+                    )
+                )
             update_run_info(self.run_dir, finished=False)
+            self.log.forget_epochs_after(pr.epoch)
             self.cfg.resume = ""
             self.cfg.save(self.run_dir / "config.yaml")
             self.cfg.resume = str(ckpt)
         pr.world_size, pr.device_batch, pr.backend = self.world, self.device_batch, self.cfg.backend
+        pr.optimizer = self.choice.name
         self.log.message(f"resumed from {ckpt}: epoch {pr.epoch + 1}, optimizer step {pr.optimizer_steps}")

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from helpers import TINY, run_cli
+from yoloscale.errors import UserError
 
 
 def _fails(argv, message):
@@ -104,3 +105,63 @@ def test_an_empty_image_file_is_named_plainly(tiny_data, tmp_path):
     with contextlib.redirect_stderr(err):
         build_dataset(args, data, "train", 8, 32)
     assert "000003.png' was skipped: not an image it can decode" in err.getvalue()
+
+
+@pytest.mark.parametrize("arg", ["lr0=1000", "lrf=5", "momentum=1.5", "mosaic=2", "hsv_h=-1"])
+def test_a_value_out_of_ultralytics_range_is_one_line(arg):
+    _fails(["train", arg], f"key '{arg.split('=')[0]}' must be between 0 and 1")
+
+
+def test_every_ultralytics_fraction_key_we_have_is_range_checked():
+    from ultralytics.cfg import CFG_FRACTION_KEYS
+
+    from yoloscale.config import FIELDS, FRACTION_KEYS
+
+    assert set(CFG_FRACTION_KEYS) & set(FIELDS) <= set(FRACTION_KEYS)
+
+
+def test_deepspeed_flag_among_key_values_is_taken():
+    from yoloscale.cli import _options_first, _parser
+
+    ns = _parser().parse_args(_options_first(["train", "epochs=1", "--deepspeed", "x.json", "imgsz=64"]))
+    assert ns.deepspeed == "x.json" and ns.args == ["epochs=1", "imgsz=64"]
+    _fails(["train", "epochs=1", "--deepspeed", "/nonexistent/ds.json", "imgsz=64"], "ds.json")
+
+
+def test_a_full_disk_while_writing_an_ultralytics_pt_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yoloscale import export
+
+    def full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: No space left on device"
+        )
+
+    monkeypatch.setattr(export.torch, "save", full)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    with pytest.raises(UserError, match="no space left on the device writing .*last.pt'") as e:
+        export.write_ultralytics_pt(model, SimpleNamespace(), tmp_path / "last.pt")
+    assert "last complete checkpoint" not in str(e.value)  # no checkpoint is named that does not exist
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_undecodable_image_installs_nothing(tiny_data, tmp_path):
+    """Ultralytics would try `pip install pi-heif` for an image Pillow cannot identify; we never install."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+    (root / "data.yaml").write_text((root / "data.yaml").read_text().replace(str(tiny_data.parent), str(root)))
+    (root / "images/train/000003.png").write_bytes(b"not an image at all")
+    env = {k: v for k, v in os.environ.items() if k != "YOLO_AUTOINSTALL"}
+    argv = ["train", f"data={root / 'data.yaml'}", *TINY, "epochs=1", "val=False", f"project={tmp_path}", "name=r"]
+    proc = subprocess.run([sys.executable, "-m", "yoloscale", *argv], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "attempting AutoUpdate" not in proc.stdout + proc.stderr
+    assert "000003.png' was skipped" in proc.stderr
