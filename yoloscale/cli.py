@@ -235,22 +235,21 @@ def _run(ns: argparse.Namespace) -> None:
 
 
 def _options_first(argv: list[str]) -> list[str]:
-    """Launchers put their options (`--deepspeed FILE`, `--local_rank=N`) anywhere among our key=value arguments;
-    argparse takes positionals only up to the first option, so options move to just after the command's name."""
-    if not argv or argv[0].startswith("-"):
+    """`train`'s launcher options (`--deepspeed FILE`, `--local_rank=N`), which launchers put anywhere among our
+    key=value arguments, move to just after `train`: argparse takes positionals only up to the first option."""
+    if "train" not in argv:
         return argv
-    head, rest, options = [argv[0]], argv[1:], []
-    if head[0] in ("launch", "data") and rest and not rest[0].startswith("-"):
-        head, rest = [*head, rest[0]], rest[1:]
-    takes_value = ("--deepspeed", "--deepspeed_config", "--local_rank", "--local-rank", "--only", "--status")
-    plain, i = [], 0
+    at = argv.index("train") + 1
+    head, rest, options, plain = argv[:at], argv[at:], [], []
+    with_value = ("--deepspeed", "--deepspeed_config", "--local_rank", "--local-rank")
+    i = 0
     while i < len(rest):
         arg = rest[i]
-        if arg in takes_value and i + 1 < len(rest):
+        if arg in with_value and i + 1 < len(rest):
             options += rest[i : i + 2]
             i += 2
             continue
-        (options if arg.startswith("-") else plain).append(arg)
+        (options if arg.split("=", 1)[0] in with_value else plain).append(arg)
         i += 1
     return [*head, *options, *plain]
 
