@@ -2,7 +2,8 @@
 
 We reuse Ultralytics' `check_det_dataset`, `build_yolo_dataset` (mosaic, mixup, HSV, flips, letterbox...) and its
 collate function. The loader itself is a plain torch DataLoader over `ShardSampler`, which gives each rank a
-disjoint shard, reshuffles per epoch from the seed alone, and can start an epoch part-way through (resume).
+disjoint shard, reshuffles per epoch from the seed alone, and can start an epoch part-way through (resume); its
+epochs come back to back from one iterator (`TrainLoader`), so no epoch starts by waiting for the workers.
 """
 
 from __future__ import annotations
@@ -175,18 +176,71 @@ def _explain_skipped(dataset: Dataset) -> None:
                 warn(f"'{image}' was skipped: {meaning}")
 
 
+class EpochBatches(Sampler[list[int]]):
+    """Batches of a ShardSampler's epochs back to back, from (epoch, skip) on: one loader iterator serves the whole
+    run, so its workers prefetch the next epoch's first batches while an epoch ends (Ultralytics' InfiniteDataLoader
+    does the same). An epoch's batches never mix with the next one's."""
+
+    def __init__(self, sampler: ShardSampler, batch: int):
+        self.sampler, self.batch = sampler, batch
+        self.start = (0, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = self.start
+        while True:
+            self.sampler.set_epoch(epoch, skip)
+            indices = list(self.sampler)
+            for i in range(0, len(indices), self.batch):
+                yield indices[i : i + self.batch]
+            epoch, skip = epoch + 1, 0
+
+    def __len__(self) -> int:
+        """Batches of a whole epoch."""
+        return math.ceil(self.sampler.per_rank / self.batch)
+
+
+class TrainLoader:
+    """The training batches, epoch by epoch, from one DataLoader iterator kept across epochs. `epoch(e, skip)`
+    yields epoch e's batches after its first `skip` (a resume's position); asked for the epoch that follows where
+    the iterator stands, it goes on with the batches already prefetched, otherwise it starts a new iterator there."""
+
+    def __init__(self, loader: DataLoader, batches: EpochBatches):
+        self.loader, self.batches = loader, batches
+        self.dataset = loader.dataset
+        self._iterator: Iterator | None = None
+        self._at = (-1, -1)  # (epoch, batches of it consumed) where the iterator stands
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        fresh_workers = self.loader.num_workers > 0 and not self.loader.persistent_workers  # persistent_workers=False
+        if self._iterator is None or self._at != (epoch, skip) or fresh_workers:
+            self.batches.start = (epoch, skip * self.batches.batch)
+            self._iterator = iter(self.loader)
+        for i in range(skip, len(self)):
+            batch = next(self._iterator)
+            self._at = (epoch, i + 1) if i + 1 < len(self) else (epoch + 1, 0)
+            yield batch
+
+    def __iter__(self) -> Iterator[dict]:
+        """One epoch from where the stream stands (a whole one if it stands at an epoch's start)."""
+        epoch, done = self._at if self._at[0] >= 0 else (0, 0)
+        return self.epoch(epoch, done)
+
+
 def build_train_loader(
     dataset: Dataset, cfg: TrainConfig, batch: int, rank: int, world: int, use_cuda: bool
-) -> DataLoader:
-    """A DataLoader of `batch` images per step over a ShardSampler, with Ultralytics' collate and worker seeding."""
+) -> TrainLoader:
+    """`batch` images per step over a ShardSampler, with Ultralytics' collate and worker seeding."""
     from ultralytics.data.build import seed_worker
 
     sampler = ShardSampler(dataset, rank, world, shuffle=True, seed=cfg.seed)
+    batches = EpochBatches(sampler, batch)
     workers = min(cfg.workers, os.cpu_count() or 1)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
-        batch_size=batch,
-        sampler=sampler,
+        batch_sampler=batches,
         num_workers=workers,
         pin_memory=cfg.pin_memory and use_cuda,
         persistent_workers=cfg.persistent_workers and workers > 0,
@@ -194,8 +248,8 @@ def build_train_loader(
         collate_fn=dataset.collate_fn,
         worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(cfg.seed + rank),
-        drop_last=False,
     )
+    return TrainLoader(loader, batches)
 
 
 def build_val_loader(

@@ -279,10 +279,10 @@ class Trainer:
             self.log.message(f"closing mosaic for the last {cfg.close_mosaic} epochs")
             self.train_loader.dataset.close_mosaic(self.args)  # Ultralytics' own switch (zeroes mosaic/mixup/...)
             self.train_loader = self._train_loader()
-        self.train_loader.sampler.set_epoch(pr.epoch, skip=pr.batch_in_epoch * self.device_batch)
         self.model.train()
         images, t_log, n_log = 0, time.perf_counter(), 0
-        bar = self.log.epoch_bar(self.train_loader, len(self.train_loader), pr.epoch, cfg.epochs)
+        batches = self.train_loader.epoch(pr.epoch, skip=pr.batch_in_epoch)
+        bar = self.log.epoch_bar(batches, len(self.train_loader), pr.epoch, cfg.epochs)
         for batch in bar:
             stepped = self.train_step(batch)
             pr.batch_in_epoch += 1
