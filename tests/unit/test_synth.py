@@ -33,3 +33,38 @@ def test_dataset_layout_is_ultralytics(tmp_path):
         if line:
             c, *box = line.split()
             assert int(c) < len(NAMES) and all(0 <= float(v) <= 1 for v in box)
+
+
+def test_hard_mode_boxes_are_exact_inside_and_span_the_size_range(tmp_path):
+    from yoloscale.synth import HARD_NAMES, make_hard_image
+
+    rng = np.random.default_rng(3)
+    shapes, sides, counts = set(), [], []
+    for _ in range(40):
+        img, labels = make_hard_image(320, 10, rng)
+        hgt, wid = img.shape[:2]
+        assert max(hgt, wid) == 320 and min(hgt, wid) >= 190  # several aspect ratios
+        counts.append(len(labels))
+        for cls, cx, cy, w, h in labels:
+            shapes.add(cls)
+            assert 0 <= cx - w / 2 and cx + w / 2 <= 1 and 0 <= cy - h / 2 and cy + h / 2 <= 1
+            sides.append(max(w * wid, h * hgt) / min(hgt, wid))
+    assert shapes == set(range(len(HARD_NAMES)))
+    assert min(sides) < 0.03 and max(sides) > 0.2 and max(counts) >= 8
+    data = yaml.safe_load(write_synthetic_dataset(tmp_path / "h", 3, 2, 128, mode="hard", classes=6).read_text())
+    assert data["names"] == dict(enumerate(HARD_NAMES[:6]))
+    for f in (tmp_path / "h/labels/train").glob("*.txt"):
+        assert all(int(line.split()[0]) < 6 for line in f.read_text().split("\n") if line)
+
+
+def test_hard_mode_draws_each_box_tightly_for_an_unhidden_object():
+    """A single object on a plain background: its box is the drawn pixels' extent (to a pixel)."""
+    from yoloscale.synth import _draw_hard
+
+    rng = np.random.default_rng(5)
+    for cls in range(10):
+        img = np.zeros((200, 200, 3), np.uint8)
+        x1, y1, x2, y2 = _draw_hard(img, cls, 40, 50, 90, 70, rng)
+        ys, xs = np.nonzero(img.max(2))
+        assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1, cls
+        assert abs(ys.min() - y1) <= 1 and abs(ys.max() + 1 - y2) <= 1, cls
