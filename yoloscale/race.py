@@ -36,6 +36,12 @@ class RaceSettings:
     out: str = _f("runs/race", "Where both runs, race.json and race.png go (a folder that holds results is refused).")
     gpus: int = _f(1, "Devices per run (0: the CPU); several: Ultralytics' own DDP and our torchrun.")
     sides: str = _f("ultralytics,yoloscale", "Which trainers to run, in order.")
+    panel: str = _f(
+        "",
+        "A panel of cases instead of one race: 'default' (yolo11x at 640, yolo11l at 512, yolov8s at 320, on the hard "
+        "synthetic set) or a YAML file (race_panel.py says its form). Keys given here apply to every case.",
+    )
+    repeats: int = _f(1, "Races per case of a panel (seed 0, 1, ...): the spread between repeats is the noise.")
 
 
 SHARED = ("model", "data", "imgsz", "epochs", "batch", "workers", "cache", "seed")
@@ -52,7 +58,9 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, Any]]:
         raise UserError(f"race: sides={ns.sides!r}; choose from ultralytics,yoloscale.")
     if ns.gpus < 0:
         raise UserError(f"race: gpus={ns.gpus} must be >= 0 (0: the CPU).")
-    return cfg_file, train, {"out": ns.out, "gpus": ns.gpus, "sides": sides}
+    if ns.repeats < 1:
+        raise UserError(f"race: repeats={ns.repeats} must be >= 1.")
+    return cfg_file, train, {"out": ns.out, "gpus": ns.gpus, "sides": sides, "panel": ns.panel, "repeats": ns.repeats}
 
 
 def ultralytics_settings(cfg, given: list[str], gpus: int) -> dict[str, Any]:
@@ -289,6 +297,10 @@ def chart(summary: dict, path: Path) -> None:
 def main(args: list[str]) -> dict:
     """Entry point of `yoloscale race`."""
     cfg_file, given, settings = split_args(args)
+    if settings["panel"]:
+        from yoloscale.race_panel import run_panel
+
+        return run_panel(cfg_file, given, settings)
     return race(cfg_file, given, settings)
 
 

@@ -47,3 +47,32 @@ def test_race_settings_reach_ultralytics_under_its_names():
     assert "grad_ckpt" not in settings and settings["model"] == "yolo11x.yaml"
     with pytest.raises(Exception, match="sides"):
         split_args(["sides=theirs"])
+
+
+@pytest.mark.slow
+def test_a_panel_races_each_case_per_seed_on_the_hard_set(tmp_path):
+    panel = tmp_path / "panel.yaml"
+    panel.write_text(
+        "data: synthetic-hard\nimages: 16\ncommon: {epochs: 1, batch: 8, workers: 0}\n"
+        "cases:\n  - {name: n64, model: yolov8n.yaml, imgsz: 64}\n"
+    )
+    out = tmp_path / "p"
+    proc = run_cli("race", f"panel={panel}", "repeats=2", "gpus=0", "close_mosaic=0", f"out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "panel.json").read_text())
+    case = summary["cases"]["n64"]
+    assert len(case["wall_ratio"]) == 2 and all(r > 0 for r in case["wall_ratio"])
+    assert len(case["map_gap_by_epoch"]) == 1
+    for seed in (0, 1):
+        race = json.loads((out / f"n64-{seed}" / "race.json").read_text())
+        assert race["config"]["seed"] == seed and race["config"]["close_mosaic"] == 0  # the command line's keys apply
+        assert race["config"]["data"] == str(out / "data" / "data.yaml")
+    names = __import__("yaml").safe_load((out / "data" / "data.yaml").read_text())["names"]
+    assert len(names) == 10  # the hard set's classes
+    assert "wall ratio" in proc.stdout
+
+
+def test_a_bad_panel_is_one_line(tmp_path):
+    (tmp_path / "p.yaml").write_text("cases: [{model: yolov8n.yaml}]\n")
+    proc = run_cli("race", f"panel={tmp_path / 'p.yaml'}", f"out={tmp_path / 'o'}")
+    assert proc.returncode == 2 and "each with a 'name'" in proc.stderr and "Traceback" not in proc.stderr
