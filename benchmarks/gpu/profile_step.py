@@ -59,7 +59,12 @@ def annotate_all() -> None:
 
 def summarise(prof, side: str, wall: list[float]) -> dict:
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # device events that are spans, not kernels: the profiler's step marks and our annotations' GPU ranges
+    kernels = [
+        e
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(("ProfilerStep", "## "))
+    ]
     kernel_us = sum(e.self_device_time_total for e in kernels)
     launches = sum(e.count for e in kernels)
     notes = {
