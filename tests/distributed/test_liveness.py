@@ -30,8 +30,12 @@ def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
     return None
 
 
-def test_a_frozen_rank_ends_the_job_within_the_heartbeat_bound(tiny_data, tmp_path):
+def _start_training(tiny_data, tmp_path, name: str, *extra: str, prefix=(), env_extra=None):
+    """A long two-process gloo run under torchrun (after `prefix`, e.g. a shell wrapper), started in its own session;
+    returns, once its first optimizer step is done, the process and `output()`, all its output so far (all of it once
+    the process has ended)."""
     cmd = [
+        *prefix,
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -45,21 +49,37 @@ def test_a_frozen_rank_ends_the_job_within_the_heartbeat_bound(tiny_data, tmp_pa
         *TINY,
         "epochs=500",
         "val=False",
-        f"heartbeat_s={HEARTBEAT_S}",
+        *extra,
         f"project={tmp_path}",
-        "name=f",
+        f"name={name}",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
+
+    def output() -> str:
+        if proc.poll() is not None:
+            reader.join(timeout=10)  # the pipe is read to its end
+        return "".join(lines)
+
+    deadline = time.monotonic() + 300
+    while not any("first optimizer step" in line for line in lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(output()[-3000:])
+        time.sleep(0.5)
+    return proc, output
+
+
+def test_a_frozen_rank_ends_the_job_within_the_heartbeat_bound(tiny_data, tmp_path):
+    proc, output = _start_training(tiny_data, tmp_path, "f", f"heartbeat_s={HEARTBEAT_S}")
     frozen = None
     try:
-        deadline = time.monotonic() + 300
-        while not any("first optimizer step" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.5)
         frozen = _rank_pid(psutil.Process(proc.pid), 1)
         assert frozen is not None
         os.kill(frozen, signal.SIGSTOP)
@@ -68,11 +88,10 @@ def test_a_frozen_rank_ends_the_job_within_the_heartbeat_bound(tiny_data, tmp_pa
         took = time.monotonic() - stopped_at
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         if frozen is not None and psutil.pid_exists(frozen):
             os.kill(frozen, signal.SIGKILL)
-    reader.join(timeout=10)
-    out = "".join(lines)
+    out = output()
     assert proc.returncode != 0
     assert "rank 1 has shown no sign of life" in out, out[-3000:]
     assert took < BOUND_S, f"the job took {took:.0f} s to end\n{out[-3000:]}"
@@ -85,39 +104,11 @@ def test_sigterm_to_the_whole_step_saves_and_ends_torchrun_cleanly(tiny_data, tm
     from yoloscale.launch import QUIET_LAUNCHER
 
     signals = QUIET_LAUNCHER.split("=", 1)[1].split()[0]
-    cmd = [
-        "bash",
-        "-c",
-        'trap "" USR1 TERM; exec "$@"',
-        "launcher",
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "yoloscale",
-        "train",
-        f"data={tiny_data}",
-        *TINY,
-        "epochs=500",
-        "val=False",
-        f"project={tmp_path}",
-        "name=t",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PET_SIGNALS_TO_HANDLE=signals)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    wrapper = ("bash", "-c", 'trap "" USR1 TERM; exec "$@"', "launcher")
+    proc, output = _start_training(
+        tiny_data, tmp_path, "t", prefix=wrapper, env_extra={"PET_SIGNALS_TO_HANDLE": signals}
     )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
     try:
-        deadline = time.monotonic() + 300
-        while not any("first optimizer step" in line for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.5)
         everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         for p in everyone:  # as Slurm signals every process of a step (torchrun gives its workers their own group)
             p.send_signal(signal.SIGTERM)
@@ -125,8 +116,7 @@ def test_sigterm_to_the_whole_step_saves_and_ends_torchrun_cleanly(tiny_data, tm
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    reader.join(timeout=10)
-    out = "".join(lines)
+    out = output()
     assert proc.returncode == 0, out[-3000:]
     assert "Traceback" not in out and "SignalException" not in out, out[-3000:]
     assert "stop signal received: checkpoint" in out

@@ -10,6 +10,8 @@ that names anything else is refused with one line, unless the user passes trust_
 
 from __future__ import annotations
 
+import functools
+import importlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -34,59 +36,58 @@ _DEEPSPEED = (
     "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
     "deepspeed.runtime.zero.config:ZeroStageEnum",
 )
+DEEPSPEED_FOLDER = "pytorch_model"  # where Accelerate's DeepSpeed layout keeps DeepSpeed's own files
 _SKIP = (".safetensors", ".json", ".distcp", ".py", ".txt", ".yaml")
 
 
 class _Restricted(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (module, name) in _PLAIN or (
-            module in _DCP_MODULES and isinstance(getattr(_import(module), name, None), type)
+        found = getattr(importlib.import_module(module), name, None) if module in _DCP_MODULES else None
+        allowed = (
+            (module, name) in _PLAIN
+            or isinstance(found, type)  # DCP's dataclasses and enums
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
         )
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            allowed = True
-        if module == "torch.distributed.checkpoint.metadata" and name == "_MEM_FORMAT_ENCODING":
-            allowed = True
         if not allowed:
             raise pickle.UnpicklingError(f"it names {module}.{name}")
         return super().find_class(module, name)
 
 
-def _import(module: str):
-    import importlib
-
-    return importlib.import_module(module)
-
-
-def safe_globals() -> list:
-    """What torch's weights-only loader may build from our checkpoints besides its defaults."""
+@functools.cache
+def safe_globals(deepspeed: bool = False) -> tuple:
+    """What torch's weights-only loader may build from our checkpoints besides its defaults: Accelerate's numpy
+    list (the RNG states), and for files of a DeepSpeed layout its few classes (importing DeepSpeed takes seconds,
+    so only then)."""
     import numpy as np
 
     from yoloscale.compat import accelerate_safe_globals
 
-    allowed = [*accelerate_safe_globals(), np.dtype]  # numpy arrays of the RNG states: Accelerate's own list
-    try:
-        for entry in _DEEPSPEED:
-            module, _, name = entry.partition(":")
-            allowed.append(getattr(_import(module), name))
-    except (ImportError, AttributeError):
-        pass  # without DeepSpeed there is nothing of DeepSpeed's to read
-    return allowed
+    allowed = [*accelerate_safe_globals(), np.dtype]
+    if deepspeed:
+        try:
+            for entry in _DEEPSPEED:
+                module, _, name = entry.partition(":")
+                allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass  # without DeepSpeed there is nothing of DeepSpeed's to read
+    return tuple(allowed)
 
 
-def load_weights_only(path: Path, map_location="cpu"):
-    """torch.load of a file of ours (or DeepSpeed's, or Accelerate's), weights only."""
-    with torch.serialization.safe_globals(safe_globals()):
+def load_weights_only(path: Path, map_location="cpu", deepspeed: bool = False):
+    """torch.load of a file of ours (or Accelerate's, or with `deepspeed` DeepSpeed's), weights only."""
+    with torch.serialization.safe_globals(list(safe_globals(deepspeed))):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def problem_with(path: Path) -> str | None:
     """None if reading `path` cannot run code, else why (one phrase)."""
+    deepspeed = DEEPSPEED_FOLDER in path.parts
     if zipfile.is_zipfile(path):  # torch.save's format: torch's weights-only unpickler, tensors mapped, not read
         try:
-            with torch.serialization.safe_globals(safe_globals()):
+            with torch.serialization.safe_globals(list(safe_globals(deepspeed))):
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            named = _unsafe_globals(path)
+            named = _unsafe_globals(path, deepspeed)
             return f"it names {', '.join(named[:3])}" if named else f"{type(e).__name__}: {_first_line(e)}"
         return None
     with open(path, "rb") as f:
@@ -100,8 +101,8 @@ def problem_with(path: Path) -> str | None:
     return None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals() if hasattr(g, "__qualname__")}
+def _unsafe_globals(path: Path, deepspeed: bool) -> list[str]:
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in safe_globals(deepspeed) if hasattr(g, "__qualname__")}
     try:
         return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
     except Exception:

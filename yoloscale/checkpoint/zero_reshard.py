@@ -57,7 +57,7 @@ def read_zero(ckpt_dir: str) -> tuple[dict[str, dict[str, Any]], dict]:
 
     model_files = z.get_model_state_files(ckpt_dir)
     model_states = z.parse_model_states(model_files)
-    files = [load_weights_only(f)["optimizer_state_dict"] for f in z.get_optim_files(ckpt_dir)]
+    files = [load_weights_only(f, deepspeed=True)["optimizer_state_dict"] for f in z.get_optim_files(ckpt_dir)]
     stage = int(files[0]["zero_stage"])
     if stage <= 2:  # torch's state dict of the flat partitions; every group padded at the end of the last rank's
         per_rank = [
@@ -90,7 +90,7 @@ def read_zero(ckpt_dir: str) -> tuple[dict[str, dict[str, Any]], dict]:
         scalars = {k: v for k, v in group_state.items() if k not in flat_keys}  # AdamW's step: one per group
         for n in group_names:  # a copy each: torch's AdamW increments every parameter's step tensor in place
             optim[n] = {**{k: by_key[k][n] for k in flat_keys}, **{k: _copy(v) for k, v in scalars.items()}}
-    saved = load_weights_only(model_files[0])
+    saved = load_weights_only(model_files[0], deepspeed=True)
     counters = {k: saved[k] for k in ("global_steps", "global_samples", "skipped_steps")}
     return optim, counters
 
