@@ -67,16 +67,16 @@ class RunWeights:
     def __init__(self, run_dir: Path, args: SimpleNamespace):
         self.folder, self.args = Path(run_dir) / "weights", args
 
-    def best(self, model: torch.nn.Module) -> None:
+    def epoch_end(self, model: torch.nn.Module, epoch: int, metrics: dict, best: bool, period: bool) -> None:
+        """After an epoch: best.safetensors when the fitness improved; Ultralytics' save_period file epoch{N}.pt
+        (N 0-based as there)."""
         from yoloscale.checkpoint import save_weights
 
         self.folder.mkdir(exist_ok=True)
-        save_weights(model.state_dict(), self.folder / "best.safetensors")
-
-    def epoch(self, model: torch.nn.Module, epoch: int, metrics: dict) -> None:
-        """Ultralytics' save_period file: epoch{N}.pt, N 0-based as there."""
-        self.folder.mkdir(exist_ok=True)
-        write_ultralytics_pt(model, self.args, self.folder / f"epoch{epoch}.pt", metrics)
+        if best:
+            save_weights(model.state_dict(), self.folder / "best.safetensors")
+        if period:
+            write_ultralytics_pt(model, self.args, self.folder / f"epoch{epoch}.pt", metrics)
 
     def final(self, model: torch.nn.Module, metrics: dict) -> None:
         """last.* from the model as it is, then best.pt from best.safetensors, loaded into the same model: under

@@ -11,13 +11,15 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from yoloscale import backend
 from yoloscale.autotune import Autotune
-from yoloscale.checkpoint import load_checkpoint, read_state, save_checkpoint
+from yoloscale.checkpoint import load_checkpoint, read_state, save_checkpoint, wait_for_writer
+from yoloscale.checkpoint.background import BackgroundWriter
 from yoloscale.checkpoint.full_state import optimizer_names
 from yoloscale.compile import CompileWatch, speed_up
 from yoloscale.config import TrainConfig, load_config
@@ -94,6 +96,8 @@ class Trainer:
         self.data = check_dataset(data_yaml)
         self.args = ultralytics_args(cfg, data_yaml)
         self.weights = RunWeights(self.run_dir, self.args)  # weights/: best, epoch{N}.pt, last; .pt for Ultralytics
+        # sealing checkpoints and exporting weights run on the main rank's writer thread while training goes on
+        self.writer = BackgroundWriter()
 
         # --- model, its initial weights, a plain copy for validation and export -------------------------------
         spec = model_spec(cfg.model, cfg.trust_pickle)
@@ -103,7 +107,7 @@ class Trainer:
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
         grad_ckpt = self._plan_memory(spec, model)
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
-        self.speed_ups = speed_up(model, cfg)  # fused kernels, torch.compile (compile.py)
+        self.speed_ups = speed_up(model, cfg)  # torch.compile (compile.py)
         self.compile_watch = CompileWatch(enabled=cfg.compile != "off")
         ckpt_layers = apply_grad_ckpt(model, grad_ckpt, cfg.grad_ckpt_recompute)  # around the compiled layers
 
@@ -234,6 +238,7 @@ class Trainer:
                 metrics = self.end_epoch(images / max(time.perf_counter() - start, 1e-9), metrics)
             self._finish(metrics)
         finally:
+            self.writer.close()  # a started seal or export finishes (its error, if any, was raised at a wait)
             self.stop_signal.uninstall()
             self.heartbeat.stop()
             if self.run_lock is not None:
@@ -246,6 +251,7 @@ class Trainer:
         if hasattr(self.criterion, "update"):  # YOLO26's E2ELoss: once per epoch
             self.criterion.update()
         self._check_health()
+        wait_for_writer(self.accelerator, self.writer)  # the last epoch's exports read the eval model: done first
         self._refresh_eval_model()  # collective under sharding
         validated = cfg.val or pr.epoch + 1 == cfg.epochs
         if validated:
@@ -253,7 +259,7 @@ class Trainer:
             metrics = self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half)
         epoch = pr.epoch
         pr.epoch, pr.batch_in_epoch = pr.epoch + 1, 0
-        self._save_best(metrics)
+        improved = self._note_best(metrics)
         if cfg.patience and pr.epoch - pr.best_epoch >= cfg.patience and "fitness" in metrics:
             pr.early_stopped = True
             self.log.message(
@@ -267,9 +273,9 @@ class Trainer:
         if note := self.compile_watch.epoch_end(pr.epoch):
             self.log.message(note)
         keep = cfg.save_period > 0 and epoch % cfg.save_period == 0  # Ultralytics' epoch{N}.pt, N 0-based
+        if self.is_main and (improved or keep):  # queued ahead of the checkpoint's seal: a kill never loses a best
+            self.writer.submit(partial(self.weights.epoch_end, self.eval_model, epoch, metrics, improved, keep))
         self._checkpoint(epoch_end=True, keep_this=keep)
-        if keep and self.is_main:
-            self.weights.epoch(self.eval_model, epoch, metrics)
         return metrics
 
     def train_epoch(self) -> int:
@@ -363,10 +369,14 @@ class Trainer:
             self.train_set, self.cfg, self.device_batch, self.accelerator.process_index, self.world, self.use_cuda
         )
 
-    def _checkpoint(self, epoch_end: bool = False, keep_this: bool = False) -> Path:
-        """Collective. The skip count is read first, so the checkpoint holds the exact number."""
+    def _checkpoint(self, epoch_end: bool = False, keep_this: bool = False, wait: bool = False) -> Path:
+        """Collective. The skip count is read first, so the checkpoint holds the exact number. Its seal runs on the
+        writer thread after the jobs queued before it (end_epoch waited for the older ones); `wait`: return only
+        once it is complete."""
         self._check_health()
-        return save_checkpoint(
+        if not epoch_end:  # a save within an epoch: the previous one is complete first (at most one in flight)
+            wait_for_writer(self.accelerator, self.writer)
+        path = save_checkpoint(
             self.accelerator,
             self.run_dir,
             self.progress.optimizer_steps,
@@ -374,7 +384,11 @@ class Trainer:
             epoch_end=epoch_end,
             keep=self.cfg.keep_checkpoints,
             keep_this=keep_this,
+            writer=self.writer,
         )
+        if wait:
+            wait_for_writer(self.accelerator, self.writer)
+        return path
 
     def _first_step_done(self) -> None:
         self.first_step_s = seconds_since_start()
@@ -447,7 +461,7 @@ class Trainer:
         """At a logging interval: if any rank got SIGUSR1/SIGTERM, all save a checkpoint here and stop together."""
         if not self._any_rank(self.stop_signal.received is not None):
             return
-        ckpt = self._checkpoint()
+        ckpt = self._checkpoint(wait=True)
         requeued = requeue_slurm_job() if self.is_main else None
         raise Preempted(
             f"stop signal received: checkpoint {ckpt} written"
@@ -481,16 +495,17 @@ class Trainer:
         row.update(img_s=img_s, skipped_steps=self.health.skipped())
         return row
 
-    def _save_best(self, metrics: dict[str, float]) -> None:
+    def _note_best(self, metrics: dict[str, float]) -> bool:
+        """Whether this epoch's fitness is the best so far (then recorded as such)."""
         fitness = metrics.get("fitness")
         if fitness is None or fitness <= self.progress.best_fitness:
-            return
+            return False
         self.progress.best_fitness, self.progress.best_epoch = fitness, self.progress.epoch
-        if self.is_main:
-            self.weights.best(self.eval_model)
+        return True
 
     def _finish(self, metrics: dict[str, float]) -> None:
         """Final EMA weights as safetensors, best/last as Ultralytics .pt, and the plots."""
+        wait_for_writer(self.accelerator, self.writer)  # the last checkpoint is complete, the exports done
         self._refresh_eval_model()
         if self.is_main:
             self.weights.final(self.eval_model, metrics)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from yoloscale.checkpoint import folder
+from yoloscale.checkpoint.background import BackgroundWriter
 from yoloscale.checkpoint.folder import KEEP, MARKER
 from yoloscale.checkpoint.trusted import check_folder
 from yoloscale.errors import UserError, warn
@@ -37,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "save_weights",
+    "wait_for_writer",
 ]
 
 
@@ -73,13 +76,18 @@ def save_checkpoint(
     epoch_end: bool = False,
     keep: int = 2,
     keep_this: bool = False,
+    writer: BackgroundWriter | None = None,
 ) -> Path:
-    """Collective: every rank must call it. `pieces`: name -> object with state_dict(). Returns the folder."""
+    """Collective: every rank must call it. `pieces`: name -> object with state_dict(). Returns the folder.
+    Every rank writes its files here; the main rank then seals, switches and rotates: with a `writer`, as a job of
+    that background thread, after the jobs queued before it (the folder is complete once `wait_for_writer`
+    returned), else before returning. The caller waits for an earlier save of the same step before saving it again
+    (the trainer waits for every earlier save: at most one is in flight)."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}" + ("-end" if epoch_end else "")
     final, tmp = root / name, root / f".tmp-{name}"
-    state, tensors = _split(pieces)  # collective (the EMA gathers), before anything is written
     error = None
+    state, tensors = _split(pieces)  # collective (the EMA gathers), before anything is written
     try:
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
@@ -104,11 +112,39 @@ def save_checkpoint(
         raise error or UserError(f"another process could not write its part of checkpoint '{final}'.")
     folder.fault("written")
     if accelerator.is_main_process:
-        folder.seal(tmp)
-        folder.switch(tmp, final)
-        folder.rotate(root, keep)
-    accelerator.wait_for_everyone()
+        seal = partial(_seal_and_switch, tmp, final, keep)
+        writer.submit(seal) if writer is not None else seal()
+    if writer is None:
+        accelerator.wait_for_everyone()
     return final
+
+
+def wait_for_writer(accelerator, writer: BackgroundWriter) -> None:
+    """Collective: return when the main rank's background jobs have run. An error in one (a full disk) is raised on
+    every rank, the main one with its own message."""
+    error: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            writer.wait()
+        except Exception as e:
+            error = e
+    if _any_rank(accelerator, error is not None):
+        raise error or UserError("the main process could not finish writing a checkpoint or weights (see its error).")
+
+
+def _seal_and_switch(tmp: Path, final: Path, keep: int) -> None:
+    """The main rank's part, after every rank wrote its files: the manifest and marker, the rename, the rotation."""
+    try:
+        folder.seal(tmp)
+    except OSError as e:
+        newest = _newest(final.parent)
+        error = folder.io_error(e, tmp, folder.size_of(newest), previous=newest)
+        if error is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from None
+    folder.switch(tmp, final)
+    folder.rotate(final.parent, keep)
 
 
 def _any_rank(accelerator, flag: bool) -> bool:
