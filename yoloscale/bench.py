@@ -446,7 +446,7 @@ class BenchSettings:
     skip: str = _f("", "Comma list of parts to skip: ultralytics, loader.")
     variants: str = _f(
         "",
-        "Variants of our step to measure beside the plain loop on one GPU, separated by ';', each a space-separated list of training keys, e.g. 'fused_bn_silu=True;compile=default' (rows 'x eager': against the plain loop of the same precision; '1st step s': what the first step took, compiling included).",
+        "Variants of our step to measure beside the plain loop on one GPU, separated by ';', each a space-separated list of training keys, e.g. 'compile=True;channels_last=False' (rows 'x eager': against the plain loop of the same precision; '1st step s': what the first step took, compiling included).",
     )
     warmup: int = _f(14, "Micro-batches dropped before timing.")
     window: int = _f(10, "Micro-batches per timing window.")

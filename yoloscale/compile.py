@@ -31,19 +31,9 @@ if TYPE_CHECKING:
 
 
 def speed_up(model: nn.Module, cfg: TrainConfig) -> str:
-    """What `fused_bn_silu=` and `compile=` ask for, applied to the training model (not the eval copy); returns
-    what was done, for the run's log ('' for nothing)."""
-    done = []
-    if cfg.fused_bn_silu:
-        try:
-            from yoloscale.kernels.bn_silu import fuse_bn_silu
-        except ImportError as e:
-            from yoloscale.errors import UserError
-
-            raise UserError(f"fused_bn_silu=True needs Triton ({e}); pip install triton, or fused_bn_silu=False.")
-        done.append(f"BatchNorm+SiLU fused in {fuse_bn_silu(model)} Convs")
-    compiled = compile_training_model(model, cfg.compile, cfg.compile_scope, cfg.compile_backend)
-    return "; ".join(done + ([compiled] if compiled else []))
+    """What `compile=` asks for, applied to the training model (not the eval copy); returns what was done, for the
+    run's log ('' for nothing)."""
+    return compile_training_model(model, cfg.compile, cfg.compile_scope, cfg.compile_backend)
 
 
 def compile_training_model(model: nn.Module, mode: str, scope: str, backend: str = "inductor") -> str:

@@ -150,10 +150,6 @@ class TrainConfig:
         "inductor",
         "torch.compile's backend: inductor (generates kernels), or e.g. aot_eager (Dynamo's graph capture and AOTAutograd without code generation: checks that a model compiles, in seconds).",
     )
-    fused_bn_silu: bool = _f(
-        False,
-        "Fuse each Conv's BatchNorm and SiLU into one Triton kernel, forward and backward, in training on CUDA (channels_last activations; elsewhere the eager ops run). Not with compile (which fuses them itself) or sync_bn.",
-    )
     seed: int = _f(0, "Random seed (model init, data order).")
     # --- distributed backend and memory (docs/backends.md says which to pick)
     backend: str = _f(
@@ -261,12 +257,7 @@ _BOOLISH = {
 
 
 def _validate_compile(cfg: TrainConfig, checkpointed: bool) -> None:
-    """The combinations of compile= and fused_bn_silu= that are tested (tests/distributed/test_backends.py, test_compile.py)."""
-    if cfg.fused_bn_silu and (cfg.compile != "off" or cfg.sync_bn):
-        raise UserError(
-            "fused_bn_silu=True cannot be combined with compile= (it fuses BatchNorm and SiLU itself) or "
-            "sync_bn=True (the kernel computes each device's own statistics)."
-        )
+    """The combinations with compile= that are tested (tests/distributed/test_backends.py, test_compile.py)."""
     if cfg.compile == "off":
         return
     if cfg.compile_scope == "model" and (cfg.backend != "ddp" or checkpointed):
@@ -479,6 +470,24 @@ def command_help(cls: type, command: str, train_keys: bool) -> str:
     return "\n".join(lines)
 
 
+# Keys we no longer have -> (the value that trained as now, why it went). A config.yaml of an earlier run holds them:
+# with that value it still loads (resume works); with another the run could not train as asked, so it is refused.
+RETIRED = {
+    "fused_bn_silu": (False, "its fused BatchNorm+SiLU kernel made the training step slower than eager on a GPU"),
+}
+
+
+def _drop_retired(values: dict, where: str) -> dict:
+    for key, (same, why) in RETIRED.items():
+        if key in values and _coerce_bool(values[key]) != same:
+            raise UserError(f"{where}: key '{key}' was removed ({why}).")
+    return {k: v for k, v in values.items() if k not in RETIRED}
+
+
+def _coerce_bool(value: Any) -> Any:
+    return {"true": True, "false": False}.get(value.strip().lower(), value) if isinstance(value, str) else value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()) -> TrainConfig:
     """Defaults <- YAML file <- overrides, every key and value checked."""
     values: dict[str, Any] = {}
@@ -494,9 +503,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise UserError(f"config file '{path}'{line}: not valid YAML ({getattr(e, 'problem', e)}).") from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file '{path}': expected a mapping of key: value, got {type(loaded).__name__}.")
+        loaded = _drop_retired(loaded, f"config file '{path}'")
         values.update({k: _coerce(k, v, f"config file '{path}'") for k, v in loaded.items()})
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
-    values.update({k: _coerce(k, v, "command line") for k, v in items})
+    items = dict(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides))
+    values.update({k: _coerce(k, v, "command line") for k, v in _drop_retired(items, "command line").items()})
     if values.get("data", FIELDS["data"].default) == "synthetic":
         values = {**SYNTHETIC_DEFAULTS, **values}
     cfg = TrainConfig(**values)

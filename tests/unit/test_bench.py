@@ -41,7 +41,7 @@ def test_bench_on_cpu_writes_table_json_and_chart(tmp_path):
         "loader_workers=0",
         "warmup=2",
         "window=2",
-        "variants=fused_bn_silu=True",
+        "variants=channels_last=False",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "yoloscale loop fp32" in proc.stdout and "ultralytics (fp16 AMP)" in proc.stdout
@@ -51,10 +51,10 @@ def test_bench_on_cpu_writes_table_json_and_chart(tmp_path):
         "ultralytics (fp16 AMP)",
         "yoloscale loop fp32",
         "yoloscale bare fp32",
-        "yoloscale loop fp32 fused_bn_silu=True",
+        "yoloscale loop fp32 channels_last=False",
         "loader alone, 0 workers",
     }
-    variant = rows["yoloscale loop fp32 fused_bn_silu=True"]
+    variant = rows["yoloscale loop fp32 channels_last=False"]
     assert variant["x_eager"] > 0 and variant["first_step_s"] > 0
     loop = rows["yoloscale loop fp32"]
     assert loop["img_s"] > 0 and loop["x_ultralytics"] > 0 and 0 < loop["mfu"] < 1 and loop["x_ceiling"] > 0

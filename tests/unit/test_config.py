@@ -70,3 +70,15 @@ def test_every_field_is_documented():
     rows = field_help()
     assert len(rows) == len(TrainConfig.__dataclass_fields__)
     assert all(len(doc) > 10 for _, _, doc in rows)
+
+
+def test_a_retired_key_loads_with_the_value_that_trains_as_now_and_is_refused_otherwise(tmp_path):
+    """A config.yaml of an earlier run still resumes; asking for what no longer exists is one clear line."""
+    old = tmp_path / "config.yaml"
+    old.write_text("epochs: 3\nfused_bn_silu: false\n")
+    assert load_config(old).epochs == 3
+    old.write_text("epochs: 3\nfused_bn_silu: true\n")
+    with pytest.raises(UserError, match=r"config.yaml': key 'fused_bn_silu' was removed \(.*slower than eager"):
+        load_config(old)
+    with pytest.raises(UserError, match="command line: key 'fused_bn_silu' was removed"):
+        load_config(None, ["fused_bn_silu=True"])
