@@ -63,6 +63,16 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, Any]]:
     return cfg_file, train, {"out": ns.out, "gpus": ns.gpus, "sides": sides, "panel": ns.panel, "repeats": ns.repeats}
 
 
+def with_synthetic_defaults(cfg, given: list[str]) -> list[str]:
+    """The command line for our side when the race trains on the embedded synthetic set: its data.yaml, and the
+    settings that set implies (imgsz, epochs), which a data= path alone would not bring back."""
+    from yoloscale.config import SYNTHETIC_DEFAULTS, parse_override
+
+    named = {key for key, _ in map(parse_override, given)}
+    implied = [f"{k}={getattr(cfg, k)}" for k in SYNTHETIC_DEFAULTS if k not in named]
+    return [*(a for a in given if parse_override(a)[0] != "data"), f"data={cfg.data}", *implied]
+
+
 def ultralytics_settings(cfg, given: list[str], gpus: int) -> dict[str, Any]:
     """The keyword arguments of Ultralytics' `YOLO(model).train(...)` for this race."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
@@ -90,12 +100,20 @@ def run_ultralytics(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     offline_ultralytics_trainer()
     start = psutil.Process().create_time()
-    events: dict[str, Any] = {"first_step_s": None, "epochs": []}
+    # its phases before the first step, as ours are logged (trainer.py): phase -> seconds since the command started
+    marks: dict[str, float] = {"imports": time.time() - start}
+    events: dict[str, Any] = {"first_step_s": None, "epochs": [], "startup_s": {}}
     epoch_start, train_s = [0.0], [None]
+
+    def mark(phase: str) -> None:
+        marks.setdefault(phase, time.time() - start)
 
     def batch_end(trainer):
         if events["first_step_s"] is None:
             events["first_step_s"] = time.time() - start
+            mark("first step")
+            ends = list(marks.items())
+            events["startup_s"] = {k: round(t - (ends[i - 1][1] if i else 0.0), 2) for i, (k, t) in enumerate(ends)}
 
     def fit_epoch_end(trainer):  # after validation; also fired by its final evaluation, which trains no epoch
         if train_s[0] is None:
@@ -111,6 +129,10 @@ def run_ultralytics(spec_file: str) -> None:
         train_s[0] = None
 
     model = YOLO(spec["settings"]["model"])
+    mark("model")
+    model.add_callback("on_pretrain_routine_start", lambda trainer: mark("devices"))  # its trainer is built
+    model.add_callback("on_pretrain_routine_end", lambda trainer: mark("data and optimizer"))
+    model.add_callback("on_train_batch_start", lambda trainer: mark("first batch"))
     model.add_callback("on_train_batch_end", batch_end)
     model.add_callback("on_train_epoch_start", lambda trainer: epoch_start.__setitem__(0, time.time()))
     model.add_callback("on_train_epoch_end", lambda trainer: train_s.__setitem__(0, time.time() - epoch_start[0]))
@@ -176,7 +198,7 @@ def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
     cfg = load_config(cfg_file, given)  # every key checked before anything runs
     if cfg.data == "synthetic":  # one copy both sides read
         cfg.data = str(write_synthetic_dataset(out / "data"))
-        given = [*given, f"data={cfg.data}"]
+        given = with_synthetic_defaults(cfg, given)
     gpus, results = settings["gpus"], {}
     if "ultralytics" in settings["sides"]:
         spec = {
@@ -224,6 +246,7 @@ def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
         results["yoloscale"] = {
             "wall_s": wall,
             "first_step_s": info.get("first_step_s"),
+            "startup_s": info.get("startup_s", {}),
             "epochs": _epochs_from_metrics_csv(out / "yoloscale" / "metrics.csv"),
         }
     summary = {
@@ -267,6 +290,10 @@ def table(summary: dict) -> str:
             f"{name:<12}{side['wall_s']:>9.1f}{fmt(side['first_step_s'], '.1f'):>11}"
             f"{fmt(steady_img_s(side), '.1f'):>8}  {maps}"
         )
+    for name, side in summary["sides"].items():
+        if side.get("startup_s"):
+            phases = ", ".join(f"{phase} {t:.1f}" for phase, t in side["startup_s"].items())
+            lines.append(f"{name} to its first step: {phases} s")
     sides = summary["sides"]
     if len(sides) == 2:
         lines.append(

@@ -68,6 +68,8 @@ class Trainer:
         from accelerate.utils import broadcast_object_list, set_seed
 
         self.cfg = cfg
+        # where the time to the first optimizer step goes: phase -> seconds since the command started (logged then)
+        self.startup = {"imports": seconds_since_start()}
         # --- devices, precision, the batch per device -----------------------------------------------------------
         backend.distributed_env_from_slurm()
         world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; Accelerate reads the same variable
@@ -87,6 +89,7 @@ class Trainer:
         self.log = RunLog(cfg, self.run_dir, enabled=self.is_main)
         # a frozen or lost rank ends the job within heartbeat_s, naming it (liveness.py)
         self.heartbeat = Heartbeat(acc.process_index, self.world, cfg.heartbeat_s, job).start()
+        self.startup["devices"] = seconds_since_start()
 
         # --- data description and Ultralytics' argument namespace --------------------------------------------
         if cfg.data == "synthetic":
@@ -110,6 +113,7 @@ class Trainer:
         self.speed_ups = speed_up(model, cfg)  # torch.compile (compile.py)
         self.compile_watch = CompileWatch(enabled=cfg.compile != "off")
         ckpt_layers = apply_grad_ckpt(model, grad_ckpt, cfg.grad_ckpt_recompute)  # around the compiled layers
+        self.startup["model"] = seconds_since_start()
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
         with self.heartbeat.main_first(acc, "datasets"):
@@ -120,6 +124,7 @@ class Trainer:
         self.train_loader = self._train_loader()
         val_loader = build_val_loader(val_set, cfg, self.device_batch, acc.process_index, self.world, self.use_cuda)
         self.validator = Validator(self.args, self.data, val_loader, self.run_dir, self.world)
+        self.startup["data"] = seconds_since_start()
 
         # --- optimizer and schedule, Ultralytics' rules (optim.py) -----------------------------------------------
         self.batch = self.device_batch * self.world  # the global batch
@@ -171,6 +176,7 @@ class Trainer:
         if nominal < (cfg.accumulate or max(round(cfg.nbs / self.batch), 1)):
             self.log.message(f"accumulate capped at {nominal}: an epoch has only {len(self.train_loader)} batches")
         self.log.message(self._describe(len(ckpt_layers), len(model.model)))
+        self.startup["optimizer"] = seconds_since_start()
 
     def _plan_memory(self, spec, model) -> str:
         """batch=auto (or a fraction, or -1) and grad_ckpt=auto, from the memory model measured on this device
@@ -290,6 +296,8 @@ class Trainer:
         batches = self.train_loader.epoch(pr.epoch, skip=pr.batch_in_epoch)
         bar = self.log.epoch_bar(batches, len(self.train_loader), pr.epoch, cfg.epochs)
         for batch in bar:
+            if self.first_step_s is None:
+                self.startup.setdefault("first batch", seconds_since_start())
             stepped = self.train_step(batch)
             pr.batch_in_epoch += 1
             if self.on_micro_step is not None:
@@ -391,10 +399,16 @@ class Trainer:
         return path
 
     def _first_step_done(self) -> None:
-        self.first_step_s = seconds_since_start()
+        self.first_step_s = self.startup["first step"] = seconds_since_start()
+        ends = list(self.startup.items())
+        took = {phase: round(t - (ends[i - 1][1] if i else 0.0), 2) for i, (phase, t) in enumerate(ends)}
         if self.is_main:
-            update_run_info(self.run_dir, first_step_s=round(self.first_step_s, 2))
-        self.log.message(f"first optimizer step {self.first_step_s:.1f} s after the command started")
+            update_run_info(self.run_dir, first_step_s=round(self.first_step_s, 2), startup_s=took)
+        self.log.message(
+            f"first optimizer step {self.first_step_s:.1f} s after the command started ("
+            + ", ".join(f"{phase} {t:.1f}" for phase, t in took.items())
+            + " s)"
+        )
 
     def _retry_smaller(self, first_epoch: int, error: OutOfMemory) -> None:
         """A CUDA out-of-memory error in the first epoch of a single-process run: restart the epoch with half the

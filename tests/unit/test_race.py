@@ -7,6 +7,18 @@ import pytest
 from helpers import run_cli
 
 
+def test_our_side_trains_the_synthetic_set_at_the_settings_it_implies():
+    """data=synthetic brings imgsz=160 and epochs=10 with it; our side gets a data.yaml path, so they are passed
+    along, or it would train at 640 px against Ultralytics' 160 (unless given)."""
+    from yoloscale.config import load_config
+    from yoloscale.race import with_synthetic_defaults
+
+    cfg = load_config(None, ["epochs=2"])
+    cfg.data = "/x/data.yaml"
+    assert with_synthetic_defaults(cfg, ["epochs=2"]) == ["epochs=2", "data=/x/data.yaml", "imgsz=160"]
+    assert load_config(None, with_synthetic_defaults(cfg, ["epochs=2"])).imgsz == 160
+
+
 @pytest.mark.slow
 def test_race_on_the_cpu_reports_both_sides(tiny_data, tmp_path):
     out = tmp_path / "race"
