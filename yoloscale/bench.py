@@ -170,7 +170,7 @@ def measure_loader(cfg, warmup: int, window: int) -> dict:
 
     data = check_dataset(cfg.data)
     dataset = build_dataset(ultralytics_args(cfg, cfg.data), data, "train", cfg.batch, 32)
-    loader = build_train_loader(dataset, cfg, cfg.batch, rank=0, world=1, use_cuda=False)
+    loader = build_train_loader(dataset, cfg, cfg.batch, rank=0, world=1, use_cuda=False, workers=cfg.workers)
     times = []
     for _ in loader:
         times.append(time.perf_counter())

@@ -182,7 +182,7 @@ class TrainConfig:
     # --- data loading
     workers: int = _f(
         8,
-        "Data loader worker processes per device (Ultralytics' 8), at most the CPU count; validation uses twice as many.",
+        "Data loader worker processes per device (Ultralytics' 8), at most the CPU count; validation uses twice as many. Training on the CPU loads in the training process (0 workers), as Ultralytics does: there the step, not the loading, takes the time, and workers would take its cores.",
     )
     pin_memory: bool = _f(True, "Pinned host memory for faster host-to-GPU copies (ignored on CPU).")
     persistent_workers: bool = _f(True, "Keep loader workers alive between epochs.")

@@ -229,15 +229,22 @@ class TrainLoader:
         return self.epoch(epoch, done)
 
 
+def loader_workers(cfg: TrainConfig, use_cuda: bool) -> int:
+    """Worker processes per device: `workers` up to the CPU count; none when training on the CPU (Ultralytics'
+    rule: the step takes the time there, and workers would compete with it for the cores)."""
+    return min(cfg.workers, os.cpu_count() or 1) if use_cuda else 0
+
+
 def build_train_loader(
-    dataset: Dataset, cfg: TrainConfig, batch: int, rank: int, world: int, use_cuda: bool
+    dataset: Dataset, cfg: TrainConfig, batch: int, rank: int, world: int, use_cuda: bool, workers: int | None = None
 ) -> TrainLoader:
-    """`batch` images per step over a ShardSampler, with Ultralytics' collate and worker seeding."""
+    """`batch` images per step over a ShardSampler, with Ultralytics' collate and worker seeding; `workers`: that
+    many worker processes instead of loader_workers()'s choice (the loader measured alone)."""
     from ultralytics.data.build import seed_worker
 
     sampler = ShardSampler(dataset, rank, world, shuffle=True, seed=cfg.seed)
     batches = EpochBatches(sampler, batch)
-    workers = min(cfg.workers, os.cpu_count() or 1)
+    workers = loader_workers(cfg, use_cuda) if workers is None else workers
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -264,7 +271,7 @@ def build_val_loader(
     return build_dataloader(
         dataset,
         batch,
-        2 * cfg.workers,
+        2 * loader_workers(cfg, use_cuda),
         shuffle=False,
         rank=rank if world > 1 else -1,
         pin_memory=cfg.pin_memory,
