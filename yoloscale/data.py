@@ -208,16 +208,28 @@ class TrainLoader:
         self.loader, self.batches = loader, batches
         self.dataset = loader.dataset
         self._iterator: Iterator | None = None
-        self._at = (-1, -1)  # (epoch, batches of it consumed) where the iterator stands
+        self._at = self._started_at = (-1, -1)  # (epoch, batches of it consumed) where the iterator stands
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
-        fresh_workers = self.loader.num_workers > 0 and not self.loader.persistent_workers  # persistent_workers=False
-        if self._iterator is None or self._at != (epoch, skip) or fresh_workers:
+    @property
+    def started(self) -> bool:
+        """Whether the iterator (and so its worker processes) exists."""
+        return self._iterator is not None
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        """Start the iterator at (epoch, skip) now, so its workers prepare the first batches before they are asked
+        for (does nothing if it stands there already)."""
+        if self._iterator is None or self._at != (epoch, skip):
             self.batches.start = (epoch, skip * self.batches.batch)
             self._iterator = iter(self.loader)
+            self._at = self._started_at = (epoch, skip)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        if not self.loader.persistent_workers and self._at != self._started_at:
+            self._iterator = None  # persistent_workers=False: new workers for every epoch
+        self.start(epoch, skip)
         for i in range(skip, len(self)):
             batch = next(self._iterator)
             self._at = (epoch, i + 1) if i + 1 < len(self) else (epoch + 1, 0)

@@ -176,6 +176,9 @@ class Trainer:
         if nominal < (cfg.accumulate or max(round(cfg.nbs / self.batch), 1)):
             self.log.message(f"accumulate capped at {nominal}: an epoch has only {len(self.train_loader)} batches")
         self.log.message(self._describe(len(ckpt_layers), len(model.model)))
+        # the loader's workers start on the first batches now, while the run gets ready for its first step
+        self._close_mosaic_if_due()
+        self.train_loader.start(self.progress.epoch, self.progress.batch_in_epoch)
         self.startup["optimizer"] = seconds_since_start()
 
     def _plan_memory(self, spec, model) -> str:
@@ -287,10 +290,7 @@ class Trainer:
     def train_epoch(self) -> int:
         """One epoch (or what is left of it after a resume); returns the number of images processed."""
         cfg, pr = self.cfg, self.progress
-        if cfg.close_mosaic and pr.epoch >= cfg.epochs - cfg.close_mosaic and self.args.mosaic > 0:
-            self.log.message(f"closing mosaic for the last {cfg.close_mosaic} epochs")
-            self.train_loader.dataset.close_mosaic(self.args)  # Ultralytics' own switch (zeroes mosaic/mixup/...)
-            self.train_loader = self._train_loader()
+        self._close_mosaic_if_due()
         self.model.train()
         images, t_log, n_log = 0, time.perf_counter(), 0
         batches = self.train_loader.epoch(pr.epoch, skip=pr.batch_in_epoch)
@@ -371,6 +371,16 @@ class Trainer:
         img = batch["img"].float() / 255
         batch["img"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
         return batch
+
+    def _close_mosaic_if_due(self) -> None:
+        """Ultralytics' close_mosaic: no mosaic in the final `close_mosaic` epochs. Loader workers already running
+        hold the dataset as it was: such a loader is rebuilt."""
+        cfg = self.cfg
+        if cfg.close_mosaic and self.progress.epoch >= cfg.epochs - cfg.close_mosaic and self.args.mosaic > 0:
+            self.log.message(f"closing mosaic for the last {cfg.close_mosaic} epochs")
+            self.train_loader.dataset.close_mosaic(self.args)  # Ultralytics' own switch (zeroes mosaic/mixup/...)
+            if self.train_loader.started:
+                self.train_loader = self._train_loader()
 
     def _train_loader(self):
         return build_train_loader(
