@@ -141,3 +141,21 @@ def test_a_copy_of_a_checkpoint_survives_a_resumed_run(trained_run, tmp_path):
 def test_a_missing_checkpoint_folder_is_not_called_incomplete(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         find_checkpoint(tmp_path / "checkpoints" / "step-00000099")
+
+
+def test_a_manifest_of_the_earlier_digest_still_verifies(tmp_path):
+    """Manifests record XXH3-128 now; a checkpoint sealed with BLAKE2b (an earlier version) verifies, and damage
+    to it is found."""
+    import json
+
+    ckpt = tmp_path / "checkpoints" / "step-00000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    folder.seal(ckpt)
+    manifest = json.loads((ckpt / folder.MANIFEST).read_text())
+    assert set(manifest["model.safetensors"]) == {"size", folder.DIGEST}
+    older = {"model.safetensors": {"size": 7, "blake2b": folder._digest(ckpt / "model.safetensors", "blake2b")}}
+    (ckpt / folder.MANIFEST).write_text(json.dumps(older))
+    assert folder.verify(ckpt) is None
+    (ckpt / "model.safetensors").write_bytes(b"weightz")
+    assert "does not match its hash" in folder.verify(ckpt)
