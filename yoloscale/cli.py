@@ -176,10 +176,17 @@ def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: st
 
 
 def train(args: list[str], ds_file: str | None = None) -> None:
-    from yoloscale.config import load_config
-    from yoloscale.run_dir import resolve_resume
     from yoloscale.trainer import Trainer
 
+    Trainer(train_config(args, ds_file)).train()
+
+
+def train_config(args: list[str], ds_file: str | None = None):
+    """`yoloscale train`'s arguments -> the run's configuration (a resume's: the run's own, with the overrides)."""
+    from yoloscale.config import load_config
+    from yoloscale.run_dir import resolve_resume
+
+    args = ["resume=auto" if a == "resume" else a for a in args]  # Ultralytics' bare `resume`
     cfg_file = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if cfg_file else args
     if cfg_file and not cfg_file.endswith((".yaml", ".yml")):
@@ -189,7 +196,7 @@ def train(args: list[str], ds_file: str | None = None) -> None:
     cfg = load_config(cfg_file, overrides)
     if cfg.resume:
         cfg, _, _ = resolve_resume(cfg, overrides)
-    Trainer(cfg).train()
+    return cfg
 
 
 def _run(ns: argparse.Namespace) -> None:

@@ -62,7 +62,8 @@ class TrainConfig:
         "", "Run directory name under project; empty picks train, train2, ... An existing run is never overwritten."
     )
     resume: str = _f(
-        "", "'' for a fresh run, 'auto' for the latest complete checkpoint of project/name, or a checkpoint/run path."
+        "",
+        "'' for a fresh run; 'auto' (or True, or a bare `resume`, as in Ultralytics) for the latest complete checkpoint of project/name (without name: of the project's latest run); or a run directory, a checkpoint folder, or a run's weights/last.pt.",
     )
     # --- schedule (Ultralytics' meanings and defaults)
     epochs: int = _f(100, "Number of training epochs (Ultralytics' 100); with data=synthetic and no epochs given, 10.")
@@ -253,6 +254,7 @@ _BOOLISH = {
     "cudnn_benchmark": {True: "on", False: "off"},
     "cache": {True: "ram", False: ""},
     "compile": {True: "default", False: "off"},
+    "resume": {True: "auto", False: ""},  # Ultralytics' resume=True: the latest run
 }
 
 

@@ -142,6 +142,13 @@ def resolve_resume(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig,
             target = max(runs, key=lambda p: complete_checkpoints(p)[-1].stat().st_mtime)
     else:
         target = Path(cfg.resume)
+        if target.is_file():  # Ultralytics' form: resume=RUN/weights/last.pt continues that run
+            if target.parent.name != "weights":
+                raise UserError(
+                    f"resume: '{target}' is a file; give a run directory, a checkpoint folder or a run's "
+                    "weights/last.pt."
+                )
+            target = target.parent.parent
     ckpt = find_checkpoint(target)
     run = ckpt.parent.parent
     saved = run / "config.yaml"

@@ -6,11 +6,13 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from helpers import TINY, run_cli
 from yoloscale.config import load_config
+from yoloscale.errors import UserError
 from yoloscale.run_dir import resolve_resume
 
 pytestmark = pytest.mark.slow
@@ -81,3 +83,22 @@ def test_an_epoch_whose_checkpoint_failed_is_not_in_metrics_csv_twice(tiny_data,
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(tmp_path / "m" / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("form", [["resume=True"], ["resume"], ["resume=true"], ["resume=auto"], "last.pt"])
+def test_ultralytics_resume_forms_continue_the_run(sgd_run, form):
+    """resume=True and a bare `resume` (the project's latest run), and resume=RUN/weights/last.pt (that run), as in
+    Ultralytics, all continue our checkpoint of the run."""
+    from yoloscale.cli import train_config
+
+    args = [f"resume={sgd_run / 'weights' / 'last.pt'}"] if form == "last.pt" else form
+    cfg = train_config([*args, f"project={sgd_run.parent}", "epochs=3"])
+    assert Path(cfg.resume).parent.parent == sgd_run and cfg.epochs == 3
+    assert load_config(None, ["resume=False"]).resume == ""
+
+
+def test_a_file_that_is_not_a_runs_weights_is_refused_in_one_line(tmp_path):
+    stray = tmp_path / "model.pt"
+    stray.write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file; give a run directory, a checkpoint folder or a run's"):
+        resolve_resume(load_config(None, [f"resume={stray}"]), [])
