@@ -61,20 +61,24 @@ def write_ultralytics_pt(
 
 
 class RunWeights:
-    """The run directory's weights/ folder, written by the main rank: best.safetensors whenever the fitness improves,
-    epoch{N}.pt at each save_period, and at the end last.safetensors plus best.pt / last.pt for Ultralytics."""
+    """The run directory's weights/ folder, written by the main rank: last.pt after every epoch, best.pt and
+    best.safetensors whenever the fitness improves, epoch{N}.pt at each save_period, and at the end
+    last.safetensors, last.pt and best.pt (from best.safetensors) once more."""
 
     def __init__(self, run_dir: Path, args: SimpleNamespace):
         self.folder, self.args = Path(run_dir) / "weights", args
 
     def epoch_end(self, model: torch.nn.Module, epoch: int, metrics: dict, best: bool, period: bool) -> None:
-        """After an epoch: best.safetensors when the fitness improved; Ultralytics' save_period file epoch{N}.pt
-        (N 0-based as there)."""
+        """After each epoch, as Ultralytics' trainer: last.pt; best.safetensors and best.pt when the fitness
+        improved; the save_period file epoch{N}.pt (N 0-based as there). An interrupted run leaves loadable
+        weights."""
         from yoloscale.checkpoint import save_weights
 
         self.folder.mkdir(exist_ok=True)
+        write_ultralytics_pt(model, self.args, self.folder / "last.pt", metrics)
         if best:
             save_weights(model.state_dict(), self.folder / "best.safetensors")
+            write_ultralytics_pt(model, self.args, self.folder / "best.pt", metrics)
         if period:
             write_ultralytics_pt(model, self.args, self.folder / f"epoch{epoch}.pt", metrics)
 

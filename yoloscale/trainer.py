@@ -282,7 +282,7 @@ class Trainer:
         if note := self.compile_watch.epoch_end(pr.epoch):
             self.log.message(note)
         keep = cfg.save_period > 0 and epoch % cfg.save_period == 0  # Ultralytics' epoch{N}.pt, N 0-based
-        if self.is_main and (improved or keep):  # queued ahead of the checkpoint's seal: a kill never loses a best
+        if self.is_main:  # queued ahead of the checkpoint's seal: a kill never loses a best
             self.writer.submit(partial(self.weights.epoch_end, self.eval_model, epoch, metrics, improved, keep))
         self._checkpoint(epoch_end=True, keep_this=keep)
         return metrics

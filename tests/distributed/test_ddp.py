@@ -129,7 +129,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_data, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]  # the stop's checkpoint
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
-    assert not (run / "weights" / "last.pt").exists()
+    assert not (run / "weights" / "last.safetensors").exists()  # stopped, not finished: no final weights
 
 
 def test_accelerate_launch_runs_two_gloo_processes(tiny_data, tmp_path):

@@ -59,6 +59,19 @@ def test_a_kill_at_any_instant_of_a_save_then_resume_ends_identical(point, strai
     _same(_weights(straight), _weights(tmp_path / "k"))
 
 
+def test_an_interrupted_run_leaves_last_and_best_pt_that_ultralytics_loads(tiny_data, tmp_path):
+    """As Ultralytics' trainer: weights/last.pt after every epoch and best.pt when the fitness improves, so a run
+    killed in its second epoch's save has the first epoch's weights to open (the final files are not there)."""
+    from ultralytics import YOLO
+
+    killed = _train(f"data={tiny_data}", *TINY, f"project={tmp_path}", "name=k", fault="written@2", check=False)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    weights = tmp_path / "k" / "weights"
+    assert not (weights / "last.safetensors").exists()
+    for name in ("last.pt", "best.pt"):
+        assert YOLO(str(weights / name)).names == {0: "rectangle", 1: "ellipse", 2: "triangle"}
+
+
 def test_a_kill_between_the_renames_of_a_resave_keeps_a_complete_copy(tmp_path):
     """Saving a step that exists moves the old folder aside before the switch: killed in between, both copies are
     complete, the newer is resumed from, and the next save renames it into place."""

@@ -164,9 +164,9 @@ def test_sigusr1_saves_a_checkpoint_and_stops_then_the_run_resumes(tiny_data, tm
     assert not ckpt.name.endswith("-end")
     state = json.loads((ckpt / "trainer_state.json").read_text())["progress"]
     assert state["optimizer_steps"] > 0 and state["epoch"] < 3
-    assert not (run / "weights" / "last.pt").exists()  # stopped, not finished
+    assert not (run / "weights" / "last.safetensors").exists()  # stopped, not finished: no final weights
     assert main(["train", f"resume={run}"]) == 0
-    assert (run / "weights" / "last.pt").exists()
+    assert (run / "weights" / "last.safetensors").exists() and (run / "weights" / "last.pt").exists()
     assert sorted((run / "checkpoints").glob("step-*"))[-1].name == "step-00000036-end"  # 3 epochs x 12 steps
 
 
