@@ -17,7 +17,7 @@ import os
 import sys
 import textwrap
 
-from yoloscale.errors import UserError
+from yoloscale.errors import UserError, plain
 from yoloscale.preemption import Preempted
 
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _run(ns)
     except UserError as e:
-        print(f"yoloscale: error: {e}", file=sys.stderr)
+        print(f"yoloscale: error: {plain(str(e))}", file=sys.stderr)
         return 2
     except Preempted as e:
         print(f"yoloscale: {e}", file=sys.stderr)

@@ -106,6 +106,18 @@ def new_run_dir(cfg: TrainConfig) -> tuple[Path, RunLock]:
     raise AssertionError("unreachable")
 
 
+def remove_unused_run_dir(run: Path, lock: RunLock) -> None:
+    """Remove the run directory this process created, if the run stopped before writing anything into it (only its
+    lock is there); then release the lock."""
+    try:
+        if not _holds_results(run):
+            (run / LOCK).unlink(missing_ok=True)
+            run.rmdir()
+    except OSError:
+        pass  # something appeared in it meanwhile: it stays
+    lock.release()
+
+
 def lock_run_dir(run: Path) -> RunLock:
     """The lock of an existing run directory that this process resumes."""
     lock = _claim(run)

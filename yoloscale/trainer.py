@@ -49,7 +49,14 @@ from yoloscale.optim import (
     scaled_weight_decay,
 )
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
-from yoloscale.run_dir import changes_on_resume, lock_run_dir, new_run_dir, update_run_info, write_run_info
+from yoloscale.run_dir import (
+    changes_on_resume,
+    lock_run_dir,
+    new_run_dir,
+    remove_unused_run_dir,
+    update_run_info,
+    write_run_info,
+)
 from yoloscale.run_log import RunLog, seconds_since_start
 from yoloscale.state import LossMeter, Progress, StepHealth
 from yoloscale.sweep.trial import TRIAL_ENV, TrialReporter
@@ -65,6 +72,17 @@ class TrainingDiverged(UserError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.run_lock = None
+        try:
+            self._build(cfg)
+        except BaseException:
+            # a run refused before it wrote anything (bad data, a model that does not build...) leaves no folder
+            if self.run_lock is not None and not cfg.resume and hasattr(self, "run_dir"):
+                remove_unused_run_dir(self.run_dir, self.run_lock)
+            raise
+
+    def _build(self, cfg: TrainConfig) -> None:
+        """Everything a run is built from, in order."""
         from accelerate.utils import broadcast_object_list, set_seed
 
         self.cfg = cfg

@@ -18,14 +18,16 @@ def _fails(argv, message):
 
 
 def test_missing_data_yaml(tmp_path):
-    _fails(["train", f"data={tmp_path}/nope.yaml", f"project={tmp_path}"], "nope.yaml' not found")
+    _fails(["train", f"data={tmp_path}/nope.yaml", f"project={tmp_path}/runs"], "nope.yaml' not found")
+    assert list((tmp_path / "runs").iterdir()) == []  # a refused run leaves no run folder behind
 
 
 def test_empty_image_folder(tmp_path):
     (tmp_path / "images/train").mkdir(parents=True)
     (tmp_path / "images/val").mkdir(parents=True)
     (tmp_path / "d.yaml").write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: [a]\n")
-    _fails(["train", f"data={tmp_path}/d.yaml", *TINY, f"project={tmp_path}/runs"], "train split")
+    _fails(["train", f"data={tmp_path}/d.yaml", *TINY, f"project={tmp_path}/runs", "name=x"], "train split")
+    assert not (tmp_path / "runs" / "x").exists()
 
 
 def test_unknown_model_yaml(tiny_data, tmp_path):
@@ -33,6 +35,7 @@ def test_unknown_model_yaml(tiny_data, tmp_path):
         ["train", f"data={tiny_data}", "model=yolo99z.yaml", f"project={tmp_path}"],
         "model YAML 'yolo99z.yaml' not found",
     )
+    assert not (tmp_path / "train").exists()
 
 
 def test_unknown_key_and_bad_value():
@@ -165,3 +168,13 @@ def test_an_undecodable_image_installs_nothing(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "attempting AutoUpdate" not in proc.stdout + proc.stderr
     assert "000003.png' was skipped" in proc.stderr
+
+
+def test_errors_carry_no_terminal_colour_codes(capsys, tmp_path):
+    """Ultralytics colours its messages; quoted inside our one-line error they must come out plain."""
+    from yoloscale.cli import main
+    from yoloscale.errors import plain
+
+    assert plain("\x1b[34m\x1b[1mtrain: \x1b[0mno images") == "train: no images"
+    assert main(["train", "data=/nonexistent/\x1b[31mred\x1b[0m.yaml", f"project={tmp_path}"]) == 2
+    assert "\x1b[" not in capsys.readouterr().err
