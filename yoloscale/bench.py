@@ -440,7 +440,10 @@ def _int_list(text: str, flag: str, minimum: int) -> list[int]:
 @dataclass
 class BenchSettings:
     out: str = _f("runs/bench", "Output folder (bench.json, bench.png, logs).")
-    precisions: str = _f("bf16,fp16", "Precisions of our loop to measure (comma list of bf16, fp16, fp32).")
+    precisions: str = _f(
+        "",
+        "Precisions of our loop to measure (comma list of bf16, fp16, fp32); empty: bf16,fp16 on a GPU, fp32 on the CPU.",
+    )
     gpus: str = _f("1", "Device counts, e.g. 1,2,8 (several: launched with torchrun); the per-device batch stays.")
     loader_workers: str = _f("4,8,16", "Worker counts for the loader-alone measurement.")
     skip: str = _f("", "Comma list of parts to skip: ultralytics, loader.")
@@ -450,6 +453,12 @@ class BenchSettings:
     )
     warmup: int = _f(14, "Micro-batches dropped before timing.")
     window: int = _f(10, "Micro-batches per timing window.")
+
+
+def _default_precisions() -> str:
+    import torch
+
+    return "bf16,fp16" if torch.cuda.is_available() else "fp32"
 
 
 def run(args: list[str], only: str | None = None) -> None:
@@ -463,7 +472,7 @@ def run(args: list[str], only: str | None = None) -> None:
         out=Path(ns.out),
         warmup=ns.warmup,
         window=ns.window,
-        precisions=[p for p in ns.precisions.split(",") if p],
+        precisions=[p for p in (ns.precisions or _default_precisions()).split(",") if p],
         gpus=_int_list(ns.gpus, "gpus", minimum=1),
         loader_workers=_int_list(ns.loader_workers, "loader_workers", minimum=0),
         skip=set(ns.skip.split(",")) - {""},

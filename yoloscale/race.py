@@ -34,7 +34,10 @@ from yoloscale.errors import UserError
 @dataclass
 class RaceSettings:
     out: str = _f("runs/race", "Where both runs, race.json and race.png go (a folder that holds results is refused).")
-    gpus: int = _f(1, "Devices per run (0: the CPU); several: Ultralytics' own DDP and our torchrun.")
+    gpus: int = _f(
+        -1,
+        "Devices per run (0: the CPU; -1: one GPU where there is one, else the CPU); several: Ultralytics' own DDP and our torchrun.",
+    )
     sides: str = _f("ultralytics,yoloscale", "Which trainers to run, in order.")
     panel: str = _f(
         "",
@@ -56,8 +59,12 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], dict[str, Any]]:
     sides = [s for s in ns.sides.split(",") if s]
     if not sides or set(sides) - {"ultralytics", "yoloscale"}:
         raise UserError(f"race: sides={ns.sides!r}; choose from ultralytics,yoloscale.")
-    if ns.gpus < 0:
-        raise UserError(f"race: gpus={ns.gpus} must be >= 0 (0: the CPU).")
+    if ns.gpus < -1:
+        raise UserError(f"race: gpus={ns.gpus} must be >= 0 (0: the CPU), or -1 (a GPU where there is one).")
+    if ns.gpus == -1:
+        import torch
+
+        ns.gpus = 1 if torch.cuda.is_available() else 0
     if ns.repeats < 1:
         raise UserError(f"race: repeats={ns.repeats} must be >= 1.")
     return cfg_file, train, {"out": ns.out, "gpus": ns.gpus, "sides": sides, "panel": ns.panel, "repeats": ns.repeats}

@@ -7,6 +7,18 @@ import pytest
 from helpers import run_cli
 
 
+def test_race_and_bench_default_to_the_cpu_where_there_is_no_gpu():
+    import torch
+
+    from yoloscale.bench import _default_precisions
+    from yoloscale.race import split_args
+
+    cuda = torch.cuda.is_available()
+    assert split_args([])[2]["gpus"] == (1 if cuda else 0)
+    assert split_args(["gpus=0"])[2]["gpus"] == 0
+    assert _default_precisions() == ("bf16,fp16" if cuda else "fp32")
+
+
 def test_our_side_trains_the_synthetic_set_at_the_settings_it_implies():
     """data=synthetic brings imgsz=160 and epochs=10 with it; our side gets a data.yaml path, so they are passed
     along, or it would train at 640 px against Ultralytics' 160 (unless given)."""
