@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         "write best.pt/last.pt (Ultralytics) from a run's EMA weights",
         "yoloscale.export:ExportSettings",
         train_keys=False,
-        usage="yoloscale export RUN",
+        usage="yoloscale export RUN [format=onnx|torchscript|engine|...] [imgsz=N half=True ...]",
     )
     return p
 

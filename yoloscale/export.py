@@ -171,6 +171,40 @@ class ExportSettings:
         False,
         "Read the run's checkpoint pickles and model architecture even where they could run code (trusted runs only).",
     )
+    # Ultralytics' export keys: with format=, best.pt (else last.pt) goes through Ultralytics' own exporter
+    format: str = _f(
+        "", "Also export best.pt to this format with Ultralytics' exporter: onnx, torchscript, engine, openvino, ..."
+    )
+    imgsz: int = _f(0, "Export image size (0: the run's).")
+    half: bool = _f(False, "FP16 export (formats that support it).")
+    int8: bool = _f(False, "INT8 quantisation (formats that support it).")
+    dynamic: bool = _f(False, "Dynamic input sizes (ONNX, TensorRT, ...).")
+    simplify: bool = _f(True, "Simplify the ONNX graph.")
+    opset: int = _f(0, "ONNX opset (0: the exporter's default).")
+    batch: int = _f(1, "Export batch size.")
+    nms: bool = _f(False, "Add NMS to the exported model (formats that support it).")
+    device: str = _f("", "Device to export on, e.g. cpu or 0 (empty: the exporter's choice).")
+
+
+EXPORT_KEYS = ("half", "int8", "dynamic", "simplify", "batch", "nms")
+
+
+def export_format(pt: Path, ns: ExportSettings, run_imgsz: int) -> Path:
+    """`pt` through Ultralytics' exporter (YOLO(pt).export(format=...)); returns what it wrote."""
+    from ultralytics import YOLO
+    from ultralytics.engine.exporter import export_formats
+
+    formats = list(export_formats()["Argument"])
+    if ns.format not in formats:
+        raise UserError(f"export: format={ns.format!r} is not one of Ultralytics' formats ({', '.join(formats[1:])}).")
+    options = {k: getattr(ns, k) for k in EXPORT_KEYS}
+    options.update(imgsz=ns.imgsz or run_imgsz, **({"opset": ns.opset} if ns.opset else {}))
+    options.update({"device": ns.device} if ns.device else {})
+    try:
+        return Path(YOLO(str(pt)).export(format=ns.format, **options))
+    except Exception as e:  # a missing package (installs are off), a format this machine cannot build...
+        text = " ".join(str(e).split())
+        raise UserError(f"export: Ultralytics' exporter could not write {ns.format} from '{pt}': {text}") from None
 
 
 def run(args: list[str]) -> list[Path]:
@@ -183,6 +217,11 @@ def run(args: list[str]) -> list[Path]:
     if not ns.run:
         raise UserError("export: give the run directory (yoloscale export RUN).")
     written = export_run(Path(ns.run), ns.trust_pickle)
+    if ns.format:
+        from yoloscale.run_dir import read_run_info
+
+        pt = next((p for p in written if p.name == "best.pt"), written[0])
+        written.append(export_format(pt, ns, int(read_run_info(Path(ns.run)).get("imgsz", 640))))
     for path in written:
         print(f"wrote {path}")
     return written

@@ -74,6 +74,19 @@ def test_export_command_rewrites_the_pt_files(run):
     assert YOLO(str(run / "weights" / "last.pt")).names == {0: "rectangle", 1: "ellipse", 2: "triangle"}
 
 
+def test_export_to_another_format_goes_through_ultralytics_exporter(run, capsys):
+    """format= (Ultralytics' key): best.pt through Ultralytics' own exporter, at the run's image size; a format it
+    does not have, or one whose package is missing (installs are off), is one line."""
+    import torch
+
+    assert main(["export", str(run), "format=torchscript"]) == 0
+    exported = run / "weights" / "best.torchscript"
+    assert exported.is_file() and f"wrote {exported}" in capsys.readouterr().out
+    torch.jit.load(str(exported))
+    assert main(["export", str(run), "format=pdf"]) == 2
+    assert "is not one of Ultralytics' formats" in capsys.readouterr().err
+
+
 def test_resume_after_sigkill_continues_exactly(tiny_data, tmp_path):
     """A run killed mid-epoch resumes from its last complete checkpoint and ends bit-identical to an
     uninterrupted run: same data position, step, LR, optimizer state, EMA and RNG."""
