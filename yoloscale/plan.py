@@ -64,6 +64,7 @@ class MemoryModel:
     step_s: tuple[float, float]  # step time = a + b x batch
     layers: list[LayerCost] = field(default_factory=list)
     cpu_measured: bool = False  # measured on the CPU, planned for a GPU (yoloscale plan gpu_memory=): estimates
+    cached_from: str = ""  # the cache file it was read from ('' when measured in this run); not stored
 
     # --- predictions --------------------------------------------------------------------------------------------
     def activations_per_image(self, selection: list[int], imgsz: int) -> float:
@@ -128,13 +129,14 @@ class MemoryModel:
         return max(int(room // per), 0) if per > 0 else 0
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "cached_from"})
 
     @classmethod
     def from_json(cls, text: str) -> MemoryModel:
         data = json.loads(text)
         data["layers"] = [LayerCost(**layer) for layer in data["layers"]]
         data["step_s"] = tuple(data["step_s"])
+        data.pop("cached_from", None)
         return cls(**data)
 
 
@@ -387,9 +389,12 @@ def cache_key(model_spec, nc: int, device_name: str, precision: str, imgsz: int,
 def cached(key: str) -> MemoryModel | None:
     path = cache_dir() / f"{key}.json"
     try:
-        return MemoryModel.from_json(path.read_text()) if path.is_file() else None
+        fit = MemoryModel.from_json(path.read_text()) if path.is_file() else None
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    if fit is not None:
+        fit.cached_from = str(path)
+    return fit
 
 
 def store(key: str, fit: MemoryModel) -> None:

@@ -11,7 +11,9 @@ per-device batch that fits, its predicted peak and img/s; the best choice is mar
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,7 @@ from yoloscale.plan import (
     FRACTION_AUTO,
     FRACTION_ULTRALYTICS,
     MemoryModel,
+    cache_dir,
     cache_key,
     cached,
     checkpoint_order,
@@ -217,6 +220,16 @@ def _classes(cfg: TrainConfig) -> int:
     return check_dataset(cfg.data)["nc"]
 
 
+def cache_note(fit: MemoryModel) -> str:
+    """Where the memory model came from: measured now, or which cached measurement (and when)."""
+    if not fit.cached_from:
+        return f"The memory model was measured now (cached for the next plan in {cache_dir()})."
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(fit.cached_from).stat().st_mtime))
+    return (
+        f"The memory model is a cached measurement from {when} ({fit.cached_from}); delete that file to measure again."
+    )
+
+
 def _table(rows: list[dict], best: dict, fit: MemoryModel, cfg: TrainConfig, ns, limit: float, cuda: bool) -> str:
     where = fit.device if cuda else f"the CPU, for a GPU of {ns.gpu_memory}"
     lines = [
@@ -237,4 +250,5 @@ def _table(rows: list[dict], best: dict, fit: MemoryModel, cfg: TrainConfig, ns,
             "GPU (batch=auto measures there)."
         )
     lines.append("img/s is extrapolated from short steps at small batches: compare the rows, not the numbers.")
+    lines.append(cache_note(fit))
     return "\n".join(lines)
