@@ -156,6 +156,11 @@ def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: st
     from yoloscale.backend.zero import stage_of_file
     from yoloscale.config import parse_override
 
+    if not os.path.isfile(ds_file):
+        raise UserError(
+            f"--deepspeed '{ds_file}' not found (the templates: ds_configs/ in the repository, or "
+            "`yoloscale launch templates out=DIR` from an installed package)."
+        )
     stage = stage_of_file(ds_file)
     if stage not in (1, 2, 3):
         raise UserError(

@@ -178,7 +178,7 @@ class TrainConfig:
     )
     ds_config: str = _f(
         "",
-        "zero1/2/3: a DeepSpeed JSON to start from instead of yoloscale/templates/ds_configs/zero<N>.json; fields we own must agree.",
+        "zero1/2/3: a DeepSpeed JSON to start from instead of ds_configs/zero<N>.json; fields we own must agree.",
     )
     # --- data loading
     workers: int = _f(

@@ -251,7 +251,7 @@ def render_generic(
     partition: str = "",
     account: str = "",
 ) -> str:
-    """A reusable template: `sbatch FILE [config.yaml] [key=value ...]` (the files in yoloscale/templates/launch/slurm/)."""
+    """A reusable template: `sbatch FILE [config.yaml] [key=value ...]` (the files in launch/slurm/)."""
     return _script(
         launcher,
         nodes=nodes,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine without Slurm, 1 or more GPUs (docs/launch.md, "Recorded on GPUs"): doctor's output; DeepSpeed's own launcher
-# (`deepspeed --num_gpus N --module yoloscale train ... --deepspeed yoloscale/templates/ds_configs/zero2.json`); `accelerate launch`
+# (`deepspeed --num_gpus N --module yoloscale train ... --deepspeed ds_configs/zero2.json`); `accelerate launch`
 # (2+ GPUs); `doctor bench=True` (2+ GPUs); the generic
-# yoloscale/templates/launch/slurm DeepSpeed template run with stand-in srun/scontrol (node 0 of 1) training backend=zero3; then
+# launch/slurm DeepSpeed template run with stand-in srun/scontrol (node 0 of 1) training backend=zero3; then
 # export of that ZeRO-3 run and Ultralytics' own validation of its best.pt.
 # usage: benchmarks/gpu/check_launchers.sh OUT_DIR
 set -u
@@ -16,7 +16,7 @@ small=(model=yolov8n.yaml "data=$out/data/data.yaml" imgsz=160 batch=16 epochs=2
 
 # 1. DeepSpeed's launcher, ZeRO-2 from the shipped JSON
 python -m deepspeed.launcher.runner --num_gpus "$gpus" --module yoloscale train "${small[@]}" name=ds-zero2 \
-    --deepspeed yoloscale/templates/ds_configs/zero2.json >"$out/ds-zero2.txt" 2>&1
+    --deepspeed ds_configs/zero2.json >"$out/ds-zero2.txt" 2>&1
 echo "deepspeed --num_gpus $gpus --module (zero2): rc=$?"
 
 # 1b. accelerate launch, DDP
@@ -26,7 +26,7 @@ if [ "$gpus" -gt 1 ]; then
     echo "accelerate launch --multi_gpu --num_processes $gpus: rc=$?"
 fi
 
-# 2. yoloscale/templates/launch/slurm/deepspeed.sbatch-style template, stand-in srun/scontrol, ZeRO-3
+# 2. launch/slurm/deepspeed.sbatch-style template, stand-in srun/scontrol, ZeRO-3
 python -m yoloscale launch slurm generic=True launcher=deepspeed nodes=1 gpus_per_node="$gpus" >"$out/t.sbatch"
 printf '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n' >"$out/bin/srun"
 printf '#!/bin/bash\necho localhost\n' >"$out/bin/scontrol"

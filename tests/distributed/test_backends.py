@@ -201,7 +201,7 @@ def _accelerate_env(config_file: str) -> dict:
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
 def test_shipped_accelerate_configs_agree_only_with_their_backend(name):
-    env = _accelerate_env(str(ROOT / f"yoloscale/templates/launch/accelerate/{name}.yaml"))
+    env = _accelerate_env(str(ROOT / f"launch/accelerate/{name}.yaml"))
     check_launcher_agreement(_backend(f"backend={name}"), env)  # the matching backend passes
     other = "zero2" if name in ("ddp", "fsdp") else "fsdp"
     if name != "ddp":
@@ -218,7 +218,7 @@ def test_launcher_precision_disagreement():
 def test_deepspeed_launcher_flag_sets_or_checks_the_backend():
     from yoloscale.cli import _with_deepspeed_file
 
-    ds = str(ROOT / "yoloscale/templates/ds_configs/zero3.json")
+    ds = str(ROOT / "ds_configs/zero3.json")
     assert _with_deepspeed_file(None, ["epochs=1"], ds)[-2:] == ["backend=zero3", f"ds_config={ds}"]
     r = run_cli("train", "backend=zero1", "--deepspeed", ds, "--local_rank=0")
     assert r.returncode == 2 and "ZeRO stage 3" in r.stderr and "backend=zero1" in r.stderr

@@ -54,7 +54,7 @@ def test_ds_config_fills_the_fields_we_own():
 
 
 def test_ds_config_keeps_a_users_bf16_gradient_reduction(tmp_path):
-    user = json.loads((ROOT / "yoloscale/templates/ds_configs/zero2.json").read_text())
+    user = json.loads((ROOT / "ds_configs/zero2.json").read_text())
     del user["torch_autocast"]["lower_precision_safe_modules"]  # a JSON written for DeepSpeed's defaults: ours apply
     (tmp_path / "plain.json").write_text(json.dumps(user))
     ds = render_ds_config(
@@ -82,7 +82,7 @@ def test_ds_config_offload_and_fp32():
 
 
 def test_ds_config_refuses_a_disagreeing_user_file(tmp_path):
-    user = json.loads((ROOT / "yoloscale/templates/ds_configs/zero2.json").read_text())
+    user = json.loads((ROOT / "ds_configs/zero2.json").read_text())
     user["gradient_accumulation_steps"] = 8
     (tmp_path / "ds.json").write_text(json.dumps(user))
     with pytest.raises(UserError, match=r"gradient_accumulation_steps=8.*accumulate="):

@@ -128,7 +128,7 @@ def test_deepspeed_flag_among_key_values_is_taken():
 
     ns = _parser().parse_args(_options_first(["train", "epochs=1", "--deepspeed", "x.json", "imgsz=64"]))
     assert ns.deepspeed == "x.json" and ns.args == ["epochs=1", "imgsz=64"]
-    _fails(["train", "epochs=1", "--deepspeed", "/nonexistent/ds.json", "imgsz=64"], "ds.json")
+    _fails(["train", "epochs=1", "--deepspeed", "/nonexistent/ds.json", "imgsz=64"], "ds.json' not found")
 
 
 def test_a_full_disk_while_writing_an_ultralytics_pt_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):

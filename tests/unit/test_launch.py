@@ -70,9 +70,7 @@ def test_rendered_script_is_shellcheck_clean(tmp_path, launcher):
 @pytest.mark.parametrize("name", SHIPPED_TEMPLATES)
 def test_shipped_templates_are_what_the_renderer_makes(name):
     launcher, nodes = SHIPPED_TEMPLATES[name]
-    assert (SHIPPED / name).read_text() == render_generic(launcher, nodes, 8), (
-        f"regenerate yoloscale/templates/launch/slurm/{name}"
-    )
+    assert (SHIPPED / name).read_text() == render_generic(launcher, nodes, 8), f"regenerate launch/slurm/{name}"
 
 
 def _run_with_stand_ins(tmp_path, script: str, *args: str) -> list[str]:
@@ -211,3 +209,16 @@ def test_slurm_environment_maps_to_torch():
 def test_generic_template_keeps_partition_and_account():
     script = render_generic("torchrun", 2, 8, partition="gpu", account="cv-team")
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --account=cv-team" in script
+
+
+def test_the_repository_folders_are_what_the_package_ships():
+    """ds_configs/ and launch/ at the top of the repository are the source of truth; the package's templates are
+    those same files (what a wheel carries: .ci/wheel-smoke.sh installs one and copies them out)."""
+    root = Path(__file__).resolve().parents[2]
+    shipped = Path(str(resources.files("yoloscale") / "templates"))
+    for folder in ("ds_configs", "launch"):
+        ours = sorted(p.relative_to(root / folder) for p in (root / folder).rglob("*") if p.is_file())
+        theirs = sorted(p.relative_to(shipped / folder) for p in (shipped / folder).rglob("*") if p.is_file())
+        assert ours and ours == theirs
+        for rel in ours:
+            assert (root / folder / rel).read_bytes() == (shipped / folder / rel).read_bytes()

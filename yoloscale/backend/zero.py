@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-1/2/3: the backend classes, the JSON configuration rendered from ours, and Accelerate's plugin.
 
-`yoloscale/templates/ds_configs/zero<N>.json` (package data) are the templates (or the user's `ds_config=` / `--deepspeed FILE`). Fields we own are
+`ds_configs/zero<N>.json` (a top-level folder of the repository, packaged as yoloscale/templates/ds_configs/) are the templates (or the user's `ds_config=` / `--deepspeed FILE`). Fields we own are
 written "auto" there and filled from TrainConfig; a concrete value that disagrees with ours is an error naming
 both, so the JSON and the YOLO configuration can never silently say two different things.
 
