@@ -76,6 +76,14 @@ def ultralytics_args(cfg: TrainConfig, data_yaml: str | Path, **extra: Any) -> S
     return get_cfg(overrides=overrides)
 
 
+def write_args_yaml(path: Path, args: SimpleNamespace) -> None:
+    """Ultralytics' args.yaml: the full namespace the run trains with, as its trainer writes it."""
+    import yaml
+
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path.write_text(yaml.safe_dump(plain, sort_keys=False))
+
+
 def synthetic_dataset(root: Path, is_main: bool, barrier) -> Path:
     """The built-in synthetic set under root/datasets/synthetic-shapes, generated once (by the main process)."""
     from yoloscale.synth import write_synthetic_dataset

@@ -170,14 +170,14 @@ def _epochs_from_results_csv(path: Path) -> list[dict]:
     ]
 
 
-def _epochs_from_metrics_csv(path: Path) -> list[dict]:
+def _epochs_from_results_csv_of_ours(path: Path) -> list[dict]:
     with open(path) as f:
         rows = list(csv.DictReader(f))
     return [
         {
             "epoch": int(r["epoch"]),
             "time_s": float(r["time"]),
-            "map50_95": float(r.get("val/mAP50-95") or "nan"),
+            "map50_95": float(r.get("metrics/mAP50-95(B)") or "nan"),
             "img_s": float(r["img_s"]),
         }
         for r in rows
@@ -254,7 +254,7 @@ def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
             "wall_s": wall,
             "first_step_s": info.get("first_step_s"),
             "startup_s": info.get("startup_s", {}),
-            "epochs": _epochs_from_metrics_csv(out / "yoloscale" / "metrics.csv"),
+            "epochs": _epochs_from_results_csv_of_ours(out / "yoloscale" / "results.csv"),
         }
     summary = {
         "date": time.strftime("%Y-%m-%d"),

@@ -4,7 +4,7 @@ RUN/config.yaml          the resolved configuration (a resumed run starts from i
 RUN/run_info.json        model YAML, class names and data.yaml path (what export needs)
 RUN/checkpoints/step-*/  resumable checkpoints (see checkpoint.py)
 RUN/weights/             best/last EMA weights: .safetensors and Ultralytics .pt
-RUN/metrics.csv, RUN/results.png
+RUN/results.csv, RUN/args.yaml, RUN/results.png
 """
 
 from __future__ import annotations

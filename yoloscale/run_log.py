@@ -1,4 +1,5 @@
-"""What a run reports: a progress bar (rank 0), metrics.csv, results.png at the end, and optional wandb.
+"""What a run reports: a progress bar (rank 0), results.csv (Ultralytics' columns, then ours), results.png at the
+end, and optional wandb.
 
 Only the main process writes. wandb is optional: 'offline' needs no account or key; whatever the mode, only our
 own configuration is sent (never the environment, the command line or the code).
@@ -27,7 +28,9 @@ def seconds_since_start() -> float:
 class RunLog:
     def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.csv_path = run_dir / "metrics.csv"
+        self.csv_path = run_dir / "results.csv"
+        if enabled:
+            convert_metrics_csv(run_dir)
         self.png_path = run_dir / "results.png"
         self.run_dir = run_dir
         self.bar = None
@@ -74,14 +77,14 @@ class RunLog:
             self.bar.close()
             self.bar = None
         append_csv_row(self.csv_path, row)
-        shown = {k: v for k, v in row.items() if k.startswith(("val/mAP", "train/", "img_s"))}
+        shown = {k: v for k, v in row.items() if k.startswith(("metrics/mAP", "train/", "img_s"))}
         self.message("  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
     def forget_epochs_after(self, epochs_done: int) -> None:
         """On resume: rows of epochs after the checkpoint's go (they are trained again, and written again), so that
-        metrics.csv never holds an epoch twice."""
+        results.csv never holds an epoch twice."""
         if not self.enabled or not self.csv_path.exists():
             return
         with open(self.csv_path, newline="") as f:
@@ -104,6 +107,36 @@ class RunLog:
             plot_metrics(self.csv_path, self.png_path)
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# metrics.csv (written before results.csv had Ultralytics' names) -> results.csv's columns
+_OLD_COLUMNS = {
+    "val/precision": "metrics/precision(B)",
+    "val/recall": "metrics/recall(B)",
+    "val/mAP50": "metrics/mAP50(B)",
+    "val/mAP50-95": "metrics/mAP50-95(B)",
+    "val/fitness": "fitness",
+    "lr": "lr/pg0",
+}
+
+
+def convert_metrics_csv(run_dir: Path) -> None:
+    """A run written by an earlier version has metrics.csv: its rows become results.csv under today's column names
+    (a resumed run then appends to one file)."""
+    old, new = run_dir / "metrics.csv", run_dir / "results.csv"
+    if not old.is_file() or new.exists():
+        return
+    with open(old, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [_OLD_COLUMNS.get(k, k) for k in reader.fieldnames or []]
+        rows = [{_OLD_COLUMNS.get(k, k): v for k, v in r.items()} for r in reader]
+    tmp = new.with_name(f".tmp-{new.name}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(new)
+    old.unlink()
 
 
 def append_csv_row(path: Path, row: dict[str, Any]) -> None:

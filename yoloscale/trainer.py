@@ -30,6 +30,7 @@ from yoloscale.data import (
     check_dataset,
     synthetic_dataset,
     ultralytics_args,
+    write_args_yaml,
 )
 from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
@@ -60,7 +61,7 @@ from yoloscale.run_dir import (
 from yoloscale.run_log import RunLog, seconds_since_start
 from yoloscale.state import LossMeter, Progress, StepHealth
 from yoloscale.sweep.trial import TRIAL_ENV, TrialReporter
-from yoloscale.validate import Validator
+from yoloscale.validate import RESULT_COLUMNS, Validator
 
 OOM_RETRIES = 3  # as Ultralytics' trainer
 AUTO_SET = ("lr0", "momentum")  # what optimizer=auto decides instead of the configuration
@@ -184,6 +185,7 @@ class Trainer:
             self._resume(Path(cfg.resume))
         elif self.is_main:
             cfg.save(self.run_dir / "config.yaml")
+            write_args_yaml(self.run_dir / "args.yaml", self.args)  # Ultralytics' record of the run
             model_file = str(Path(spec).resolve()) if isinstance(spec, str) and Path(spec).is_file() else spec
             write_run_info(
                 self.run_dir,
@@ -529,12 +531,19 @@ class Trainer:
             self.eval_model.load_state_dict(full_model_state(self.raw_model), strict=False)
 
     def _epoch_row(self, metrics: dict[str, float], img_s: float) -> dict:
+        """results.csv's row: Ultralytics' columns in its order (epoch, time, train losses, precision, recall, mAPs,
+        val losses, each parameter group's lr), then ours."""
         pr = self.progress
-        row = {"epoch": pr.epoch, "time": round(seconds_since_start(), 2), "optimizer_steps": pr.optimizer_steps}
+        row = {"epoch": pr.epoch, "time": round(seconds_since_start(), 2)}
         row.update({f"train/{k}": v for k, v in self.epoch_losses.means().items()})
-        row["lr"] = self.optimizer.param_groups[0]["lr"]
-        row.update({f"val/{k}": v for k, v in metrics.items()})
-        row.update(img_s=img_s, skipped_steps=self.health.skipped())
+        row.update(
+            {RESULT_COLUMNS[k]: metrics[k] for k in ("precision", "recall", "mAP50", "mAP50-95") if k in metrics}
+        )
+        row.update({f"val/{k}": v for k, v in metrics.items() if k not in RESULT_COLUMNS})
+        row.update({f"lr/pg{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)})
+        row.update(optimizer_steps=pr.optimizer_steps, img_s=img_s, skipped_steps=self.health.skipped())
+        if "fitness" in metrics:
+            row["fitness"] = metrics["fitness"]
         return row
 
     def _note_best(self, metrics: dict[str, float]) -> bool:

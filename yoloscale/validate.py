@@ -23,6 +23,8 @@ METRIC_KEYS = {
     "metrics/mAP50-95(B)": "mAP50-95",
     "fitness": "fitness",
 }
+# our short name -> the column of results.csv (Ultralytics' name)
+RESULT_COLUMNS = {short: column for column, short in METRIC_KEYS.items()}
 
 
 class _TrainerView(SimpleNamespace):

@@ -79,8 +79,8 @@ def test_two_process_training_run(tiny_data, tmp_path):
     ]
     subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL)
     run = tmp_path / "ddp"
-    rows = (run / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 2 and "val/mAP50" in rows[0]
+    rows = (run / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and "metrics/mAP50(B)" in rows[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000006-end"]  # 96 images / (2 x 8)
     assert (run / "checkpoints/step-00000006-end/random_states_1.pkl").exists()  # every rank's RNG is saved
     assert (run / "weights/last.pt").exists()

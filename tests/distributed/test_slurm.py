@@ -78,7 +78,7 @@ def test_sbatch_runs_two_process_ddp(tiny_data, tmp_path, launcher):
     run = tmp_path / "ddp"
     log = (tmp_path / f"ddp-slurm-{job}.out").read_text()
     assert "2 process(es)" in log, log[-3000:]
-    assert len((run / "metrics.csv").read_text().splitlines()) == 2
+    assert len((run / "results.csv").read_text().splitlines()) == 2
     assert list((run / "checkpoints").glob("step-*/COMPLETE"))
     assert (run / "weights" / "last.pt").exists()
 
@@ -97,7 +97,7 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(tiny_data, tmp_path, laun
     assert "stop signal received: checkpoint" in log and f"requeued Slurm job {job}" in log, log[-3000:]
     assert "resumed from" in log, log[-3000:]
     assert (run / "weights" / "last.pt").exists()
-    rows = (run / "metrics.csv").read_text().splitlines()
+    rows = (run / "results.csv").read_text().splitlines()
     steps = rows[-1].split(",")[rows[0].split(",").index("optimizer_steps")]
     assert len(rows) == 4 and rows[-1].startswith("3,")  # three epochs, each once, the interrupted one included
     assert sorted((run / "checkpoints").glob("step-*"))[-1].name == f"step-{int(steps):08d}-end"

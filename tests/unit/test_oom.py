@@ -36,7 +36,7 @@ def _out_of_memory(trainer, times: int):
 
 
 def _losses(run):
-    with open(run / "metrics.csv") as f:
+    with open(run / "results.csv") as f:
         return [float(v) for row in csv.DictReader(f) for k, v in row.items() if k.startswith("train/")]
 
 

@@ -54,6 +54,12 @@ def test_race_on_the_cpu_reports_both_sides(tiny_data, tmp_path):
         assert 0 < side["first_step_s"] < side["epochs"][0]["time_s"] < side["epochs"][1]["time_s"] < side["wall_s"]
         assert all(e["img_s"] > 0 and 0 <= e["map50_95"] <= 1 for e in side["epochs"])
     assert (out / "race.png").stat().st_size > 1000
+    # what a user of Ultralytics finds in a run folder, ours beside its own (race runs it with plots=False)
+    theirs, ours = out / "ultralytics", out / "yoloscale"
+    for name in ("args.yaml", "results.csv", "weights/best.pt", "weights/last.pt"):
+        assert (theirs / name).is_file() and (ours / name).is_file(), name
+    header = (theirs / "results.csv").read_text().splitlines()[0].split(",")
+    assert (ours / "results.csv").read_text().splitlines()[0].split(",")[: len(header)] == header
     again = run_cli("race", f"data={tiny_data}", "gpus=0", f"out={out}")
     assert again.returncode == 2 and "never overwritten" in again.stderr
 

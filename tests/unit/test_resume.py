@@ -1,5 +1,5 @@
 """A resume keeps its word: a changed setting is applied to the restored optimizer and schedule (and said so in the
-log), or refused with one line; optimizer=auto keeps what it chose when the run started; metrics.csv never holds an
+log), or refused with one line; optimizer=auto keeps what it chose when the run started; results.csv never holds an
 epoch twice."""
 
 import csv
@@ -74,14 +74,14 @@ def test_optimizer_auto_keeps_its_first_choice(tiny_data, tmp_path):
         trainer.run_lock.release()
 
 
-def test_an_epoch_whose_checkpoint_failed_is_not_in_metrics_csv_twice(tiny_data, tmp_path):
+def test_an_epoch_whose_checkpoint_failed_is_not_in_results_csv_twice(tiny_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", YOLOSCALE_FAULT="written@2")  # dies in the epoch-2 save
     base = [f"data={tiny_data}", *TINY, "val=False", "epochs=3", f"project={tmp_path}", "name=m"]
     killed = subprocess.run([sys.executable, "-m", "yoloscale", "train", *base], env=env, capture_output=True)
     assert killed.returncode == 137
     proc = run_cli("train", "resume=auto", f"project={tmp_path}", "name=m")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    with open(tmp_path / "m" / "metrics.csv") as f:
+    with open(tmp_path / "m" / "results.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
@@ -102,3 +102,27 @@ def test_a_file_that_is_not_a_runs_weights_is_refused_in_one_line(tmp_path):
     stray.write_bytes(b"x")
     with pytest.raises(UserError, match="is a file; give a run directory, a checkpoint folder or a run's"):
         resolve_resume(load_config(None, [f"resume={stray}"]), [])
+
+
+def test_an_earlier_runs_metrics_csv_becomes_results_csv(tmp_path):
+    """A run written before results.csv took Ultralytics' names: its rows move to results.csv under today's columns
+    when the run is opened again (a resume then appends to one file)."""
+    from yoloscale.run_log import convert_metrics_csv
+
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,time,train/box_loss,lr,val/mAP50-95,val/fitness\n1,9.5,2.0,0.01,0.4,0.41\n"
+    )
+    convert_metrics_csv(tmp_path)
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [
+        {
+            "epoch": "1",
+            "time": "9.5",
+            "train/box_loss": "2.0",
+            "lr/pg0": "0.01",
+            "metrics/mAP50-95(B)": "0.4",
+            "fitness": "0.41",
+        }
+    ]
+    assert not (tmp_path / "metrics.csv").exists()

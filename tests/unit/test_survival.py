@@ -159,7 +159,7 @@ def test_two_runs_with_one_name_cannot_collide(tiny_data, tmp_path):
             time.sleep(0.05)
         second = run_cli("train", f"data={tiny_data}", *TINY, f"project={tmp_path}", "name=same")
         assert second.returncode == 2 and "is in use by process" in second.stderr, second.stderr[-1500:]
-        while not (tmp_path / "same" / "metrics.csv").exists() and time.time() < deadline:
+        while not (tmp_path / "same" / "results.csv").exists() and time.time() < deadline:
             time.sleep(0.05)
         # once the live run has written results, a second one is still told that it is in use
         third = run_cli("train", f"data={tiny_data}", *TINY, f"project={tmp_path}", "name=same")

@@ -105,7 +105,7 @@ def test_kill_9_then_the_same_command_continues_the_sweep(tiny_data, tmp_path):
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     done = [line.split()[1] for line in (tmp_path / "first.log").read_text().splitlines() if "finished" in line]
-    finished_runs = {n: (out / "trials" / f"trial_{int(n):04d}" / "metrics.csv").read_bytes() for n in done}
+    finished_runs = {n: (out / "trials" / f"trial_{int(n):04d}" / "results.csv").read_bytes() for n in done}
 
     proc = run_cli(*argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -114,7 +114,7 @@ def test_kill_9_then_the_same_command_continues_the_sweep(tiny_data, tmp_path):
     assert len(counted) == 4 and all(t.state.name == "COMPLETE" for t in counted), proc.stdout
     assert "queued to continue" in proc.stdout
     for n, metrics in finished_runs.items():  # no finished trial ran again
-        assert (out / "trials" / f"trial_{int(n):04d}" / "metrics.csv").read_bytes() == metrics
+        assert (out / "trials" / f"trial_{int(n):04d}" / "results.csv").read_bytes() == metrics
         assert f"trial {n} on" not in proc.stdout
     continued = [t for t in counted if t.user_attrs.get("resumes") is not None and t.user_attrs.get("resume_dir")]
     resumed = [t for t in continued if t.user_attrs["run_dir"] == t.user_attrs["resume_dir"]]

@@ -98,8 +98,8 @@ def _run_dir(tmp_path, rows, **info):
     run = tmp_path / "run"
     run.mkdir()
     (run / "run_info.json").write_text(json.dumps(info))
-    lines = ["epoch,val/mAP50-95"] + [f"{i + 1},{v}" for i, v in enumerate(rows)]
-    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    lines = ["epoch,metrics/mAP50-95(B)"] + [f"{i + 1},{v}" for i, v in enumerate(rows)]
+    (run / "results.csv").write_text("\n".join(lines) + "\n")
     return run
 
 

@@ -23,7 +23,7 @@ def run(trained_run):
 
 
 def _rows(run):
-    with open(run / "metrics.csv") as f:
+    with open(run / "results.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -32,8 +32,8 @@ def test_loss_falls_and_map_rises(run):
     assert len(rows) == 8
     total = [sum(float(r[f"train/{k}"]) for k in ("box_loss", "cls_loss", "dfl_loss")) for r in rows]
     assert total[-1] < 0.7 * total[0]
-    assert float(rows[-1]["val/mAP50"]) > 0.5  # the synthetic set is learnable within a few CPU epochs
-    assert float(rows[-1]["val/mAP50-95"]) > 0.2
+    assert float(rows[-1]["metrics/mAP50(B)"]) > 0.5  # the synthetic set is learnable within a few CPU epochs
+    assert float(rows[-1]["metrics/mAP50-95(B)"]) > 0.2
 
 
 def test_run_directory(run):
@@ -60,7 +60,7 @@ def test_ultralytics_opens_predicts_and_agrees_on_map(run, tiny_data):
     result = model.predict(str(tiny_data.parent / "images/val/000000.png"), imgsz=96, device="cpu", verbose=False)
     assert len(result[0].boxes) > 0
     metrics = model.val(data=str(tiny_data), imgsz=96, batch=16, device="cpu", plots=False, verbose=False)
-    ours = float(_rows(run)[-1]["val/mAP50-95"])
+    ours = float(_rows(run)[-1]["metrics/mAP50-95(B)"])
     assert metrics.box.map == pytest.approx(ours, abs=0.01)  # fp16 weights and fused BN in the .pt: tiny drift
     assert YOLO(str(run / "weights" / "best.pt")).predict(result[0].orig_img, imgsz=96, verbose=False)
 

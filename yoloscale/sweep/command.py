@@ -44,7 +44,7 @@ class SweepSettings:
     )
     objective: str = _f(
         "mAP50-95",
-        "The validation metric to optimise, a val/ column of metrics.csv: mAP50-95, mAP50, precision, recall, "
+        "The validation metric to optimise, a column of results.csv: mAP50-95, mAP50, precision, recall, "
         "fitness, or a val loss (with direction=minimize); the last validated epoch's value counts.",
     )
     direction: str = _f("maximize", "maximize or minimize the objective.", ("maximize", "minimize"))

@@ -84,13 +84,16 @@ class Outcome:
 
 
 def last_value(run_dir: Path, objective: str) -> tuple[float | None, int]:
-    """(the objective of the last row of metrics.csv that has it, the number of epochs in metrics.csv)."""
-    path = Path(run_dir) / "metrics.csv"
+    """(the objective of the last row of results.csv that has it, the number of epochs in results.csv)."""
+    from yoloscale.validate import RESULT_COLUMNS
+
+    path = Path(run_dir) / "results.csv"
     if not path.is_file():
         return None, 0
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    values = [float(r[f"val/{objective}"]) for r in rows if r.get(f"val/{objective}") not in (None, "")]
+    column = RESULT_COLUMNS.get(objective, f"val/{objective}")
+    values = [float(r[column]) for r in rows if r.get(column) not in (None, "")]
     return (values[-1] if values else None), (int(rows[-1]["epoch"]) if rows else 0)
 
 
@@ -103,7 +106,7 @@ def read_outcome(run_dir: Path | None, returncode: int | None, log: Path, object
     if info.get("finished"):
         value, epochs = last_value(run_dir, objective)
         if value is None or not math.isfinite(value):
-            return Outcome("failed", None, epochs, f"no finite val/{objective} in {run_dir}/metrics.csv")
+            return Outcome("failed", None, epochs, f"no finite {objective} in {run_dir}/results.csv")
         return Outcome("pruned" if info.get("pruned_at_epoch") else "complete", value, epochs)
     if returncode in (None, 0, -15, 143):  # still running when stopped, or stopped by a signal with its checkpoint
         return Outcome("interrupted", epochs=last_value(run_dir, objective)[1] if run_dir else 0)
