@@ -46,5 +46,5 @@ m = YOLO(f"{out}/tmpl-zero3/weights/best.pt")
 r = m.val(data=f"{out}/data/data.yaml", imgsz=160, batch=16, verbose=False, plots=False)
 print(f"Ultralytics val of the ZeRO-3 best.pt: mAP50 {r.box.map50:.3f}")
 PY
-for f in ds-zero2 acc-ddp tmpl-zero3; do [ -f "$out/$f.txt" ] || continue; echo "== $f"; grep -E "yoloscale: |val/mAP50|done:|rror" "$out/$f.txt" | cut -c1-300 | tail -6; done
+for f in ds-zero2 acc-ddp tmpl-zero3; do [ -f "$out/$f.txt" ] || continue; echo "== $f"; grep -E "yoloscale: |mAP50|done:|rror" "$out/$f.txt" | cut -c1-300 | tail -6; done
 cat "$out/doctor.txt"

@@ -39,7 +39,7 @@ s = pstats.Stats(sys.argv[1]); s.sort_stats("cumulative").print_stats(70); s.sor
 PY
     sort -t'|' -k2 -n -r "$work/importtime.txt" | head -60 >"$OUT/importtime-top.txt"
     grep -E "first optimizer|epoch|done" "$work/cprof.log" | tail -8
-    cp "$work/runs/cprof/metrics.csv" "$OUT/cprof-metrics.csv" 2>/dev/null ;;
+    cp "$work/runs/cprof/results.csv" "$OUT/cprof-results.csv" 2>/dev/null ;;
   esac
   echo "== $part took $(( $(date +%s) - t0 )) s"
 done
