@@ -248,6 +248,26 @@ ULTRALYTICS_SPELLINGS = {
     "exist_ok": "resume=auto, or a new name=",
     "freeze": "weights= (freezing is not supported)",
 }
+# Ultralytics' keys that training a detector does not use (what they are for). An Ultralytics args.yaml holds them
+# all: in a config file they are ignored with one note; given on the command line, refused with that reason.
+_NOT_TRAINING = {
+    "its predict and val settings": (
+        "conf iou max_det split save_json source vid_stride stream_buffer visualize augment agnostic_nms classes "
+        "retina_masks embed show save_frames save_txt save_conf save_crop show_labels show_conf show_boxes "
+        "line_width tracker dnn"
+    ),
+    "its export settings (yoloscale export RUN format=... takes them)": "format optimize dynamic simplify opset workspace nms quantize",
+    "other tasks than detection": "overlap_mask mask_ratio pose kobj rle angle dlog dgrad dlam auto_augment erasing",
+    "its own run bookkeeping": "mode cfg verbose save profile",
+}
+NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
+# Ultralytics' training keys we do not have yet: refused with this line wherever they come from
+NOT_YET = (
+    "time deterministic single_cls rect fraction pretrained cls_remap multi_scale dropout bgr copy_paste_mode cls_pw "
+    "distill_model dis"
+).split()
+CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
+
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
 _BOOLISH = {
     "grad_ckpt": {True: "all", False: "off"},
@@ -307,10 +327,25 @@ def field_help(cls: type = TrainConfig) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _not_a_key(key: str, keys: dict, command: str = "train") -> str:
+    """Why `key` is refused: an Ultralytics key we spell otherwise, do not use in training or do not have yet, or
+    an unknown key (with the closest one, if it is close)."""
+    if set(keys) == set(FIELDS):  # the training configuration's keys (not another command's own)
+        if key == "task":
+            return "Ultralytics' key 'task': yoloscale trains detectors (task=detect)."
+        if key in ULTRALYTICS_SPELLINGS:
+            return f"Ultralytics' key '{key}' is {ULTRALYTICS_SPELLINGS[key]} here."
+        if key in NOT_FOR_TRAINING:
+            return f"Ultralytics' key '{key}' is one of {NOT_FOR_TRAINING[key]}: training does not use it."
+        if key in NOT_YET:
+            return f"Ultralytics' key '{key}' is not supported here yet."
+    return f"unknown key '{key}'.{_suggest(key, keys, command)}"
+
+
 def _suggest(key: str, keys=FIELDS, command: str = "train") -> str:
-    if key in ULTRALYTICS_SPELLINGS:
-        return f" Ultralytics' '{key}' is {ULTRALYTICS_SPELLINGS[key]} here."
-    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+    if set(keys) == set(FIELDS) and key in CLOSE_SPELLINGS:
+        return f" Did you mean '{CLOSE_SPELLINGS[key]}'?"
+    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.75)
     return f" Did you mean '{close[0]}'?" if close else f" Run 'yoloscale {command} --help' for the list of keys."
 
 
@@ -318,7 +353,7 @@ def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: 
     """Check (and gently convert) one value against its field's type and choices."""
     fields, types = _fields(cls)
     if key not in fields:
-        raise UserError(f"{where}: unknown key '{key}'.{_suggest(key, fields, command)}")
+        raise UserError(f"{where}: {_not_a_key(key, fields, command)}")
     typ = types[key]
     if value is None and typ is str:
         value = ""
@@ -486,6 +521,22 @@ def _drop_retired(values: dict, where: str) -> dict:
     return {k: v for k, v in values.items() if k not in RETIRED}
 
 
+def _drop_not_for_training(values: dict, where: str) -> dict:
+    """A config file's Ultralytics keys that training does not use (an Ultralytics args.yaml has them all): dropped,
+    with one note naming them. `task` must be detection; `project: null` / `name: null` mean our defaults."""
+    from yoloscale.errors import warn
+
+    if values.get("task", "detect") != "detect":
+        raise UserError(f"{where}: task={values['task']!r}; yoloscale trains detectors (task: detect).")
+    dropped = [k for k in values if k in NOT_FOR_TRAINING]
+    if dropped:
+        warn(
+            f"{where}: {len(dropped)} of Ultralytics' keys that training does not use are ignored: {', '.join(dropped)}"
+        )
+    nulls = [k for k in ("project", "name") if k in values and values[k] is None]
+    return {k: v for k, v in values.items() if k not in NOT_FOR_TRAINING and k != "task" and k not in nulls}
+
+
 def _coerce_bool(value: Any) -> Any:
     return {"true": True, "false": False}.get(value.strip().lower(), value) if isinstance(value, str) else value
 
@@ -506,8 +557,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not isinstance(loaded, dict):
             raise UserError(f"config file '{path}': expected a mapping of key: value, got {type(loaded).__name__}.")
         loaded = _drop_retired(loaded, f"config file '{path}'")
+        loaded = _drop_not_for_training(loaded, f"config file '{path}'")
         values.update({k: _coerce(k, v, f"config file '{path}'") for k, v in loaded.items()})
     items = dict(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides))
+    if items.get("task", "detect") == "detect":
+        items.pop("task", None)  # Ultralytics' task=detect, the only one trained here
     values.update({k: _coerce(k, v, "command line") for k, v in _drop_retired(items, "command line").items()})
     if values.get("data", FIELDS["data"].default) == "synthetic":
         values = {**SYNTHETIC_DEFAULTS, **values}

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -82,3 +84,47 @@ def test_a_retired_key_loads_with_the_value_that_trains_as_now_and_is_refused_ot
         load_config(old)
     with pytest.raises(UserError, match="command line: key 'fused_bn_silu' was removed"):
         load_config(None, ["fused_bn_silu=True"])
+
+
+def test_every_key_of_ultralytics_default_yaml_has_an_answer():
+    """Each key of the pinned Ultralytics' cfg/default.yaml is ours with its meaning, spelled otherwise here, one that
+    training does not use, or one not supported yet, never an unexplained 'unknown key'."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    from yoloscale.config import FIELDS, NOT_FOR_TRAINING, NOT_YET, ULTRALYTICS_SPELLINGS
+
+    known = set(FIELDS) | set(NOT_FOR_TRAINING) | set(NOT_YET) | set(ULTRALYTICS_SPELLINGS) | {"task"}
+    assert sorted(set(DEFAULT_CFG_DICT) - known) == []
+    for key in DEFAULT_CFG_DICT:
+        if key not in FIELDS and key != "task":
+            with pytest.raises(UserError) as e:
+                load_config(None, [f"{key}=1"])
+            assert "unknown key" not in str(e.value) and f"Ultralytics' key '{key}'" in str(e.value)
+
+
+def test_a_config_file_with_ultralytics_non_training_keys_loads_with_one_note(tmp_path, capsys):
+    cfg = tmp_path / "args.yaml"
+    cfg.write_text("task: detect\nmode: train\nepochs: 3\nconf: null\niou: 0.7\nformat: torchscript\nproject: null\n")
+    loaded = load_config(cfg)
+    assert loaded.epochs == 3 and loaded.project == "runs"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "4 of Ultralytics' keys that training does not use are ignored" in err
+    cfg.write_text("task: segment\n")
+    with pytest.raises(UserError, match="yoloscale trains detectors"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "arg, says",
+    [
+        ("lr=0.1", "Did you mean 'lr0'"),
+        ("conf=0.3", "predict and val settings: training does not use it"),
+        ("format=onnx", "yoloscale export RUN format="),
+        ("fraction=0.5", "'fraction' is not supported here yet"),
+        ("rect=True", "'rect' is not supported here yet"),
+        ("amp=False", "'amp' is precision here"),
+    ],
+)
+def test_an_ultralytics_key_on_the_command_line_says_what_it_is_here(arg, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_config(None, [arg])
