@@ -188,12 +188,15 @@ class TrainConfig:
     pin_memory: bool = _f(True, "Pinned host memory for faster host-to-GPU copies (ignored on CPU).")
     persistent_workers: bool = _f(True, "Keep loader workers alive between epochs.")
     cache: str = _f("", "Cache decoded images: '' (no), 'ram' or 'disk' (Ultralytics' cache).", ("", "ram", "disk"))
+    fraction: float = _f(1.0, "Train on this fraction of the train split's images (Ultralytics' meaning; 1 = all).")
+    single_cls: bool = _f(False, "Treat every class as one (Ultralytics' meaning: the model gets one class, 'item').")
     # --- augmentation (Ultralytics' names and meaning)
     close_mosaic: int = _f(10, "Disable mosaic for the final N epochs.")
     mosaic: float = _f(1.0, "Mosaic probability.")
     mixup: float = _f(0.0, "MixUp probability.")
     cutmix: float = _f(0.0, "CutMix probability.")
     copy_paste: float = _f(0.0, "Copy-paste probability (needs segments).")
+    copy_paste_mode: str = _f("flip", "Copy-paste strategy: flip or mixup (Ultralytics' meaning).", ("flip", "mixup"))
     hsv_h: float = _f(0.015, "HSV hue augmentation (fraction).")
     hsv_s: float = _f(0.7, "HSV saturation augmentation (fraction).")
     hsv_v: float = _f(0.4, "HSV value augmentation (fraction).")
@@ -204,6 +207,7 @@ class TrainConfig:
     perspective: float = _f(0.0, "Perspective (+/- fraction).")
     flipud: float = _f(0.0, "Vertical flip probability.")
     fliplr: float = _f(0.5, "Horizontal flip probability.")
+    bgr: float = _f(0.0, "RGB<->BGR channel swap probability.")
     # --- loss gains (Ultralytics' names)
     box: float = _f(7.5, "Box loss gain.")
     cls: float = _f(0.5, "Classification loss gain.")
@@ -257,15 +261,12 @@ _NOT_TRAINING = {
         "line_width tracker dnn"
     ),
     "its export settings (yoloscale export RUN format=... takes them)": "format optimize dynamic simplify opset workspace nms quantize",
-    "other tasks than detection": "overlap_mask mask_ratio pose kobj rle angle dlog dgrad dlam auto_augment erasing",
+    "other tasks than detection": "overlap_mask mask_ratio pose kobj rle angle dlog dgrad dlam auto_augment erasing dropout",
     "its own run bookkeeping": "mode cfg verbose save profile",
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = (
-    "time deterministic single_cls rect fraction pretrained cls_remap multi_scale dropout bgr copy_paste_mode cls_pw "
-    "distill_model dis"
-).split()
+NOT_YET = ("time deterministic rect pretrained cls_remap multi_scale cls_pw distill_model dis").split()
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
@@ -406,11 +407,22 @@ FRACTION_KEYS = (
     "mixup",
     "cutmix",
     "copy_paste",
+    "bgr",
+    "fraction",
 )
 
 
 def _validate(cfg: TrainConfig) -> None:
-    positive = ("imgsz", "epochs", "nbs", "log_interval", "max_bad_steps", "keep_checkpoints", "dist_timeout")
+    positive = (
+        "imgsz",
+        "epochs",
+        "nbs",
+        "log_interval",
+        "max_bad_steps",
+        "keep_checkpoints",
+        "dist_timeout",
+        "fraction",
+    )
     if not (cfg.batch >= 1 and cfg.batch == int(cfg.batch) or 0 < cfg.batch < 1 or cfg.batch == -1):
         raise UserError(f"key 'batch' must be a whole number >= 1, auto, a fraction in (0, 1) or -1; got {cfg.batch}.")
     for key in positive:

@@ -213,6 +213,8 @@ def run(args: list[str]) -> list[dict]:
 
 
 def _classes(cfg: TrainConfig) -> int:
+    if cfg.single_cls:
+        return 1
     if cfg.data == "synthetic":
         return 3
     from yoloscale.data import check_dataset

@@ -116,6 +116,8 @@ class Trainer:
         else:
             data_yaml = Path(cfg.data).resolve()
         self.data = check_dataset(data_yaml)
+        if cfg.single_cls:  # Ultralytics' meaning: one class, named 'item' (its datasets map every label to it)
+            self.data = {**self.data, "names": {0: "item"}, "nc": 1}
         self.args = ultralytics_args(cfg, data_yaml)
         self.weights = RunWeights(self.run_dir, self.args)  # weights/: best, epoch{N}.pt, last; .pt for Ultralytics
         # sealing checkpoints and exporting weights run on the main rank's writer thread while training goes on

@@ -206,3 +206,20 @@ def test_export_without_ema_consolidates_the_checkpoint(tiny_data, tmp_path):
     assert all(torch.equal(exported[k.removeprefix("module.")], v) for k, v in saved.items())
     pt = YOLO(str(run / "weights" / "last.pt")).model.state_dict()
     torch.testing.assert_close(pt["model.0.conv.weight"].float(), exported["model.0.conv.weight"], rtol=1e-3, atol=1e-3)
+
+
+def test_fraction_and_single_cls_mean_what_they_mean_in_ultralytics(tiny_data, tmp_path):
+    """fraction=0.5 trains on half the train images; single_cls=True trains one class named 'item', down to the
+    Ultralytics .pt; bgr and copy_paste_mode reach Ultralytics' augmentation."""
+    from ultralytics import YOLO
+
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer
+
+    args = [f"data={tiny_data}", *TINY, "epochs=1", f"project={tmp_path}"]
+    full = Trainer(load_config(None, [*args, "name=full"]))
+    half = Trainer(load_config(None, [*args, "name=half", "fraction=0.5", "single_cls=True", "bgr=0.3"]))
+    assert len(half.train_set) == round(len(full.train_set) * 0.5)
+    assert half.args.bgr == 0.3 and half.args.copy_paste_mode == "flip" and half.data["nc"] == 1
+    half.train()
+    assert YOLO(str(tmp_path / "half" / "weights" / "last.pt")).names == {0: "item"}
