@@ -35,8 +35,9 @@ class BackgroundWriter:
 
     def submit(self, job: Job) -> None:
         if self._thread is None:
-            # not a daemon: if the training thread dies, the interpreter still lets a started seal finish
-            self._thread = threading.Thread(target=self._run, name=self._name)
+            # A daemon: a trainer used without train() (which closes the writer in its `finally`) must not keep the
+            # interpreter from exiting; a seal cut short at exit leaves the previous checkpoint complete.
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
         self._jobs.put(job)
 
