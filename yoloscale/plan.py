@@ -64,7 +64,9 @@ class MemoryModel:
     step_s: tuple[float, float]  # step time = a + b x batch
     layers: list[LayerCost] = field(default_factory=list)
     cpu_measured: bool = False  # measured on the CPU, planned for a GPU (yoloscale plan gpu_memory=): estimates
-    cached_from: str = ""  # the cache file it was read from ('' when measured in this run); not stored
+    cached_from: str = field(
+        default="", compare=False
+    )  # the cache file it was read from ('' if measured now); not stored
 
     # --- predictions --------------------------------------------------------------------------------------------
     def activations_per_image(self, selection: list[int], imgsz: int) -> float:
