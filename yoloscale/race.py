@@ -156,29 +156,16 @@ def run_ultralytics(spec_file: str) -> None:
 
 
 def _epochs_from_results_csv(path: Path) -> list[dict]:
-    """Ultralytics' results.csv (multi-GPU runs): times since its training started."""
+    """Either side's results.csv (the same columns). Ours times from the command's start and has img_s;
+    Ultralytics' (read for its multi-GPU runs) times from its training's start and has no img_s."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
     return [
         {
             "epoch": int(float(r["epoch"])),
             "time_s": float(r["time"]),
-            "map50_95": float(r["metrics/mAP50-95(B)"]),
-            "img_s": None,
-        }
-        for r in rows
-    ]
-
-
-def _epochs_from_results_csv_of_ours(path: Path) -> list[dict]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return [
-        {
-            "epoch": int(r["epoch"]),
-            "time_s": float(r["time"]),
             "map50_95": float(r.get("metrics/mAP50-95(B)") or "nan"),
-            "img_s": float(r["img_s"]),
+            "img_s": float(r["img_s"]) if r.get("img_s") else None,
         }
         for r in rows
     ]
@@ -254,7 +241,7 @@ def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
             "wall_s": wall,
             "first_step_s": info.get("first_step_s"),
             "startup_s": info.get("startup_s", {}),
-            "epochs": _epochs_from_results_csv_of_ours(out / "yoloscale" / "results.csv"),
+            "epochs": _epochs_from_results_csv(out / "yoloscale" / "results.csv"),
         }
     summary = {
         "date": time.strftime("%Y-%m-%d"),

@@ -93,12 +93,7 @@ class RunLog:
         kept = [r for r in rows if int(float(r["epoch"])) <= epochs_done]
         if len(kept) == len(rows):
             return
-        tmp = self.csv_path.with_name(f".tmp-{self.csv_path.name}")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
-        tmp.replace(self.csv_path)
+        write_csv(self.csv_path, fields, kept)
 
     def finish(self, plots: bool) -> None:
         if not self.enabled:
@@ -130,12 +125,7 @@ def convert_metrics_csv(run_dir: Path) -> None:
         reader = csv.DictReader(f)
         fields = [_OLD_COLUMNS.get(k, k) for k in reader.fieldnames or []]
         rows = [{_OLD_COLUMNS.get(k, k): v for k, v in r.items()} for r in reader]
-    tmp = new.with_name(f".tmp-{new.name}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(new)
+    write_csv(new, fields, rows)
     old.unlink()
 
 
@@ -153,11 +143,16 @@ def append_csv_row(path: Path, row: dict[str, Any]) -> None:
                 return
             rows = list(reader)
         fields = old + [k for k in fields if k not in old]
+    write_csv(path, fields, [*rows, row])
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """The whole file, atomically (a temporary file renamed over it)."""
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows([*rows, row])
+        writer.writerows(rows)
     tmp.replace(path)
 
 

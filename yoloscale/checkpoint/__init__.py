@@ -86,8 +86,8 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}" + ("-end" if epoch_end else "")
     final, tmp = root / name, root / f".tmp-{name}"
-    error = None
     state, tensors = _split(pieces)  # collective (the EMA gathers), before anything is written
+    error = None
     try:
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)

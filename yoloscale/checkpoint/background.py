@@ -49,9 +49,6 @@ class BackgroundWriter:
         if error is not None:
             raise error
 
-    def busy(self) -> bool:
-        return self._jobs.unfinished_tasks > 0
-
     def close(self) -> None:
         """Wait for the jobs, then end the thread (errors are left to `wait`)."""
         if self._thread is not None:
