@@ -5,6 +5,7 @@
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT  # a second venv of several GB on a disk CI shares
 python3 -m pip wheel -q --no-deps -w "$tmp/dist" "$src"
 python3 -m venv "$tmp/venv"
 # shellcheck disable=SC1091
