@@ -22,12 +22,14 @@ from yoloscale.preemption import Preempted
 
 
 def _train_help() -> str:
-    from yoloscale.config import field_help
+    from yoloscale.config import ULTRALYTICS_FORMS, field_help
 
     lines = ["configuration keys (key=value; defaults are Ultralytics' where it has the key):", ""]
     for name, default, doc in field_help():
         lines.append(f"  {name} (default {default})")
         lines.extend(textwrap.wrap(doc, 100, initial_indent="      ", subsequent_indent="      "))
+    for name, doc in ULTRALYTICS_FORMS.items():
+        lines += [f"  {name}", f"      {doc}"]
     return "\n".join(lines)
 
 
@@ -180,10 +182,21 @@ def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: st
     return [*overrides, f"backend=zero{stage}", f"ds_config={ds_file}"]
 
 
-def train(args: list[str], ds_file: str | None = None) -> None:
+def train(args: list[str], ds_file: str | None = None) -> int:
+    """Train here, or (device= naming several GPUs, no launcher around us) start torchrun's processes and wait."""
+    from yoloscale.devices import launcher_started_fewer, place
+    from yoloscale.errors import warn
+
+    cfg = train_config(args, ds_file)
+    if fewer := launcher_started_fewer():
+        warn(fewer)
+    launched = place(cfg.device, [*args, *(["--deepspeed", ds_file] if ds_file else [])])
+    if launched is not None:
+        return launched
     from yoloscale.trainer import Trainer
 
-    Trainer(train_config(args, ds_file)).train()
+    Trainer(cfg).train()
+    return 0
 
 
 def train_config(args: list[str], ds_file: str | None = None):
@@ -204,10 +217,10 @@ def train_config(args: list[str], ds_file: str | None = None):
     return cfg
 
 
-def _run(ns: argparse.Namespace) -> None:
+def _run(ns: argparse.Namespace) -> int:
     if ns.command == "train":
-        train(ns.args, ns.deepspeed)
-    elif ns.command == "bench":
+        return train(ns.args, ns.deepspeed)
+    if ns.command == "bench":
         from yoloscale import bench
 
         bench.run(ns.args, ns.only)
@@ -244,6 +257,7 @@ def _run(ns: argparse.Namespace) -> None:
         from yoloscale import export
 
         export.run(ns.args)
+    return 0
 
 
 def _options_first(argv: list[str]) -> list[str]:
@@ -273,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     _HELP = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))
     ns = _parser().parse_args(_options_first(sys.argv[1:] if argv is None else argv))
     try:
-        _run(ns)
+        code = _run(ns)
     except UserError as e:
         print(f"yoloscale: error: {plain(str(e))}", file=sys.stderr)
         return 2
@@ -283,4 +297,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("yoloscale: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code

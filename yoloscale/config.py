@@ -59,7 +59,14 @@ class TrainConfig:
     # --- run directory and resume
     project: str = _f("runs", "Folder that holds run directories.")
     name: str = _f(
-        "", "Run directory name under project; empty picks train, train2, ... An existing run is never overwritten."
+        "",
+        "Run directory name under project (empty: train). Taken by another run, the next free of name2, name3, ... "
+        "is used, as in Ultralytics.",
+    )
+    exist_ok: bool = _f(
+        False,
+        "Train into project/name itself instead of the next free name (Ultralytics' key); a folder that holds "
+        "results is still never overwritten: continue it with resume=.",
     )
     resume: str = _f(
         "",
@@ -119,7 +126,13 @@ class TrainConfig:
         "Mixed precision: auto (fp16 with dynamic loss scaling on a CUDA GPU, Ultralytics' AMP; bf16 where fp16 is not supported; fp32 on the CPU), fp16, bf16 or fp32.",
         ("auto", "bf16", "fp16", "fp32"),
     )
-    cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
+    device: str = _f(
+        "",
+        "Ultralytics' device: empty (every GPU the launcher gives, else the CPU), cpu, a GPU index (1), several "
+        "(0,1,2,3: one command starts one training process per GPU, as Ultralytics does), or -1 (-1,-1) for the "
+        "idlest GPU(s). Indices count the GPUs CUDA_VISIBLE_DEVICES leaves.",
+    )
+    cpu: bool = _f(False, "Train on the CPU even when a GPU is present (the same as device=cpu).")
     dist_timeout: int = _f(
         600,
         "Seconds a collective may wait for the other processes before the job stops with an error (torch's "
@@ -247,11 +260,11 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Ultralytics' keys that are spelled differently here: named in the "unknown key" message (not accepted as aliases).
 ULTRALYTICS_SPELLINGS = {
-    "amp": "precision",
-    "device": "cpu=True, or the launcher's process count",
-    "exist_ok": "resume=auto, or a new name=",
     "freeze": "weights= (freezing is not supported)",
 }
+# Ultralytics' amp= is our precision=: True (auto: fp16 on a GPU), False (fp32), or the precision itself
+AMP = {True: "", False: "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+ULTRALYTICS_FORMS = {"amp": "Ultralytics' AMP switch: True (precision=auto), False (fp32), or fp16/bf16/fp32."}
 # Ultralytics' keys that training a detector does not use (what they are for). An Ultralytics args.yaml holds them
 # all: in a config file they are ignored with one note; given on the command line, refused with that reason.
 _NOT_TRAINING = {
@@ -360,6 +373,8 @@ def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: 
         value = ""
     if key == "batch":
         return _batch_value(value, where)
+    if key == "device" and isinstance(value, (list, tuple)):  # Ultralytics' device: [0, 1]
+        value = ",".join(map(str, value))
     if key in _BOOLISH and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
     if key in _BOOLISH and isinstance(value, bool):  # YAML reads off/on/true/false as booleans
@@ -459,6 +474,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(
             f"model='{cfg.model}' already carries its weights; leave weights= empty (or give a model YAML)."
         )
+    from yoloscale.devices import parse_device
+
+    if parse_device(cfg.device) not in ("", "cpu") and cfg.cpu:  # parse_device refuses a malformed device= first
+        raise UserError(f"cpu=True and device={cfg.device} disagree; give one of them.")
     if cfg.imgsz % 32:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
 
@@ -498,7 +517,7 @@ def parse_command(
         key, value = parse_override(arg, cls if split_override(arg)[0] in own_fields else TrainConfig)
         if key in own_fields:
             own[key] = _coerce(key, value, "command line", cls, command)
-        elif train_keys and key in FIELDS:
+        elif train_keys and (key in FIELDS or key in ULTRALYTICS_FORMS):
             train.append(arg)
         else:
             keys = [*own_fields, *(FIELDS if train_keys else ())]
@@ -549,6 +568,23 @@ def _drop_not_for_training(values: dict, where: str) -> dict:
     return {k: v for k, v in values.items() if k not in NOT_FOR_TRAINING and k != "task" and k not in nulls}
 
 
+def _ultralytics_forms(values: dict, where: str) -> dict:
+    """Ultralytics' amp= becomes precision= (the two given together must agree); device=cpu sets cpu=True."""
+    values = dict(values)
+    if "amp" in values:
+        amp = _coerce_bool(values.pop("amp"))
+        if amp not in AMP:
+            raise UserError(f"{where}: key 'amp' expects True, False, fp16, bf16 or fp32, got {amp!r}.")
+        precision = AMP[amp]
+        if precision and values.get("precision", "auto") not in ("auto", precision):
+            raise UserError(f"{where}: amp={amp} and precision={values['precision']} disagree; give one of them.")
+        if precision:
+            values["precision"] = precision
+    if str(values.get("device", "")).strip().lower() == "cpu":
+        values["cpu"] = True
+    return values
+
+
 def _coerce_bool(value: Any) -> Any:
     return {"true": True, "false": False}.get(value.strip().lower(), value) if isinstance(value, str) else value
 
@@ -570,11 +606,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise UserError(f"config file '{path}': expected a mapping of key: value, got {type(loaded).__name__}.")
         loaded = _drop_retired(loaded, f"config file '{path}'")
         loaded = _drop_not_for_training(loaded, f"config file '{path}'")
+        loaded = _ultralytics_forms(loaded, f"config file '{path}'")
         values.update({k: _coerce(k, v, f"config file '{path}'") for k, v in loaded.items()})
     items = dict(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides))
     if items.get("task", "detect") == "detect":
         items.pop("task", None)  # Ultralytics' task=detect, the only one trained here
-    values.update({k: _coerce(k, v, "command line") for k, v in _drop_retired(items, "command line").items()})
+    items = _ultralytics_forms(_drop_retired(items, "command line"), "command line")
+    values.update({k: _coerce(k, v, "command line") for k, v in items.items()})
     if values.get("data", FIELDS["data"].default) == "synthetic":
         values = {**SYNTHETIC_DEFAULTS, **values}
     cfg = TrainConfig(**values)

@@ -217,6 +217,8 @@ def render_sbatch(
     ]
     if not any(o.startswith("project=") for o in overrides):
         args.append(f"project={Path(cfg.project).resolve()}")  # absolute: the job may start in another directory
+    if not cfg.exist_ok:
+        args.append("exist_ok=True")  # the run directory the script resumes, never a name2 beside it
     project = slurm_value(str(run_dir.parent), PLAIN_PATH, "project")
     script = _script(
         launcher,

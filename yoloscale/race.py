@@ -232,6 +232,7 @@ def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
             *given,
             f"project={out}",
             "name=yoloscale",
+            "exist_ok=True",  # this folder, or an error: never a yoloscale2 that the race would not read
             *(["cpu=True"] if gpus == 0 else []),
         ]
         print(f"yoloscale: training ({out / 'yoloscale.log'})", flush=True)

@@ -77,10 +77,12 @@ def _in_use_error(run: Path) -> UserError:
 
 
 def new_run_dir(cfg: TrainConfig) -> tuple[Path, RunLock]:
-    """project/name, or the first free project/train, train2, ... when name is empty; claimed for this run."""
-    root = Path(cfg.project)
-    if cfg.name:
-        run = root / cfg.name
+    """The run's directory, claimed for it: project/name (name empty: train) if free, else, as Ultralytics
+    increments, the first free of name2, name3, ...; with exist_ok, project/name itself, which must not hold results
+    (a run's folder is never overwritten) nor be in use."""
+    root, base = Path(cfg.project), cfg.name or "train"
+    if cfg.exist_ok:
+        run = root / base
         if in_use(run):  # a live run, whether or not it has written results yet
             raise _in_use_error(run)
         lock = None if _holds_results(run) else _claim(run)  # a directory with results is not even locked
@@ -89,12 +91,12 @@ def new_run_dir(cfg: TrainConfig) -> tuple[Path, RunLock]:
         if lock is None or _holds_results(run):  # (the second check: results written while we claimed it)
             raise UserError(
                 f"run directory '{run}' already exists and holds results; it is never overwritten. "
-                "Continue it with resume=auto, or choose another name=."
+                "Continue it with resume=auto, or leave exist_ok out for the next free name."
             )
         _mark_holder(lock)
         return run, lock
     for i in itertools.count(1):
-        run = root / ("train" if i == 1 else f"train{i}")
+        run = root / (base if i == 1 else f"{base}{i}")
         if _holds_results(run):
             continue
         lock = _claim(run)

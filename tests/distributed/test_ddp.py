@@ -53,31 +53,23 @@ def test_two_process_step_equals_single_process(tiny_data, trained_run, tmp_path
         torch.testing.assert_close(da, db, rtol=0, atol=1e-2 * da.abs().max().item(), msg=k)
 
 
-def test_two_process_training_run(tiny_data, tmp_path):
-    """The whole loop under torchrun: sharded data, distributed validation, one checkpoint, rank 0 writes."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29534",
-        "-m",
-        "yoloscale",
-        "train",
-        f"data={tiny_data}",
-        "model=yolov8n.yaml",
-        "imgsz=96",
-        "batch=8",
-        "nbs=16",
-        "workers=0",
-        "epochs=1",
-        f"project={tmp_path}",
-        "name=ddp",
-        "plots=False",
-    ]
-    subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL)
+def test_two_process_training_run(tiny_data, tmp_path, monkeypatch, capfd):
+    """The whole loop under torchrun: sharded data, distributed validation, one checkpoint, rank 0 writes. Started
+    as Ultralytics users start it, `yoloscale train device=0,1` from a plain command: the torchrun job it builds
+    runs here with two gloo processes on the CPU (only the parent's check that two GPUs exist is skipped)."""
+    from yoloscale import devices
+
+    args = [f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=8", "nbs=16", "workers=0", "epochs=1"]
+    args += [f"project={tmp_path}", "name=ddp", "plots=False", "device=0,1"]
+    for key, value in _env().items():
+        monkeypatch.setenv(key, value)
+    for key in (*devices.LAUNCHED, "CUDA_VISIBLE_DEVICES", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(devices, "_check_gpus", lambda device, count: None)
+    assert devices.place("0,1", args) == 0
+    out = capfd.readouterr()
+    assert "starting 2 training processes with torchrun (CUDA_VISIBLE_DEVICES=0,1)" in out.err
+    assert "2 process(es) on cpu" in out.out + out.err
     run = tmp_path / "ddp"
     rows = (run / "results.csv").read_text().splitlines()
     assert len(rows) == 2 and "metrics/mAP50(B)" in rows[0]

@@ -49,7 +49,10 @@ def test_missing_config_file():
 
 def test_existing_run_directory_is_never_touched(trained_run):
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.rglob("*") if p.is_file()}
-    _fails(["train", f"project={trained_run.parent}", f"name={trained_run.name}"], "already exists and holds results")
+    _fails(
+        ["train", f"project={trained_run.parent}", f"name={trained_run.name}", "exist_ok=True"],
+        "already exists and holds results",
+    )
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in trained_run.rglob("*") if p.is_file()}
     assert before == after
 
@@ -61,6 +64,24 @@ def test_empty_name_picks_a_fresh_directory(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "metrics.csv").write_text("x")
     assert new_run_dir(load_config(None, [f"project={tmp_path}"]))[0].name == "train2"
+
+
+def test_a_taken_name_goes_to_the_next_free_one_as_in_ultralytics(tmp_path):
+    from yoloscale.config import load_config
+    from yoloscale.run_dir import new_run_dir
+
+    for name in ("exp", "exp2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.csv").write_text("x")
+    run, lock = new_run_dir(load_config(None, [f"project={tmp_path}", "name=exp"]))
+    assert run.name == "exp3" and (tmp_path / "exp" / "results.csv").read_text() == "x"
+    lock.release()
+    # exist_ok: that folder itself, empty or not yet there; one holding results is refused, not overwritten
+    run, lock = new_run_dir(load_config(None, [f"project={tmp_path}", "name=fresh", "exist_ok=True"]))
+    assert run == tmp_path / "fresh"
+    lock.release()
+    with pytest.raises(UserError, match="holds results; it is never overwritten"):
+        new_run_dir(load_config(None, [f"project={tmp_path}", "name=exp", "exist_ok=True"]))
 
 
 def test_bad_labels_are_skipped_and_counted(tiny_data, tmp_path):

@@ -91,12 +91,13 @@ def test_every_key_of_ultralytics_default_yaml_has_an_answer():
     training does not use, or one not supported yet, never an unexplained 'unknown key'."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
-    from yoloscale.config import FIELDS, NOT_FOR_TRAINING, NOT_YET, ULTRALYTICS_SPELLINGS
+    from yoloscale.config import FIELDS, NOT_FOR_TRAINING, NOT_YET, ULTRALYTICS_FORMS, ULTRALYTICS_SPELLINGS
 
-    known = set(FIELDS) | set(NOT_FOR_TRAINING) | set(NOT_YET) | set(ULTRALYTICS_SPELLINGS) | {"task"}
+    accepted = set(FIELDS) | set(ULTRALYTICS_FORMS) | {"task"}
+    known = accepted | set(NOT_FOR_TRAINING) | set(NOT_YET) | set(ULTRALYTICS_SPELLINGS)
     assert sorted(set(DEFAULT_CFG_DICT) - known) == []
     for key in DEFAULT_CFG_DICT:
-        if key not in FIELDS and key != "task":
+        if key not in accepted:
             with pytest.raises(UserError) as e:
                 load_config(None, [f"{key}=1"])
             assert "unknown key" not in str(e.value) and f"Ultralytics' key '{key}'" in str(e.value)
@@ -122,9 +123,59 @@ def test_a_config_file_with_ultralytics_non_training_keys_loads_with_one_note(tm
         ("format=onnx", "yoloscale export RUN format="),
         ("time=2", "'time' is not supported here yet"),
         ("rect=True", "'rect' is not supported here yet"),
-        ("amp=False", "'amp' is precision here"),
     ],
 )
 def test_an_ultralytics_key_on_the_command_line_says_what_it_is_here(arg, says):
     with pytest.raises(UserError, match=re.escape(says)):
         load_config(None, [arg])
+
+
+@pytest.mark.parametrize(
+    "args, precision",
+    [(["amp=True"], "auto"), (["amp=False"], "fp32"), (["amp=bf16"], "bf16"), (["amp=True", "precision=fp16"], "fp16")],
+)
+def test_ultralytics_amp_sets_the_precision(args, precision):
+    assert load_config(None, args).precision == precision
+
+
+def test_amp_and_precision_that_disagree_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="amp=False and precision=bf16 disagree"):
+        load_config(None, ["amp=False", "precision=bf16"])
+    (tmp_path / "args.yaml").write_text("amp: false\nprecision: fp16\n")
+    with pytest.raises(UserError, match="config file .*args.yaml.*disagree"):
+        load_config(tmp_path / "args.yaml")
+    (tmp_path / "args.yaml").write_text("amp: false\n")  # the file's amp, the command line's precision: it wins
+    assert load_config(tmp_path / "args.yaml", ["precision=bf16"]).precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        ("", ""),
+        ("cpu", "cpu"),
+        ("0", ["0"]),
+        ("cuda:1", ["1"]),
+        ("0,1,2", ["0", "1", "2"]),
+        ("[0, 1]", ["0", "1"]),
+        ("-1", ["-1"]),
+        ("-1,-1", ["-1", "-1"]),
+    ],
+)
+def test_ultralytics_device_forms(value, parsed):
+    from yoloscale.devices import parse_device
+
+    assert parse_device(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["mps", "npu:0", "0,0", "1,-1", "gpu"])
+def test_a_device_we_cannot_train_on_is_one_line(value):
+    with pytest.raises(UserError, match="device"):
+        load_config(None, [f"device={value}"])
+
+
+def test_device_cpu_is_cpu_true_and_a_list_from_yaml_is_accepted(tmp_path):
+    assert load_config(None, ["device=cpu"]).cpu
+    (tmp_path / "args.yaml").write_text("device: [0, 1]\n")
+    assert load_config(tmp_path / "args.yaml").device == "0,1"
+    with pytest.raises(UserError, match="cpu=True and device=0 disagree"):
+        load_config(None, ["cpu=True", "device=0"])

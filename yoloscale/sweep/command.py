@@ -226,7 +226,7 @@ class Worker:
             run_dir = self.out / "trials" / f"trial_{trial.number:04d}"
             params = [override(k, v) for k, v in trial.params.items()]
             args = [*([self.cfg_file] if self.cfg_file else []), *self.train_args, *params]
-            args += [f"project={run_dir.parent}", f"name={run_dir.name}"]
+            args += [f"project={run_dir.parent}", f"name={run_dir.name}", "exist_ok=True"]  # this folder exactly
             what = describe_params(trial.params)
             if resumes is not None:
                 what += f" (starts trial {resumes} over: it had no checkpoint)"
