@@ -74,6 +74,11 @@ class TrainConfig:
     )
     # --- schedule (Ultralytics' meanings and defaults)
     epochs: int = _f(100, "Number of training epochs (Ultralytics' 100); with data=synthetic and no epochs given, 10.")
+    time: float = _f(
+        0.0,
+        "Hours to train (Ultralytics' key): overrides epochs, which are re-estimated after every epoch from its mean "
+        "time; the run stops once the time is spent (counted over resumes). 0 = train for epochs.",
+    )
     patience: int = _f(
         100,
         "Stop after this many epochs without a better validation fitness (Ultralytics' early stopping); 0 disables.",
@@ -279,7 +284,7 @@ _NOT_TRAINING = {
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = ("time deterministic rect pretrained cls_remap multi_scale cls_pw distill_model dis").split()
+NOT_YET = ("deterministic rect pretrained cls_remap multi_scale cls_pw distill_model dis").split()
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
@@ -369,8 +374,8 @@ def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: 
     if key not in fields:
         raise UserError(f"{where}: {_not_a_key(key, fields, command)}")
     typ = types[key]
-    if value is None and typ is str:
-        value = ""
+    if value is None:  # YAML's null (Ultralytics' args.yaml: time, device, ...): unset, the default
+        return fields[key].default
     if key == "batch":
         return _batch_value(value, where)
     if key == "device" and isinstance(value, (list, tuple)):  # Ultralytics' device: [0, 1]
@@ -457,6 +462,7 @@ def _validate(cfg: TrainConfig) -> None:
         "grad_clip",
         "lr0",
         "heartbeat_s",
+        "time",
     ):
         if getattr(cfg, key) < 0:
             raise UserError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}.")

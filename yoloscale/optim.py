@@ -214,13 +214,17 @@ class Schedule:
     accumulate: int  # nominal, after warmup
 
     @classmethod
-    def create(cls, cfg: TrainConfig, choice: OptimizerChoice, batches_per_epoch: int, accumulate: int) -> Schedule:
-        warmup_epochs = min(cfg.warmup_epochs, max(cfg.epochs - 1, 0))  # leave at least the last epoch un-warmed
+    def create(
+        cls, cfg: TrainConfig, choice: OptimizerChoice, batches_per_epoch: int, accumulate: int, epochs: int = 0
+    ) -> Schedule:
+        """`epochs`: the run's length when time= re-estimates it (else cfg.epochs)."""
+        epochs = epochs or cfg.epochs
+        warmup_epochs = min(cfg.warmup_epochs, max(epochs - 1, 0))  # leave at least the last epoch un-warmed
         warmup = round(warmup_epochs * batches_per_epoch) if warmup_epochs > 0 else 0
         # NOTE: warmup ramps momentum to cfg.momentum even under optimizer=auto, whose optimizer starts at 0.9:
         # Ultralytics' auto rule changes args.lr0 but not args.momentum, which its warmup reads.
         return cls(
-            cfg.epochs,
+            epochs,
             cfg.lrf,
             cfg.cos_lr,
             warmup,

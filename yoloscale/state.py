@@ -10,6 +10,8 @@ a piece never changes it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -110,3 +112,39 @@ class LossMeter:
         total = state.get("total")
         self.total = torch.tensor(total, device=self.device) if total is not None else None
         self.count = state.get("count", 0)
+
+
+class TrainingTime:
+    """Ultralytics' `time=` (hours; overrides epochs): the training time spent so far, over resumes, and the number
+    of epochs it leads to, re-estimated after every epoch as ceil(budget / mean epoch time), validation included.
+    Unused without `time=`. The seconds are the slowest rank's, so every rank takes the same decisions."""
+
+    def __init__(self, hours: float, epochs: int):
+        self.budget = hours * 3600
+        self.seconds = 0.0  # completed epochs' time, over every session of the run
+        self.epochs = epochs  # the current estimate (epochs= itself without a budget)
+        self.epoch_started = 0.0
+
+    def start_epoch(self) -> None:
+        self.epoch_started = time.perf_counter()
+
+    def now(self) -> float:
+        """This rank's training time so far, the running epoch included."""
+        return self.seconds + time.perf_counter() - self.epoch_started
+
+    def is_up(self, seconds: float) -> bool:
+        return bool(self.budget) and seconds >= self.budget
+
+    def end_epoch(self, seconds: float, epochs_done: int) -> None:
+        """`seconds`: the training time so far (the slowest rank's `now()`)."""
+        self.seconds = seconds
+        if self.budget and epochs_done:
+            self.epochs = max(math.ceil(self.budget / (seconds / epochs_done)), 1)
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds, "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds = state.get("seconds", 0.0)
+        if self.budget:  # a run without time= keeps its epochs= (a resume may change it)
+            self.epochs = state.get("epochs", self.epochs)

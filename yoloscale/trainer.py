@@ -59,7 +59,7 @@ from yoloscale.run_dir import (
     write_run_info,
 )
 from yoloscale.run_log import RunLog, seconds_since_start
-from yoloscale.state import LossMeter, Progress, StepHealth
+from yoloscale.state import LossMeter, Progress, StepHealth, TrainingTime
 from yoloscale.sweep.trial import TRIAL_ENV, TrialReporter
 from yoloscale.validate import RESULT_COLUMNS, Validator
 
@@ -176,6 +176,7 @@ class Trainer:
             world_size=self.world, device_batch=self.device_batch, backend=cfg.backend, optimizer=self.choice.name
         )
         self.health = StepHealth(self.device)
+        self.clock = TrainingTime(cfg.time, cfg.epochs)  # time=: the epochs its budget allows
         self.interval_losses, self.epoch_losses = LossMeter(self.device), LossMeter(self.device)
         self.stop_signal = StopSignal()
         # a trial of `yoloscale sweep`: each epoch's objective goes to the study, whose pruner may stop the run
@@ -185,6 +186,7 @@ class Trainer:
         self.on_micro_step: Callable[[], None] | None = None  # bench's timing hook: called after every micro-step
         if cfg.resume:
             self._resume(Path(cfg.resume))
+            self._set_epochs(self.clock.epochs)
         elif self.is_main:
             cfg.save(self.run_dir / "config.yaml")
             write_args_yaml(self.run_dir / "args.yaml", self.args)  # Ultralytics' record of the run
@@ -237,7 +239,12 @@ class Trainer:
 
     def pieces(self) -> dict:
         """What a checkpoint holds besides the backend's state: name -> object with state_dict/load_state_dict."""
-        pieces = {"progress": self.progress, "health": self.health, "epoch_losses": self.epoch_losses}
+        pieces = {
+            "progress": self.progress,
+            "health": self.health,
+            "epoch_losses": self.epoch_losses,
+            "training_time": self.clock,
+        }
         return pieces if self.ema is None else {**pieces, "ema": self.ema}
 
     def _describe(self, ckpt_layers: int, layers: int) -> str:
@@ -259,7 +266,7 @@ class Trainer:
         self.stop_signal.install()  # SIGUSR1/SIGTERM: checkpoint at the next logging interval, then stop
         first_epoch = self.progress.epoch
         try:
-            while self.progress.epoch < self.cfg.epochs and not self.progress.early_stopped:
+            while self.progress.epoch < self.clock.epochs and not self.progress.early_stopped:
                 start = time.perf_counter()
                 try:
                     images = self.train_epoch()
@@ -284,7 +291,8 @@ class Trainer:
         self._check_health()
         wait_for_writer(self.accelerator, self.writer)  # the last epoch's exports read the eval model: done first
         self._refresh_eval_model()  # collective under sharding
-        validated = cfg.val or pr.epoch + 1 == cfg.epochs
+        out_of_time = bool(cfg.time) and self._out_of_time(self._slowest(self.clock.now()))
+        validated = cfg.val or pr.epoch + 1 >= self.clock.epochs or out_of_time  # the final epoch always
         if validated:
             half = self.use_cuda and self.backend.precision_name != "fp32"  # Ultralytics: AMP runs val in fp16
             metrics = self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half)
@@ -297,6 +305,8 @@ class Trainer:
                 f"early stopping: no better fitness for {cfg.patience} epochs (best at epoch "
                 f"{pr.best_epoch}); patience=0 disables it"
             )
+        if cfg.time:
+            self._spend_time(out_of_time)
         if self.in_sweep and validated and not pr.early_stopped:
             self._ask_sweep_pruner(metrics)
         self.log.epoch_end(self._epoch_row(metrics, img_s), step=pr.optimizer_steps)
@@ -313,10 +323,11 @@ class Trainer:
         """One epoch (or what is left of it after a resume); returns the number of images processed."""
         cfg, pr = self.cfg, self.progress
         self._close_mosaic_if_due()
+        self.clock.start_epoch()
         self.model.train()
         images, t_log, n_log = 0, time.perf_counter(), 0
         batches = self.train_loader.epoch(pr.epoch, skip=pr.batch_in_epoch)
-        bar = self.log.epoch_bar(batches, len(self.train_loader), pr.epoch, cfg.epochs)
+        bar = self.log.epoch_bar(batches, len(self.train_loader), pr.epoch, self.clock.epochs)
         for batch in bar:
             if self.first_step_s is None:
                 self.startup.setdefault("first batch", seconds_since_start())
@@ -324,7 +335,7 @@ class Trainer:
             pr.batch_in_epoch += 1
             if self.on_micro_step is not None:
                 self.on_micro_step()
-            if note := self.autotune.tick(cfg.epochs * len(self.train_loader) - pr.micro_step):
+            if note := self.autotune.tick(self.clock.epochs * len(self.train_loader) - pr.micro_step):
                 self.log.message(note)
             n = batch["img"].shape[0] * self.world
             images, n_log = images + n, n_log + n
@@ -347,6 +358,8 @@ class Trainer:
                 t_log, n_log = now, 0
                 self.log.step(values, pr.optimizer_steps)
                 self._stop_if_signalled()
+                if cfg.time and self._any_rank(self._out_of_time(self.clock.now())):
+                    break  # Ultralytics' time=: the epoch ends here, validates and saves as the final one
             if stepped and cfg.save_steps and pr.optimizer_steps % cfg.save_steps == 0:
                 self._checkpoint()
         return images
@@ -398,7 +411,8 @@ class Trainer:
         """Ultralytics' close_mosaic: no mosaic in the final `close_mosaic` epochs. Loader workers already running
         hold the dataset as it was: such a loader is rebuilt."""
         cfg = self.cfg
-        if cfg.close_mosaic and self.progress.epoch >= cfg.epochs - cfg.close_mosaic and self.args.mosaic > 0:
+        epochs = self.clock.epochs
+        if cfg.close_mosaic and self.progress.epoch >= epochs - cfg.close_mosaic and self.args.mosaic > 0:
             self.log.message(f"closing mosaic for the last {cfg.close_mosaic} epochs")
             self.train_loader.dataset.close_mosaic(self.args)  # Ultralytics' own switch (zeroes mosaic/mixup/...)
             if self.train_loader.started:
@@ -472,7 +486,7 @@ class Trainer:
         )
         self.train_loader = self._train_loader()
         accumulate = self.schedule.accumulate * old // self.device_batch
-        self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), accumulate)
+        self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), accumulate, self.clock.epochs)
         self.batch = self.device_batch * self.world
         pr.device_batch, pr.batch_in_epoch, pr.micro_step, pr.last_opt_step = self.device_batch, 0, 0, -1
         self.interval_losses.reset()
@@ -485,6 +499,35 @@ class Trainer:
             f"the images per optimizer step and the lr stay, BatchNorm now sees {self.device_batch} images per "
             f"forward instead of {old}"
         )
+
+    def _out_of_time(self, seconds: float) -> bool:
+        return self.clock.is_up(seconds)
+
+    def _slowest(self, seconds: float) -> float:
+        """Collective: the largest of the ranks' values (one decision for all)."""
+        if self.world == 1:
+            return seconds
+        return self.accelerator.reduce(torch.tensor(seconds, device=self.device), reduction="max").item()
+
+    def _spend_time(self, out_of_time: bool) -> None:
+        """time=: after an epoch (pr.epoch counts it), the epochs the budget allows, with the schedule stretched or
+        shrunk to them, as Ultralytics re-estimates; the run ends once the time is spent."""
+        pr = self.progress
+        before = self.clock.epochs
+        self.clock.end_epoch(self._slowest(self.clock.now()), pr.epoch)
+        self._set_epochs(self.clock.epochs)
+        if out_of_time:
+            pr.early_stopped = True
+            self.log.message(f"time={self.cfg.time:g} h spent after {pr.epoch} epochs: training ends here")
+        elif self.clock.epochs != before:
+            self.log.message(f"time={self.cfg.time:g} h: {self.clock.epochs} epochs at the mean epoch time so far")
+
+    def _set_epochs(self, epochs: int) -> None:
+        """The run's length in epochs (time= changes it): the schedule's learning-rate decay spans it."""
+        if epochs != self.schedule.epochs:
+            self.schedule = Schedule.create(
+                self.cfg, self.choice, len(self.train_loader), self.schedule.accumulate, epochs
+            )
 
     def _any_rank(self, flag: bool) -> bool:
         """Collective: whether `flag` is true on any rank."""

@@ -121,7 +121,6 @@ def test_a_config_file_with_ultralytics_non_training_keys_loads_with_one_note(tm
         ("lr=0.1", "Did you mean 'lr0'"),
         ("conf=0.3", "predict and val settings: training does not use it"),
         ("format=onnx", "yoloscale export RUN format="),
-        ("time=2", "'time' is not supported here yet"),
         ("rect=True", "'rect' is not supported here yet"),
     ],
 )

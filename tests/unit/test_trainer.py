@@ -223,3 +223,38 @@ def test_fraction_and_single_cls_mean_what_they_mean_in_ultralytics(tiny_data, t
     assert half.args.bgr == 0.3 and half.args.copy_paste_mode == "flip" and half.data["nc"] == 1
     half.train()
     assert YOLO(str(tmp_path / "half" / "weights" / "last.pt")).names == {0: "item"}
+
+
+def test_time_ends_the_run_once_spent_and_stretches_the_schedule_to_the_epochs_it_allows(tiny_data, tmp_path):
+    """Ultralytics' time= (hours): a budget spent at the first logging interval ends that epoch there, validated and
+    saved as the final one; a resume of the finished run trains nothing more."""
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer
+
+    args = [f"data={tiny_data}", *TINY, "epochs=5", "log_interval=1", f"project={tmp_path}", "name=t"]
+    trainer = Trainer(load_config(None, [*args, "time=1e-9"]))  # 3.6 microseconds
+    trainer.train()
+    rows = _rows(tmp_path / "t")
+    assert len(rows) == 1 and rows[0]["metrics/mAP50(B)"] != ""
+    assert trainer.progress.early_stopped and trainer.clock.seconds > 0
+    assert (tmp_path / "t" / "weights" / "best.pt").exists()
+    from yoloscale.cli import train_config
+
+    again = Trainer(train_config(["resume=auto", f"project={tmp_path}", "name=t"]))
+    steps = again.progress.optimizer_steps
+    again.train()
+    assert again.progress.optimizer_steps == steps and len(_rows(tmp_path / "t")) == 1
+
+
+def test_time_re_estimates_the_epochs_from_the_mean_epoch_time():
+    from yoloscale.state import TrainingTime
+
+    clock = TrainingTime(hours=0.5, epochs=100)
+    clock.end_epoch(seconds=100.0, epochs_done=2)  # 50 s an epoch: 1,800 s hold 36
+    assert clock.epochs == 36 and not clock.is_up(1799.0) and clock.is_up(1800.0)
+    resumed = TrainingTime(hours=0.5, epochs=100)
+    resumed.load_state_dict(clock.state_dict())
+    assert (resumed.seconds, resumed.epochs) == (100.0, 36)
+    plain = TrainingTime(hours=0, epochs=7)
+    plain.load_state_dict(clock.state_dict())
+    assert plain.epochs == 7 and not plain.is_up(1e9)  # without time=, epochs= decides
