@@ -170,6 +170,11 @@ class TrainConfig:
         "torch.compile's backend: inductor (generates kernels), or e.g. aot_eager (Dynamo's graph capture and AOTAutograd without code generation: checks that a model compiles, in seconds).",
     )
     seed: int = _f(0, "Random seed (model init, data order).")
+    deterministic: bool = _f(
+        True,
+        "Deterministic algorithms where torch has them (Ultralytics' key and default: it warns where an op has "
+        "none; cuDNN and cuBLAS in their reproducible modes, which may be slower).",
+    )
     # --- distributed backend and memory (docs/backends.md says which to pick)
     backend: str = _f(
         "ddp",
@@ -284,7 +289,7 @@ _NOT_TRAINING = {
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = ("deterministic rect pretrained cls_remap multi_scale cls_pw distill_model dis").split()
+NOT_YET = ("rect pretrained cls_remap multi_scale cls_pw distill_model dis").split()
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)

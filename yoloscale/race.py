@@ -89,9 +89,9 @@ def ultralytics_settings(cfg, given: list[str], gpus: int) -> dict[str, Any]:
     settings = {k: getattr(cfg, k) for k in SHARED}
     settings["cache"] = cfg.cache or False
     for key, _ in map(parse_override, given):
-        if key == "precision":
+        if key in ("precision", "amp"):
             settings["amp"] = AMP[cfg.precision]
-        elif key in DEFAULT_CFG_DICT and key not in ("project", "name", "device", "resume"):
+        elif key in DEFAULT_CFG_DICT and key not in ("project", "name", "exist_ok", "device", "resume"):
             settings[key] = getattr(cfg, key)
     settings["device"] = ",".join(map(str, range(gpus))) if gpus else "cpu"
     return settings

@@ -84,7 +84,8 @@ class Trainer:
 
     def _build(self, cfg: TrainConfig) -> None:
         """Everything a run is built from, in order."""
-        from accelerate.utils import broadcast_object_list, set_seed
+        from accelerate.utils import broadcast_object_list
+        from ultralytics.utils.torch_utils import init_seeds
 
         self.cfg = cfg
         # where the time to the first optimizer step goes: phase -> seconds since the command started (logged then)
@@ -98,7 +99,7 @@ class Trainer:
         self.world, self.is_main = acc.num_processes, acc.is_main_process
         self.device = acc.device
         self.use_cuda = self.device.type == "cuda"
-        set_seed(cfg.seed)
+        init_seeds(cfg.seed, deterministic=cfg.deterministic)  # Ultralytics' seeding, and its deterministic mode
 
         # --- run directory: claimed by rank 0 (an exclusive lock for the run's life), shared with the others -----
         run, self.run_lock = [Path(cfg.project) / cfg.name, uuid.uuid4().hex], None
