@@ -49,6 +49,11 @@ class TrainConfig:
         "",
         "Initial weights for a model YAML: a local Ultralytics .pt (trusted sources only: it is a pickle) or our .safetensors; tensors are matched by name and shape.",
     )
+    pretrained: str = _f(
+        "True",
+        "Ultralytics' key: True uses the weights of model=*.pt; False trains its architecture from scratch; a path "
+        "(.pt or .safetensors) takes the initial weights from that file, as weights= does.",
+    )
     trust_pickle: bool = _f(
         False,
         "Allow a .pt (model= or weights=) that a weights-only load refuses to be read as a full pickle, which can run code: only for files from a trusted source.",
@@ -289,7 +294,7 @@ _NOT_TRAINING = {
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = ("rect pretrained cls_remap multi_scale cls_pw distill_model dis").split()
+NOT_YET = ("rect cls_remap multi_scale cls_pw distill_model dis").split()
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
@@ -299,6 +304,7 @@ _BOOLISH = {
     "cache": {True: "ram", False: ""},
     "compile": {True: "default", False: "off"},
     "resume": {True: "auto", False: ""},  # Ultralytics' resume=True: the latest run
+    "pretrained": {True: "True", False: "False"},
 }
 
 
@@ -481,6 +487,10 @@ def _validate(cfg: TrainConfig) -> None:
     name = Path(cfg.name)
     if name.is_absolute() or ".." in name.parts:
         raise UserError(f"key 'name' must be a folder inside project (no '..', not absolute), got {cfg.name!r}.")
+    if cfg.weights and cfg.pretrained != "True":
+        raise UserError(
+            f"weights= and pretrained={cfg.pretrained} both say where the initial weights come from; give one."
+        )
     if cfg.weights and cfg.model.endswith(".pt"):
         raise UserError(
             f"model='{cfg.model}' already carries its weights; leave weights= empty (or give a model YAML)."

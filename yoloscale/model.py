@@ -151,9 +151,13 @@ def _first_line(e: Exception) -> str:
     return " ".join(str(e).split("\n")[0].replace("❌", "").split())[:300]
 
 
-def initial_weights(model: torch.nn.Module, model_name: str, weights: str, trust_pickle: bool) -> str:
-    """A fresh run's initial weights: those of `model=*.pt`, or of `weights=`; returns the report line ('' for none)."""
-    if model_name.endswith(".pt"):
+def initial_weights(
+    model: torch.nn.Module, model_name: str, weights: str, trust_pickle: bool, pretrained: str = "True"
+) -> str:
+    """A fresh run's initial weights: those of `weights=` or `pretrained=PATH`, else those of `model=*.pt` unless
+    pretrained=False (Ultralytics: its architecture only); returns the report line ('' for none)."""
+    weights = weights or ("" if pretrained in ("True", "False") else pretrained)
+    if model_name.endswith(".pt") and not weights and pretrained != "False":
         state = read_ultralytics_pt(model_name, trust_pickle)[1]
         return load_matching(model, state, f"{model_name} (a pickle, read weights-only: Ultralytics' allow-list)")
     return load_weights(model, weights, trust_pickle) if weights else ""

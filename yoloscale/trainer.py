@@ -127,7 +127,9 @@ class Trainer:
         # --- model, its initial weights, a plain copy for validation and export -------------------------------
         spec = model_spec(cfg.model, cfg.trust_pickle)
         model = build_model(spec, self.data["nc"], self.data["names"], self.args, self.is_main, cfg.trust_pickle)
-        weights_report = "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle)
+        weights_report = (
+            "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle, cfg.pretrained)
+        )
         stride = max(int(model.stride.max()), 32)
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
         grad_ckpt = self._plan_memory(spec, model)

@@ -1,6 +1,7 @@
 """Other detection families train, and what they export opens in Ultralytics."""
 
 import pytest
+import torch
 import yaml
 
 from helpers import TINY
@@ -58,3 +59,31 @@ def test_yolo26_end2end_loss_is_updated_once_per_epoch(tiny_data, tmp_path):
     trainer.train()
     assert trainer.criterion.updates == 3
     assert trainer.criterion.o2m == pytest.approx(trainer.criterion.final_o2m)  # decayed to its final gain
+
+
+def test_pretrained_means_what_it_means_in_ultralytics(trained_run):
+    """pretrained=True: model=*.pt's weights; False: its architecture only; a path: that file's weights."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yoloscale.config import load_config
+    from yoloscale.errors import UserError
+    from yoloscale.model import initial_weights
+
+    pt, safetensors = trained_run / "weights/last.pt", trained_run / "weights/best.safetensors"
+    key = "model.0.conv.weight"
+
+    def fresh():
+        torch.manual_seed(0)
+        return DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+
+    untouched = fresh().state_dict()[key]
+    model = fresh()
+    assert initial_weights(model, str(pt), "", False, "False") == ""
+    assert torch.equal(model.state_dict()[key], untouched)
+    for pretrained, model_name in (("True", str(pt)), (str(safetensors), "yolov8n.yaml"), (str(pt), "yolov8n.yaml")):
+        model = fresh()
+        assert initial_weights(model, model_name, "", False, pretrained)
+        assert not torch.equal(model.state_dict()[key], untouched)
+    with pytest.raises(UserError, match="weights= and pretrained=False both say"):
+        load_config(None, [f"weights={safetensors}", "pretrained=False"])
+    assert load_config(None, ["pretrained=false"]).pretrained == "False"
