@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ class TrainConfig:
     weights: str = _f(
         "",
         "Initial weights for a model YAML: a local Ultralytics .pt (trusted sources only: it is a pickle) or our .safetensors; tensors are matched by name and shape.",
+    )
+    freeze: str = _f(
+        "",
+        "Ultralytics' key: freeze the first N layers (freeze=10), or the layers or modules listed (freeze=[0,1,23.cv2]); their parameters keep their initial weights. The DFL layer is always frozen.",
     )
     pretrained: str = _f(
         "True",
@@ -274,9 +279,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Ultralytics' keys that are spelled differently here: named in the "unknown key" message (not accepted as aliases).
-ULTRALYTICS_SPELLINGS = {
-    "freeze": "weights= (freezing is not supported)",
-}
+ULTRALYTICS_SPELLINGS: dict[str, str] = {}
 # Ultralytics' amp= is our precision=: True (auto: fp16 on a GPU), False (fp32), or the precision itself
 AMP = {True: "", False: "fp32", "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 ULTRALYTICS_FORMS = {"amp": "Ultralytics' AMP switch: True (precision=auto), False (fp32), or fp16/bf16/fp32."}
@@ -391,6 +394,8 @@ def _coerce(key: str, value: Any, where: str, cls: type = TrainConfig, command: 
         return _batch_value(value, where)
     if key == "device" and isinstance(value, (list, tuple)):  # Ultralytics' device: [0, 1]
         value = ",".join(map(str, value))
+    if key == "freeze" and isinstance(value, (list, tuple)):  # a list, even of one: [10] is layer 10, 10 the first 10
+        value = f"[{','.join(map(str, value))}]"
     if key in _BOOLISH and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
     if key in _BOOLISH and isinstance(value, bool):  # YAML reads off/on/true/false as booleans
@@ -487,6 +492,7 @@ def _validate(cfg: TrainConfig) -> None:
     name = Path(cfg.name)
     if name.is_absolute() or ".." in name.parts:
         raise UserError(f"key 'name' must be a folder inside project (no '..', not absolute), got {cfg.name!r}.")
+    frozen_prefixes(cfg.freeze)  # a malformed freeze= is refused here, before anything is built
     if cfg.weights and cfg.pretrained != "True":
         raise UserError(
             f"weights= and pretrained={cfg.pretrained} both say where the initial weights come from; give one."
@@ -501,6 +507,23 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"cpu=True and device={cfg.device} disagree; give one of them.")
     if cfg.imgsz % 32:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
+
+
+def frozen_prefixes(freeze: str) -> list[str]:
+    """Ultralytics' freeze= as parameter-name prefixes: 'N' freezes layers 0..N-1, '[a,b,...]' (or 'a,b') those
+    layers or modules ('23.cv2'); '' none."""
+    text = freeze.strip().replace(" ", "")
+    if not text:
+        return []
+    if text.isdigit():
+        return [f"model.{i}." for i in range(int(text))]
+    items = [i for i in text.strip("[]()").split(",") if i]
+    if not items or not all(re.fullmatch(r"\d+(\.\w+)*", i) for i in items):
+        raise UserError(
+            f"key 'freeze' takes a number of leading layers (freeze=10) or a list of layers or modules "
+            f"(freeze=[0,1,23.cv2]), got {freeze!r}."
+        )
+    return [f"model.{i}." for i in items]
 
 
 def split_override(arg: str) -> tuple[str, str]:

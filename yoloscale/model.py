@@ -209,3 +209,19 @@ def load_matching(model: torch.nn.Module, state: dict[str, Any], source: str) ->
         report += f"; {len(head)} classification-head tensors kept at their initial values (another class count)"
     missing = len(own) - len(matched) - len(head)
     return report + (f"; {missing} not in the file" if missing else "")
+
+
+def freeze_layers(model: torch.nn.Module, freeze: str) -> int:
+    """requires_grad off for what freeze= names, and for DFL as in Ultralytics; returns how many parameters are
+    frozen. Freezing every parameter is an error."""
+    from yoloscale.config import frozen_prefixes
+
+    prefixes = frozen_prefixes(freeze)
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(name.startswith(p) for p in prefixes) or ".dfl" in name:
+            param.requires_grad_(False)
+            frozen += 1
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"freeze={freeze} freezes every parameter of the model: nothing would train.")
+    return frozen

@@ -38,7 +38,7 @@ from yoloscale.export import RunWeights
 from yoloscale.grad_ckpt import apply_grad_ckpt
 from yoloscale.liveness import Heartbeat
 from yoloscale.memory import OutOfMemory, does_not_fit, free_memory, next_batch, reached_gib
-from yoloscale.model import build_model, initial_weights, model_spec
+from yoloscale.model import build_model, freeze_layers, initial_weights, model_spec
 from yoloscale.optim import (
     Schedule,
     build_optimizer,
@@ -130,6 +130,7 @@ class Trainer:
         weights_report = (
             "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle, cfg.pretrained)
         )
+        frozen = freeze_layers(model, cfg.freeze)  # Ultralytics' freeze= (and DFL, always)
         stride = max(int(model.stride.max()), 32)
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
         grad_ckpt = self._plan_memory(spec, model)
@@ -200,6 +201,8 @@ class Trainer:
             )
         if weights_report:
             self.log.message(weights_report)
+        if cfg.freeze:
+            self.log.message(f"freeze={cfg.freeze}: {frozen} parameter tensors keep their initial values")
         if nominal < (cfg.accumulate or max(round(cfg.nbs / self.batch), 1)):
             self.log.message(f"accumulate capped at {nominal}: an epoch has only {len(self.train_loader)} batches")
         self.log.message(self._describe(len(ckpt_layers), len(model.model)))

@@ -261,3 +261,27 @@ def test_time_re_estimates_the_epochs_from_the_mean_epoch_time():
     plain = TrainingTime(hours=0, epochs=7)
     plain.load_state_dict(clock.state_dict())
     assert plain.epochs == 7 and not plain.is_up(1e9)  # without time=, epochs= decides
+
+
+def test_freeze_keeps_the_named_layers_at_their_initial_weights(tiny_data, tmp_path):
+    """Ultralytics' freeze=: freeze=2 (the first two layers) and freeze=[4,9.cv1] (a layer and a module)."""
+    from yoloscale.config import load_config
+    from yoloscale.errors import UserError
+    from yoloscale.trainer import Trainer
+
+    args = [f"data={tiny_data}", *TINY, "epochs=1", "ema=False", f"project={tmp_path}"]
+    for freeze, frozen, trained in (
+        ("2", ("model.0.", "model.1."), "model.2."),
+        ("[4,9.cv1]", ("model.4.", "model.9.cv1."), "model.9.cv2."),
+    ):
+        trainer = Trainer(load_config(None, [*args, f"name=f{len(freeze)}", f"freeze={freeze}"]))
+        before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+        trainer.train()
+        after = trainer.raw_model.state_dict()
+        changed = {k for k in before if k.endswith(".weight") and not torch.equal(before[k], after[k])}
+        assert changed and not any(k.startswith(frozen) for k in changed)
+        assert any(k.startswith(trained) for k in changed)
+    with pytest.raises(UserError, match="freezes every parameter"):
+        Trainer(load_config(None, [*args, "name=all", "freeze=100"]))
+    with pytest.raises(UserError, match="key 'freeze' takes"):
+        load_config(None, ["freeze=first"])
