@@ -223,6 +223,10 @@ class TrainConfig:
     cache: str = _f("", "Cache decoded images: '' (no), 'ram' or 'disk' (Ultralytics' cache).", ("", "ram", "disk"))
     fraction: float = _f(1.0, "Train on this fraction of the train split's images (Ultralytics' meaning; 1 = all).")
     single_cls: bool = _f(False, "Treat every class as one (Ultralytics' meaning: the model gets one class, 'item').")
+    multi_scale: float = _f(
+        0.0,
+        "Ultralytics' multi-scale training: each batch resized to a random size within imgsz x (1 +/- multi_scale), a multiple of the stride (batch=auto plans for the largest); 0 = off.",
+    )
     # --- augmentation (Ultralytics' names and meaning)
     close_mosaic: int = _f(10, "Disable mosaic for the final N epochs.")
     mosaic: float = _f(1.0, "Mosaic probability.")
@@ -244,6 +248,10 @@ class TrainConfig:
     # --- loss gains (Ultralytics' names)
     box: float = _f(7.5, "Box loss gain.")
     cls: float = _f(0.5, "Classification loss gain.")
+    cls_pw: float = _f(
+        0.0,
+        "Class weights in the classification loss (Ultralytics' key): inverse class frequency of the train labels to this power, mean 1 (0 = off, 1 = full inverse frequency).",
+    )
     dfl: float = _f(1.5, "Distribution focal loss gain.")
     # --- validation, checkpoints, logging
     val: bool = _f(
@@ -297,7 +305,7 @@ _NOT_TRAINING = {
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = ("rect cls_remap multi_scale cls_pw distill_model dis").split()
+NOT_YET = ("rect cls_remap distill_model dis").split()
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
@@ -445,6 +453,8 @@ FRACTION_KEYS = (
     "copy_paste",
     "bgr",
     "fraction",
+    "multi_scale",
+    "cls_pw",
 )
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -61,8 +63,12 @@ _ULTRALYTICS_KEYS = (
     "nbs",
     "cos_lr",
     "seed",
+    "deterministic",
     "workers",
     "patience",
+    "multi_scale",
+    "cls_pw",
+    "exist_ok",
 )
 
 
@@ -76,6 +82,7 @@ def ultralytics_args(cfg: TrainConfig, data_yaml: str | Path, **extra: Any) -> S
 
     overrides = {k: getattr(cfg, k) for k in _ULTRALYTICS_KEYS}
     overrides.update(cache=cfg.cache or False, task="detect", mode="train", model=cfg.model, data=str(data_yaml))
+    overrides.update(time=cfg.time or None, device=cfg.device or None)  # Ultralytics' "not set" is None
     overrides.update(extra)
     return get_cfg(overrides=overrides)
 
@@ -301,3 +308,31 @@ def build_val_loader(
         pin_memory=cfg.pin_memory,
         device=device,
     )
+
+
+def class_weights(dataset, nc: int, power: float) -> torch.Tensor:
+    """Ultralytics' cls_pw: inverse class frequency of the train labels raised to `power`, classes without labels
+    at the mean weight, normalised to mean 1 (its DetectionTrainer.set_class_weights)."""
+    labels = [lb["cls"].flatten() for lb in dataset.labels]
+    counts = np.bincount(np.concatenate(labels, 0).astype(int), minlength=nc).astype(np.float32)
+    present = counts > 0
+    weights = (1.0 / np.where(present, counts, 1.0)) ** power
+    weights = np.where(present, weights, weights[present].mean())
+    return torch.from_numpy(weights / weights.mean())
+
+
+def rescale_batch(img: torch.Tensor, imgsz: int, multi_scale: float, stride: int) -> torch.Tensor:
+    """Ultralytics' multi_scale: the batch resized to a random multiple of `stride` within imgsz x (1 +/- multi_scale)
+    (Python's random, which the run seeds and checkpoints), as its DetectionTrainer.preprocess_batch does."""
+    low = max(stride, int(imgsz * (1.0 - multi_scale)))
+    size = random.randrange(low, int(imgsz * (1.0 + multi_scale) + stride)) // stride * stride
+    factor = size / max(img.shape[2:])
+    if factor == 1:
+        return img
+    shape = [math.ceil(x * factor / stride) * stride for x in img.shape[2:]]
+    return torch.nn.functional.interpolate(img, size=shape, mode="bilinear", align_corners=False)
+
+
+def largest_imgsz(imgsz: int, multi_scale: float, stride: int) -> int:
+    """The largest batch size multi_scale makes: what batch=auto plans memory for (Ultralytics' auto_batch)."""
+    return math.ceil(imgsz * (1 + multi_scale) / stride) * stride

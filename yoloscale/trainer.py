@@ -7,6 +7,7 @@ a checkpoint holds is `self.pieces()`: objects with state_dict/load_state_dict (
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 import uuid
@@ -28,6 +29,9 @@ from yoloscale.data import (
     build_train_loader,
     build_val_loader,
     check_dataset,
+    class_weights,
+    largest_imgsz,
+    rescale_batch,
     synthetic_dataset,
     ultralytics_args,
     write_args_yaml,
@@ -131,7 +135,7 @@ class Trainer:
             "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle, cfg.pretrained)
         )
         frozen = freeze_layers(model, cfg.freeze)  # Ultralytics' freeze= (and DFL, always)
-        stride = max(int(model.stride.max()), 32)
+        self.stride = stride = max(int(model.stride.max()), 32)
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
         grad_ckpt = self._plan_memory(spec, model)
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
@@ -169,6 +173,8 @@ class Trainer:
         self.raw_model = backend.unwrap(self.model)
         # Ultralytics' criterion takes its device (and Detect's strides) from the model's parameters: built from the
         # plain copy on the compute device, as with offload=params the trained model's parameters are in CPU memory.
+        if cfg.cls_pw:  # Ultralytics' class weights: its loss reads them from the model it is built from
+            self.eval_model.class_weights = class_weights(self.train_set, self.data["nc"], cfg.cls_pw).to(acc.device)
         self.criterion = self.eval_model.init_criterion()
         self.ema = ShardedEMA(self.raw_model, decay=cfg.ema_decay, tau=cfg.ema_tau) if cfg.ema else None
         self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), nominal)
@@ -222,8 +228,10 @@ class Trainer:
         if self.device_batch and cfg.grad_ckpt != "auto":
             return cfg.grad_ckpt
         named = [] if cfg.grad_ckpt == "auto" else select_layers(model, cfg.grad_ckpt)
+        # multi_scale: planned for its largest batches (Ultralytics' AutoBatch does the same)
+        largest = largest_imgsz(cfg.imgsz, cfg.multi_scale, self.stride)
         batch, layers, fit, peak = plan_run(
-            cfg,
+            dataclasses.replace(cfg, imgsz=largest) if cfg.multi_scale else cfg,
             spec,
             model,
             self.accelerator,
@@ -410,6 +418,8 @@ class Trainer:
             if isinstance(v, torch.Tensor):
                 batch[k] = v.to(self.device, non_blocking=self.use_cuda)
         img = batch["img"].float() / 255
+        if self.cfg.multi_scale:  # Ultralytics' multi-scale training: a random size per batch
+            img = rescale_batch(img, self.cfg.imgsz, self.cfg.multi_scale, self.stride)
         batch["img"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
         return batch
 

@@ -210,7 +210,8 @@ def test_export_without_ema_consolidates_the_checkpoint(tiny_data, tmp_path):
 
 def test_fraction_and_single_cls_mean_what_they_mean_in_ultralytics(tiny_data, tmp_path):
     """fraction=0.5 trains on half the train images; single_cls=True trains one class named 'item', down to the
-    Ultralytics .pt; bgr and copy_paste_mode reach Ultralytics' augmentation; deterministic as in Ultralytics."""
+    Ultralytics .pt; bgr and copy_paste_mode reach Ultralytics' augmentation; deterministic as in Ultralytics;
+    cls_pw and multi_scale train (their arithmetic: test_batch_parity.py)."""
     from ultralytics import YOLO
 
     from yoloscale.config import load_config
@@ -219,7 +220,12 @@ def test_fraction_and_single_cls_mean_what_they_mean_in_ultralytics(tiny_data, t
     args = [f"data={tiny_data}", *TINY, "epochs=1", f"project={tmp_path}"]
     full = Trainer(load_config(None, [*args, "name=full", "deterministic=False"]))
     assert not torch.are_deterministic_algorithms_enabled()
-    half = Trainer(load_config(None, [*args, "name=half", "fraction=0.5", "single_cls=True", "bgr=0.3"]))
+    half = Trainer(
+        load_config(
+            None, [*args, "name=half", "fraction=0.5", "single_cls=True", "bgr=0.3", "cls_pw=0.5", "multi_scale=0.5"]
+        )
+    )
+    assert half.criterion.class_weights.shape == (1, 1, 1)  # Ultralytics' loss got cls_pw's weights
     # Ultralytics' deterministic=True (its default): torch's deterministic algorithms, warning where an op has none
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert len(half.train_set) == round(len(full.train_set) * 0.5)
