@@ -222,6 +222,10 @@ class TrainConfig:
     persistent_workers: bool = _f(True, "Keep loader workers alive between epochs.")
     cache: str = _f("", "Cache decoded images: '' (no), 'ram' or 'disk' (Ultralytics' cache).", ("", "ram", "disk"))
     fraction: float = _f(1.0, "Train on this fraction of the train split's images (Ultralytics' meaning; 1 = all).")
+    rect: bool = _f(
+        False,
+        "Rectangular training batches (Ultralytics' key): images grouped by aspect ratio, each batch padded to its group's shape, in a fixed order (no shuffling) and without mosaic.",
+    )
     single_cls: bool = _f(False, "Treat every class as one (Ultralytics' meaning: the model gets one class, 'item').")
     multi_scale: float = _f(
         0.0,
@@ -305,7 +309,7 @@ _NOT_TRAINING = {
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = ("rect cls_remap distill_model dis").split()
+NOT_YET = ("cls_remap distill_model dis").split()
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)

@@ -69,6 +69,7 @@ _ULTRALYTICS_KEYS = (
     "multi_scale",
     "cls_pw",
     "exist_ok",
+    "rect",
 )
 
 
@@ -136,15 +137,22 @@ class ShardSampler(Sampler[int]):
     shard, so a resumed run continues from the exact data position it stopped at.
     """
 
-    def __init__(self, dataset: Dataset, rank: int, world: int, shuffle: bool, seed: int):
+    def __init__(self, dataset: Dataset, rank: int, world: int, shuffle: bool, seed: int, groups_of: int = 0):
         self.n, self.rank, self.world, self.shuffle, self.seed = len(dataset), rank, world, shuffle, seed
         self.per_rank = math.ceil(self.n / world)
+        # rect: each batch is one of the dataset's groups of `groups_of` consecutive images (one shape); a rank
+        # takes every world-th group, the last, shorter group last
+        self.groups_of = groups_of
+        if groups_of:
+            self.per_rank = math.ceil(math.ceil(self.n / groups_of) / world) * groups_of
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[int]:
+        if self.groups_of:
+            return iter(self._groups()[self.skip :])
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
@@ -154,8 +162,17 @@ class ShardSampler(Sampler[int]):
         shard = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]  # contiguous: val order is kept
         return iter(shard[self.skip :])
 
+    def _groups(self) -> list[int]:
+        """This rank's whole groups in order; ranks with one group fewer repeat the first (full) groups, so every
+        rank takes the same number of batches."""
+        size = self.groups_of
+        groups = [list(range(g, min(g + size, self.n))) for g in range(0, self.n, size)]
+        mine = groups[self.rank :: self.world]
+        mine += groups[: self.per_rank // size - len(mine)]
+        return [i for group in mine for i in group]
+
     def __len__(self) -> int:
-        return self.per_rank - self.skip
+        return (len(self._groups()) if self.groups_of else self.per_rank) - self.skip
 
 
 def build_dataset(args: SimpleNamespace, data: dict, split: str, batch: int, stride: int) -> Dataset:
@@ -273,7 +290,9 @@ def build_train_loader(
     many worker processes instead of loader_workers()'s choice (the loader measured alone)."""
     from ultralytics.data.build import seed_worker
 
-    sampler = ShardSampler(dataset, rank, world, shuffle=True, seed=cfg.seed)
+    # rect (Ultralytics): batches of one shape each, in the dataset's order (shuffling would mix the shapes)
+    rect = getattr(dataset, "rect", False)
+    sampler = ShardSampler(dataset, rank, world, shuffle=not rect, seed=cfg.seed, groups_of=batch if rect else 0)
     batches = EpochBatches(sampler, batch)
     workers = loader_workers(cfg, use_cuda) if workers is None else workers
     loader = DataLoader(

@@ -150,6 +150,7 @@ class Trainer:
             val_set = build_dataset(self.args, self.data, "val", cfg.val_batch or 2 * self.device_batch, stride)
         if self.predicted_peak and self.device_batch > len(self.train_set) // self.world:  # batch=auto, small data
             self.device_batch = self.cfg.device_batch = max(len(self.train_set) // self.world, 1)
+            self._regroup_rect()
         self.train_loader = self._train_loader()
         val_loader = build_val_loader(val_set, cfg, self.device_batch, acc.process_index, self.world, self.use_cuda)
         self.validator = Validator(self.args, self.data, val_loader, self.run_dir, self.world)
@@ -434,6 +435,11 @@ class Trainer:
             if self.train_loader.started:
                 self.train_loader = self._train_loader()
 
+    def _regroup_rect(self) -> None:
+        """rect: the dataset's shape groups are of the device batch it was built with; after a change, rebuilt."""
+        if self.cfg.rect:
+            self.train_set = build_dataset(self.args, self.data, "train", self.device_batch, self.stride)
+
     def _train_loader(self):
         return build_train_loader(
             self.train_set, self.cfg, self.device_batch, self.accelerator.process_index, self.world, self.use_cuda
@@ -500,6 +506,7 @@ class Trainer:
             self.device_batch,
             next_batch(self.device_batch, getattr(self, "memory_model", None), peak, cfg, self.world),
         )
+        self._regroup_rect()
         self.train_loader = self._train_loader()
         accumulate = self.schedule.accumulate * old // self.device_batch
         self.schedule = Schedule.create(cfg, self.choice, len(self.train_loader), accumulate, self.clock.epochs)

@@ -39,3 +39,27 @@ def test_a_started_loader_goes_on_where_it_stands_and_epochs_follow_each_other(p
     assert (loader._iterator is started) == persistent  # persistent workers serve every epoch
     assert [b.tolist() for b in loader.epoch(1, skip=1)] == EPOCH[1:]  # a resume's position: a new iterator there
     assert isinstance(next(iter(loader)), torch.Tensor)
+
+
+class Sized(Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("n", [17, 21, 24])
+def test_rect_batches_are_whole_shape_groups_and_every_rank_takes_as_many(n):
+    """rect: the dataset's groups of 4 consecutive images share one shape; each batch is one group."""
+    ranks = []
+    for rank in range(2):
+        batches = EpochBatches(ShardSampler(Sized(n), rank, 2, shuffle=True, seed=0, groups_of=4), 4)
+        it = iter(batches)
+        ranks.append([next(it) for _ in range(len(batches))])
+        assert all(len({i // 4 for i in batch}) == 1 for batch in ranks[-1])  # one group per batch
+    assert len(ranks[0]) == len(ranks[1]) == -(-(-(-n // 4)) // 2)
+    assert set(range(n)) <= {i for r in ranks for b in r for i in b}  # every image is taken
+    sampler = ShardSampler(Sized(n), 1, 2, shuffle=True, seed=0, groups_of=4)
+    sampler.set_epoch(0, skip=4)  # a resume after one batch
+    assert list(sampler)[:4] == ranks[1][1]

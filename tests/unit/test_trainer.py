@@ -291,3 +291,26 @@ def test_freeze_keeps_the_named_layers_at_their_initial_weights(tiny_data, tmp_p
         Trainer(load_config(None, [*args, "name=all", "freeze=100"]))
     with pytest.raises(UserError, match="key 'freeze' takes"):
         load_config(None, ["freeze=first"])
+
+
+def test_rect_trains_on_batches_of_one_shape_each(tiny_data, tmp_path):
+    """Ultralytics' rect=: images of two aspect ratios, grouped into batches of one (non-square) shape each."""
+    import shutil
+
+    import cv2
+
+    from yoloscale.config import load_config
+    from yoloscale.trainer import Trainer
+
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+    (root / "data.yaml").write_text((root / "data.yaml").read_text().replace(str(tiny_data.parent), str(root)))
+    for image in sorted((root / "images/train").iterdir())[::2]:  # half of them wide (labels are normalised)
+        cv2.imwrite(str(image), cv2.resize(cv2.imread(str(image)), (128, 64)))
+    args = [f"data={root / 'data.yaml'}", *TINY, "epochs=1", f"project={tmp_path}", "name=rect", "rect=True"]
+    trainer = Trainer(load_config(None, args))
+    shapes = {tuple(batch["img"].shape[2:]) for batch in trainer.train_loader.epoch(0)}
+    assert (96, 96) in shapes and any(h < w for h, w in shapes)  # square and wide batches, never mixed
+    assert trainer.train_set.rect
+    trainer.train()
+    assert len(_rows(tmp_path / "rect")) == 1
