@@ -59,6 +59,10 @@ class TrainConfig:
         "Ultralytics' key: True uses the weights of model=*.pt; False trains its architecture from scratch; a path "
         "(.pt or .safetensors) takes the initial weights from that file, as weights= does.",
     )
+    cls_remap: bool = _f(
+        True,
+        "Fine-tuning from weights of other classes (Ultralytics' key): copy the classification rows of the classes both name alike, instead of starting every class anew.",
+    )
     trust_pickle: bool = _f(
         False,
         "Allow a .pt (model= or weights=) that a weights-only load refuses to be read as a full pickle, which can run code: only for files from a trusted source.",
@@ -309,7 +313,7 @@ _NOT_TRAINING = {
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = ("cls_remap distill_model dis").split()
+NOT_YET = ("distill_model dis").split()
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)

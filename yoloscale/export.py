@@ -98,13 +98,20 @@ class RunWeights:
 
 
 def pt_from_weights(
-    src: Path | dict, dst: Path, model_yaml: str | dict, names: dict, args: SimpleNamespace, trust_pickle: bool = False
+    src: Path | dict,
+    dst: Path,
+    model_yaml: str | dict,
+    names: dict,
+    args: SimpleNamespace,
+    trust_pickle: bool = False,
+    head_nc: int = 0,
 ) -> Path:
-    """Rebuild the model from its YAML, load weights (a safetensors file or a state dict), write an Ultralytics .pt."""
+    """Rebuild the model from its YAML (`head_nc`: run_info's, for a run fine-tuned from other classes), load
+    weights (a safetensors file or a state dict), write an Ultralytics .pt."""
     from yoloscale.model import build_model
 
     names = {int(k): v for k, v in names.items()}
-    model = build_model(model_yaml, len(names), names, args, trust_pickle=trust_pickle)
+    model = build_model(model_yaml, len(names), names, args, trust_pickle=trust_pickle, head_nc=head_nc)
     try:
         model.load_state_dict(src if isinstance(src, dict) else load_file(str(src)))
     except Exception as e:
@@ -155,7 +162,9 @@ def export_run(run: Path, trust_pickle: bool = False) -> list[Path]:
         if not (weights / "last.safetensors").exists():
             save_weights(sources["last"], weights / "last.safetensors")
     written = [
-        pt_from_weights(src, weights / f"{kind}.pt", info["model"], info["names"], args, trust_pickle)
+        pt_from_weights(
+            src, weights / f"{kind}.pt", info["model"], info["names"], args, trust_pickle, info.get("head_nc", 0)
+        )
         for kind, src in sources.items()
         if isinstance(src, dict) or src.is_file()
     ]

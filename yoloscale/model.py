@@ -4,7 +4,6 @@ weights, as `yolo train model=yolo11x.pt` fine-tunes), with `nc` from the data; 
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,10 +11,6 @@ from typing import Any
 import torch
 
 from yoloscale.errors import UserError, warn
-
-# The classification outputs of Detect (v8/11/12 cv3.i.2; YOLO26's one2one_cv3 too) change shape with the class
-# count: a mismatch there is the expected one when fine-tuning on other classes.
-_CLASS_HEAD = re.compile(r"(^|\.)(one2one_)?cv3\.\d+\.2\.")
 
 
 def model_spec(model: str, trust_pickle: bool = False) -> str | dict:
@@ -34,9 +29,11 @@ def build_model(
     args: SimpleNamespace,
     verbose: bool = False,
     trust_pickle: bool = False,
+    head_nc: int = 0,
 ):
     """A DetectionModel from a YAML name/path or an architecture dict; `args` (Ultralytics' namespace) carries the
-    loss gains the criterion reads. The architecture is checked first (`check_architecture`): Ultralytics evaluates
+    loss gains the criterion reads. `head_nc`: the class count of the weights a run fine-tuned from, when their
+    wider class branches were kept (pretrained.py): a resume or an export rebuilds the same shapes. The architecture is checked first (`check_architecture`): Ultralytics evaluates
     parts of it as Python, so anything but layer names and literals is refused unless `trust_pickle=True`."""
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
@@ -57,6 +54,10 @@ def build_model(
         raise UserError(f"model {what!r} is not a detection model.")
     model.names = names
     model.args = args
+    if head_nc and head_nc != nc:
+        from yoloscale.pretrained import widen_class_branches
+
+        widen_class_branches(model, head_nc)
     return model
 
 
@@ -118,8 +119,8 @@ def _is_module_class(name: str, base: type) -> bool:
     return isinstance(found, type) and issubclass(found, base)
 
 
-def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(architecture dict, fp32 state dict) of a local Ultralytics checkpoint. `.pt` files are pickles: read with
+def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(architecture dict, fp32 state dict, class names) of a local Ultralytics checkpoint. `.pt` files are pickles: read with
     `torch.load(weights_only=True)` and Ultralytics' allow-list of its own model classes (its `safe_only` load);
     a file that needs anything else is refused unless `trust_pickle=True`, which runs the full pickle."""
     from yoloscale.compat import torch_safe_load
@@ -144,71 +145,16 @@ def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[d
     model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "yaml", None), dict):
         raise UserError(f"'{path}' holds no Ultralytics model (expected 'ema' or 'model' with its YAML).")
-    return dict(model.yaml), {k: v.float() for k, v in model.state_dict().items()}
+    names = getattr(model, "names", None)
+    return (
+        dict(model.yaml),
+        {k: v.float() for k, v in model.state_dict().items()},
+        names if isinstance(names, dict) else {},
+    )
 
 
 def _first_line(e: Exception) -> str:
     return " ".join(str(e).split("\n")[0].replace("❌", "").split())[:300]
-
-
-def initial_weights(
-    model: torch.nn.Module, model_name: str, weights: str, trust_pickle: bool, pretrained: str = "True"
-) -> str:
-    """A fresh run's initial weights: those of `weights=` or `pretrained=PATH`, else those of `model=*.pt` unless
-    pretrained=False (Ultralytics: its architecture only); returns the report line ('' for none)."""
-    weights = weights or ("" if pretrained in ("True", "False") else pretrained)
-    if model_name.endswith(".pt") and not weights and pretrained != "False":
-        state = read_ultralytics_pt(model_name, trust_pickle)[1]
-        return load_matching(model, state, f"{model_name} (a pickle, read weights-only: Ultralytics' allow-list)")
-    return load_weights(model, weights, trust_pickle) if weights else ""
-
-
-def load_weights(model: torch.nn.Module, path: str | Path, trust_pickle: bool = False) -> str:
-    """Copy the tensors of a local file into `model` by name and shape; returns a one-line report.
-
-    Nothing matching is an error, and so is a tensor whose name matches but whose shape does not, except in the
-    classification outputs (a new class count: a warning naming how many were left at their initial values)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file '{path}' not found.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as e:
-            raise UserError(f"weights file '{path}' is not a readable safetensors file: {e}") from None
-    elif path.suffix == ".pt":
-        state = read_ultralytics_pt(path, trust_pickle)[1]
-        return load_matching(model, state, f"{path} (a pickle, read weights-only: Ultralytics' allow-list)")
-    else:
-        raise UserError(f"weights file '{path}' must be .safetensors or an Ultralytics .pt.")
-    return load_matching(model, state, str(path))
-
-
-def load_matching(model: torch.nn.Module, state: dict[str, Any], source: str) -> str:
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    wrong = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and k not in matched}
-    head = sorted(k for k in wrong if _CLASS_HEAD.search(k))
-    other = sorted(set(wrong) - set(head))
-    if not matched:
-        raise UserError(
-            f"weights '{source}': none of its {len(state)} tensors matches this model by name and "
-            "shape (another architecture?)."
-        )
-    if other:
-        k = other[0]
-        raise UserError(
-            f"weights '{source}': tensor '{k}' has shape {wrong[k][0]}, the model {wrong[k][1]} "
-            f"({len(other)} such outside the classification head): another architecture or scale."
-        )
-    model.load_state_dict(matched, strict=False)
-    report = f"weights '{source}': {len(matched)} of {len(own)} tensors loaded"
-    if head:
-        report += f"; {len(head)} classification-head tensors kept at their initial values (another class count)"
-    missing = len(own) - len(matched) - len(head)
-    return report + (f"; {missing} not in the file" if missing else "")
 
 
 def freeze_layers(model: torch.nn.Module, freeze: str) -> int:

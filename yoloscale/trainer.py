@@ -42,7 +42,7 @@ from yoloscale.export import RunWeights
 from yoloscale.grad_ckpt import apply_grad_ckpt
 from yoloscale.liveness import Heartbeat
 from yoloscale.memory import OutOfMemory, does_not_fit, free_memory, next_batch, reached_gib
-from yoloscale.model import build_model, freeze_layers, initial_weights, model_spec
+from yoloscale.model import build_model, freeze_layers, model_spec
 from yoloscale.optim import (
     Schedule,
     build_optimizer,
@@ -54,10 +54,12 @@ from yoloscale.optim import (
     scaled_weight_decay,
 )
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
+from yoloscale.pretrained import initial_weights
 from yoloscale.run_dir import (
     changes_on_resume,
     lock_run_dir,
     new_run_dir,
+    read_run_info,
     remove_unused_run_dir,
     update_run_info,
     write_run_info,
@@ -130,10 +132,15 @@ class Trainer:
 
         # --- model, its initial weights, a plain copy for validation and export -------------------------------
         spec = model_spec(cfg.model, cfg.trust_pickle)
-        model = build_model(spec, self.data["nc"], self.data["names"], self.args, self.is_main, cfg.trust_pickle)
-        weights_report = (
-            "" if cfg.resume else initial_weights(model, cfg.model, cfg.weights, cfg.trust_pickle, cfg.pretrained)
-        )
+        # a run fine-tuned from weights of another class count trains their class-branch widths (pretrained.py)
+        head_nc = read_run_info(self.run_dir).get("head_nc", 0) if cfg.resume else 0
+        nc, names = self.data["nc"], self.data["names"]
+        model = build_model(spec, nc, names, self.args, self.is_main, cfg.trust_pickle, head_nc)
+        weights_report = ""
+        if not cfg.resume:
+            weights_report, head_nc = initial_weights(
+                model, cfg.model, cfg.weights, cfg.trust_pickle, cfg.pretrained, cfg.cls_remap
+            )
         frozen = freeze_layers(model, cfg.freeze)  # Ultralytics' freeze= (and DFL, always)
         self.stride = stride = max(int(model.stride.max()), 32)
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
@@ -204,7 +211,8 @@ class Trainer:
             model_file = str(Path(spec).resolve()) if isinstance(spec, str) and Path(spec).is_file() else spec
             write_run_info(
                 self.run_dir,
-                {"model": model_file, "data": str(data_yaml), "names": self.data["names"], "imgsz": cfg.imgsz},
+                {"model": model_file, "data": str(data_yaml), "names": self.data["names"], "imgsz": cfg.imgsz}
+                | ({"head_nc": head_nc} if head_nc else {}),
             )
         if weights_report:
             self.log.message(weights_report)

@@ -1,5 +1,7 @@
 """Other detection families train, and what they export opens in Ultralytics."""
 
+import copy
+
 import pytest
 import torch
 import yaml
@@ -67,7 +69,7 @@ def test_pretrained_means_what_it_means_in_ultralytics(trained_run):
 
     from yoloscale.config import load_config
     from yoloscale.errors import UserError
-    from yoloscale.model import initial_weights
+    from yoloscale.pretrained import initial_weights
 
     pt, safetensors = trained_run / "weights/last.pt", trained_run / "weights/best.safetensors"
     key = "model.0.conv.weight"
@@ -78,12 +80,76 @@ def test_pretrained_means_what_it_means_in_ultralytics(trained_run):
 
     untouched = fresh().state_dict()[key]
     model = fresh()
-    assert initial_weights(model, str(pt), "", False, "False") == ""
+    assert initial_weights(model, str(pt), "", False, "False") == ("", 0)
     assert torch.equal(model.state_dict()[key], untouched)
     for pretrained, model_name in (("True", str(pt)), (str(safetensors), "yolov8n.yaml"), (str(pt), "yolov8n.yaml")):
         model = fresh()
-        assert initial_weights(model, model_name, "", False, pretrained)
+        report, head_nc = initial_weights(model, model_name, "", False, pretrained)
+        assert report and head_nc == 0
         assert not torch.equal(model.state_dict()[key], untouched)
     with pytest.raises(UserError, match="weights= and pretrained=False both say"):
         load_config(None, [f"weights={safetensors}", "pretrained=False"])
     assert load_config(None, ["pretrained=false"]).pretrained == "False"
+
+
+@pytest.fixture(scope="module")
+def pretrained_80(tmp_path_factory):
+    """An Ultralytics .pt of 80 classes (as COCO's), two of them named like the synthetic set's."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(1)
+    model = DetectionModel("yolov8n.yaml", nc=80, verbose=False)
+    model.names = {i: f"class{i}" for i in range(80)}
+    model.names.update({7: "triangle", 42: "Rectangle"})
+    path = tmp_path_factory.mktemp("pt") / "coco80.pt"
+    torch.save({"model": model, "ema": None}, path)
+    return path, model.state_dict()
+
+
+@pytest.mark.parametrize("cls_remap", [True, False])
+def test_fine_tuning_from_other_classes_transfers_as_ultralytics(pretrained_80, cls_remap):
+    """model=*.pt of 80 classes on a 3-class set: every tensor but the class outputs transfers (the class branches
+    keep the pretrained width, as in Ultralytics), and cls_remap copies the rows of the classes named alike."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yoloscale.pretrained import initial_weights
+
+    path, source = pretrained_80
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.names = {0: "rectangle", 1: "ellipse", 2: "triangle"}
+    theirs = copy.deepcopy(model)  # Ultralytics' own fine-tuning load, beside ours
+    theirs.load(torch.load(path, weights_only=False)["model"], verbose=False)
+    report, head_nc = initial_weights(model, str(path), "", False, cls_remap=cls_remap)
+    if cls_remap:  # the same tensors, but the new rows (ellipse), which each draws at random
+        for k, v in model.state_dict().items():
+            if k.endswith(".2.weight") and ".cv3." in k:
+                v, k_theirs = v[[0, 2]], theirs.state_dict()[k][[0, 2]]
+            else:
+                k_theirs = theirs.state_dict()[k]
+            assert torch.equal(v, k_theirs), k
+    assert head_nc == 80 and "80 classes, the data 3" in report
+    state = model.state_dict()
+    assert torch.equal(state["model.22.cv3.0.0.conv.weight"], source["model.22.cv3.0.0.conv.weight"])  # widened
+    out = state["model.22.cv3.1.2.weight"]
+    assert out.shape[0] == 3
+    assert torch.equal(out[2], source["model.22.cv3.1.2.weight"][7]) == cls_remap  # triangle: row 7
+    assert torch.equal(out[0], source["model.22.cv3.1.2.weight"][42]) == cls_remap  # Rectangle: row 42
+    assert model.names == {0: "rectangle", 1: "ellipse", 2: "triangle"}
+
+
+def test_a_run_fine_tuned_from_other_classes_resumes_and_exports(pretrained_80, tiny_data, tmp_path):
+    """The widened class branches are rebuilt on resume and by `yoloscale export` (run_info records their width)."""
+    import json
+
+    from ultralytics import YOLO
+
+    path, _ = pretrained_80
+    args = [f"data={tiny_data}", *[a for a in TINY if not a.startswith("model=")], f"model={path}"]
+    assert main(["train", *args, "epochs=1", f"project={tmp_path}", "name=ft"]) == 0
+    run = tmp_path / "ft"
+    assert json.loads((run / "run_info.json").read_text())["head_nc"] == 80
+    assert main(["train", f"resume={run}", "epochs=2"]) == 0
+    assert main(["export", str(run)]) == 0
+    model = YOLO(str(run / "weights/best.pt")).model
+    assert model.names == {0: "rectangle", 1: "ellipse", 2: "triangle"}
+    assert model.model[-1].cv3[0][0].conv.out_channels == 80  # the pretrained width, as Ultralytics trains it

@@ -220,7 +220,7 @@ def test_weights_that_do_not_fit_are_refused_and_a_new_class_count_is_named(trai
     save_file(head, str(tmp_path / "head.safetensors"))
     proc = run_cli("train", *base, "name=c", f"weights={tmp_path / 'head.safetensors'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "classification-head tensors kept at their initial values" in proc.stdout + proc.stderr
+    assert "the file has 5 classes, the data 3: the class outputs start anew" in proc.stdout + proc.stderr
     torch.save({"model": {"not": "a model"}, "hook": os.getcwd}, tmp_path / "evil.pt")  # needs more than weights
     proc = run_cli("train", *base, "name=d", f"weights={tmp_path / 'evil.pt'}")
     assert proc.returncode == 2 and "trust_pickle=True" in proc.stderr and "Traceback" not in proc.stderr
