@@ -53,6 +53,7 @@ from yoloscale.optim import (
     restore_hyperparameters,
     scaled_weight_decay,
 )
+from yoloscale.plots import draw_batch, draw_labels, sample_batches
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
 from yoloscale.pretrained import initial_weights
 from yoloscale.run_dir import (
@@ -214,6 +215,11 @@ class Trainer:
                 {"model": model_file, "data": str(data_yaml), "names": self.data["names"], "imgsz": cfg.imgsz}
                 | ({"head_nc": head_nc} if head_nc else {}),
             )
+        self.sample_batches = set()  # micro-batches drawn as train_batch{N}.jpg (plots.py)
+        if cfg.plots and self.is_main:
+            self.sample_batches = sample_batches(self.clock.epochs, cfg.close_mosaic, len(self.train_loader))
+            if not cfg.resume:
+                self.writer.submit(partial(draw_labels, self.train_set, self.data["names"], self.run_dir))
         if weights_report:
             self.log.message(weights_report)
         if cfg.freeze:
@@ -315,10 +321,9 @@ class Trainer:
         wait_for_writer(self.accelerator, self.writer)  # the last epoch's exports read the eval model: done first
         self._refresh_eval_model()  # collective under sharding
         out_of_time = bool(cfg.time) and self._out_of_time(self._slowest(self.clock.now()))
-        validated = cfg.val or pr.epoch + 1 >= self.clock.epochs or out_of_time  # the final epoch always
-        if validated:
-            half = self.use_cuda and self.backend.precision_name != "fp32"  # Ultralytics: AMP runs val in fp16
-            metrics = self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half)
+        final = pr.epoch + 1 >= self.clock.epochs or out_of_time
+        if cfg.val or final:  # the final epoch always validates, with Ultralytics' plots
+            metrics = self._validate(plots=final and cfg.plots)
         epoch = pr.epoch
         pr.epoch, pr.batch_in_epoch = pr.epoch + 1, 0
         improved = self._note_best(metrics)
@@ -330,7 +335,7 @@ class Trainer:
             )
         if cfg.time:
             self._spend_time(out_of_time)
-        if self.in_sweep and validated and not pr.early_stopped:
+        if self.in_sweep and (cfg.val or final) and not pr.early_stopped:
             self._ask_sweep_pruner(metrics)
         self.log.epoch_end(self._epoch_row(metrics, img_s), step=pr.optimizer_steps)
         self.epoch_losses.reset()
@@ -354,6 +359,9 @@ class Trainer:
         for batch in bar:
             if self.first_step_s is None:
                 self.startup.setdefault("first batch", seconds_since_start())
+            if pr.micro_step in self.sample_batches:  # its CPU tensors, before train_step moves the batch
+                picture = self.run_dir / f"train_batch{pr.micro_step}.jpg"
+                self.writer.submit(partial(draw_batch, dict(batch), picture))
             stepped = self.train_step(batch)
             pr.batch_in_epoch += 1
             if self.on_micro_step is not None:
@@ -630,16 +638,40 @@ class Trainer:
         self.progress.best_fitness, self.progress.best_epoch = fitness, self.progress.epoch
         return True
 
+    def _validate(self, plots: bool = False) -> dict[str, float]:
+        """Collective: the eval model on the val set, in fp16 where the run uses AMP (as Ultralytics validates)."""
+        half = self.use_cuda and self.backend.precision_name != "fp32"
+        return self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half, plots=plots)
+
     def _finish(self, metrics: dict[str, float]) -> None:
         """Final EMA weights as safetensors, best/last as Ultralytics .pt, and the plots."""
         wait_for_writer(self.accelerator, self.writer)  # the last checkpoint is complete, the exports done
         self._refresh_eval_model()
         if self.is_main:
-            self.weights.final(self.eval_model, metrics)
+            self.weights.final(self.eval_model, metrics)  # leaves the best weights in the main rank's eval model
             update_run_info(self.run_dir, finished=True)
+        self._plot_best()
+        if self.is_main:
             self.log.message(f"done: weights in {self.weights.folder}")
         self.log.finish(self.cfg.plots)
         self.accelerator.wait_for_everyone()
+
+    def _plot_best(self) -> None:
+        """Collective. As Ultralytics ends a run: best.pt validated with its plots, unless the best epoch is the last
+        (its validation made them)."""
+        pr, best = self.progress, self.weights.folder / "best.safetensors"
+        self.accelerator.wait_for_everyone()  # best.safetensors is written
+        if not self.cfg.plots or pr.best_epoch in (0, pr.epoch) or not best.is_file():
+            return
+        if not self.is_main:
+            from safetensors.torch import load_file
+
+            self.eval_model.load_state_dict(load_file(str(best)))
+        metrics = self._validate(plots=True)
+        self.log.message(
+            f"best.pt (epoch {pr.best_epoch}): mAP50 {metrics.get('mAP50', 0):.4f}, mAP50-95 "
+            f"{metrics.get('mAP50-95', 0):.4f}; its plots in {self.run_dir}"
+        )
 
     def _resume(self, ckpt: Path) -> None:
         def check(saved: dict) -> None:

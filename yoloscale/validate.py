@@ -51,14 +51,22 @@ class Validator:
             half=False,
             batch=loader.batch_size,
         )
-        self.validator = DetectionValidator(dataloader=loader, save_dir=run_dir / "val", args=val_args)
+        # its plots go where Ultralytics' trainer puts them: the run directory
+        self.validator = DetectionValidator(dataloader=loader, save_dir=run_dir, args=val_args)
         self.data, self.world = data, world
 
     def __call__(
-        self, model: nn.Module, device: torch.device, loss_names: tuple[str, ...], half: bool = False
+        self,
+        model: nn.Module,
+        device: torch.device,
+        loss_names: tuple[str, ...],
+        half: bool = False,
+        plots: bool = False,
     ) -> dict[str, float]:
         """mAP50, mAP50-95, precision, recall, fitness (Ultralytics' 0.1 x mAP50 + 0.9 x mAP50-95) and val losses.
         `half`: in fp16, as Ultralytics' trainer validates an AMP run (on a copy: its validator casts the model).
+        `plots`: also its plots (confusion matrix, PR/F1/P/R curves, the first batches with labels and predictions);
+        the same on every rank (its confusion matrix is reduced over them).
 
         Collective under several processes; every rank gets the same dict (rank 0's, broadcast).
         """
@@ -78,6 +86,7 @@ class Validator:
         # Validation batches are rectangular, of many shapes: cuDNN autotuning them cost 25-32 s in the first
         # validation of a yolo11x run on one H200 (its heuristics' choice, ~5 s)
         benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        self.validator.args.plots = plots  # (the validator turns it off after a call)
         try:
             results = self.validator(trainer=view)
         finally:

@@ -169,3 +169,33 @@ def test_weight_decay_and_groups_match_ultralytics(tiny_data, tmp_path):
             assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
             for key in ("lr", "weight_decay", "param_group", "use_muon", "momentum", "betas", "nesterov"):
                 assert a.get(key) == b.get(key), (name, key)
+
+
+def test_a_run_folder_holds_what_ultralytics_writes(tiny_data, tmp_path):
+    """The same tiny run by Ultralytics' trainer and ours: every file name it writes (plots, args.yaml, results.csv,
+    weights), and results.csv with its columns first, in its order."""
+    import csv
+
+    from ultralytics import YOLO
+
+    from yoloscale.cli import main
+
+    settings = {"epochs": 2, "imgsz": 64, "batch": 8, "workers": 0, "close_mosaic": 1}
+    YOLO("yolov8n.yaml").train(
+        data=str(tiny_data), device="cpu", amp=False, project=str(tmp_path), name="ul", verbose=False, **settings
+    )
+    ours = ["train", f"data={tiny_data}", "model=yolov8n.yaml", f"project={tmp_path}", "name=ours"]
+    assert main([*ours, *(f"{k}={v}" for k, v in settings.items())]) == 0
+
+    def files(run):
+        return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+
+    missing = files(tmp_path / "ul") - files(tmp_path / "ours")
+    assert not missing, missing
+
+    def header(run):
+        with open(run / "results.csv") as f:
+            return next(csv.reader(f))
+
+    theirs = header(tmp_path / "ul")
+    assert header(tmp_path / "ours")[: len(theirs)] == theirs
