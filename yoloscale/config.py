@@ -309,11 +309,11 @@ _NOT_TRAINING = {
     ),
     "its export settings (yoloscale export RUN format=... takes them)": "format optimize dynamic simplify opset workspace nms quantize",
     "other tasks than detection": "overlap_mask mask_ratio pose kobj rle angle dlog dgrad dlam auto_augment erasing dropout",
-    "its own run bookkeeping": "mode cfg verbose save profile",
+    "its own run bookkeeping": "mode cfg verbose save profile save_dir",
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
 # Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = ("distill_model dis").split()
+NOT_YET = {"distill_model": None, "dis": 6.0}  # with Ultralytics' default value (an args.yaml holds them)
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
@@ -627,7 +627,9 @@ def _drop_not_for_training(values: dict, where: str) -> dict:
             f"{where}: {len(dropped)} of Ultralytics' keys that training does not use are ignored: {', '.join(dropped)}"
         )
     nulls = [k for k in ("project", "name") if k in values and values[k] is None]
-    return {k: v for k, v in values.items() if k not in NOT_FOR_TRAINING and k != "task" and k not in nulls}
+    unasked = [k for k, default in NOT_YET.items() if k in values and values[k] == default]  # not asked for
+    dropped = {*NOT_FOR_TRAINING, "task", *nulls, *unasked}
+    return {k: v for k, v in values.items() if k not in dropped}
 
 
 def _ultralytics_forms(values: dict, where: str) -> dict:

@@ -178,3 +178,16 @@ def test_device_cpu_is_cpu_true_and_a_list_from_yaml_is_accepted(tmp_path):
     assert load_config(tmp_path / "args.yaml").device == "0,1"
     with pytest.raises(UserError, match="cpu=True and device=0 disagree"):
         load_config(None, ["cpu=True", "device=0"])
+
+
+def test_a_key_we_lack_loads_from_a_file_at_ultralytics_default_and_is_refused_otherwise(tmp_path):
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    from yoloscale.config import NOT_YET
+
+    assert all(DEFAULT_CFG_DICT[k] == v for k, v in NOT_YET.items())
+    (tmp_path / "args.yaml").write_text("distill_model: null\ndis: 6.0\nsave_dir: runs/detect/train\n")
+    load_config(tmp_path / "args.yaml")
+    (tmp_path / "args.yaml").write_text("distill_model: yolo11x.pt\n")
+    with pytest.raises(UserError, match="'distill_model' is not supported here yet"):
+        load_config(tmp_path / "args.yaml")

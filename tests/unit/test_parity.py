@@ -179,6 +179,7 @@ def test_a_run_folder_holds_what_ultralytics_writes(tiny_data, tmp_path):
     from ultralytics import YOLO
 
     from yoloscale.cli import main
+    from yoloscale.config import load_config
 
     settings = {"epochs": 2, "imgsz": 64, "batch": 8, "workers": 0, "close_mosaic": 1}
     YOLO("yolov8n.yaml").train(
@@ -199,3 +200,7 @@ def test_a_run_folder_holds_what_ultralytics_writes(tiny_data, tmp_path):
 
     theirs = header(tmp_path / "ul")
     assert header(tmp_path / "ours")[: len(theirs)] == theirs
+    # its args.yaml is a config file of ours: the same settings, into the next free name (ul2), as it would
+    assert main(["train", str(tmp_path / "ul" / "args.yaml"), "epochs=1"]) == 0
+    again = load_config(tmp_path / "ul2" / "config.yaml")
+    assert (again.imgsz, again.batch, again.close_mosaic, again.device, again.data) == (64, 8, 1, "cpu", str(tiny_data))
