@@ -121,7 +121,7 @@ def test_a_config_file_with_ultralytics_non_training_keys_loads_with_one_note(tm
         ("lr=0.1", "Did you mean 'lr0'"),
         ("conf=0.3", "predict and val settings: training does not use it"),
         ("format=onnx", "yoloscale export RUN format="),
-        ("rect=True", "'rect' is not supported here yet"),
+        ("distill_model=yolo11x.pt", "'distill_model' is not supported here yet"),
     ],
 )
 def test_an_ultralytics_key_on_the_command_line_says_what_it_is_here(arg, says):
