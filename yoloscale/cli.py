@@ -297,4 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("yoloscale: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # torch's distributed errors are RuntimeErrors
+        from yoloscale.liveness import lost_peer
+
+        if (lost := lost_peer(e)) is None:
+            raise
+        print(f"yoloscale: error: {lost}", file=sys.stderr, flush=True)
+        return 1
     return code

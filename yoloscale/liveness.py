@@ -109,3 +109,30 @@ class Heartbeat:
     def _wait_until(self, key: str, count: int) -> None:
         while self.store.add(key, 0) < count:
             time.sleep(POLL_S)
+
+
+# What torch's transports say when a peer process went away (its node lost, killed, crashed): gloo's TCP pairs,
+# NCCL's watchdog, the store's socket. Such an error ends this process with one line instead of a traceback.
+_PEER_GONE = (
+    "gloo/transport",
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "ProcessGroupNCCL's watchdog",
+    "failed to recv, got 0 bytes",
+)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The one line for an error that says another process of the job is gone, else None."""
+    text = str(error)
+    if not any(marker in text for marker in _PEER_GONE):
+        return None
+    reason = text.strip().splitlines()[0]
+    reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason  # gloo's "[file.cc:545] " prefix
+    reason = reason.split(" This is typically", 1)[0].rstrip(". ")
+    return (
+        f"lost contact with another process of the job ({reason}): it stopped, or its node was lost. The same "
+        "command with resume=auto continues from the last complete checkpoint."
+    )
