@@ -157,12 +157,13 @@ def test_two_runs_with_one_name_cannot_collide(tiny_data, tmp_path):
         deadline = time.time() + 120
         while not (tmp_path / "same" / ".lock").exists() and time.time() < deadline:
             time.sleep(0.05)
-        second = run_cli("train", f"data={tiny_data}", *TINY, f"project={tmp_path}", "name=same")
+        # exist_ok: that folder or nothing (without it, the run would take the next free name, same2)
+        second = run_cli("train", f"data={tiny_data}", *TINY, f"project={tmp_path}", "name=same", "exist_ok=True")
         assert second.returncode == 2 and "is in use by process" in second.stderr, second.stderr[-1500:]
         while not (tmp_path / "same" / "results.csv").exists() and time.time() < deadline:
             time.sleep(0.05)
         # once the live run has written results, a second one is still told that it is in use
-        third = run_cli("train", f"data={tiny_data}", *TINY, f"project={tmp_path}", "name=same")
+        third = run_cli("train", f"data={tiny_data}", *TINY, f"project={tmp_path}", "name=same", "exist_ok=True")
         assert third.returncode == 2 and "is in use by process" in third.stderr, third.stderr[-1500:]
         resumed = run_cli("train", "resume=auto", f"project={tmp_path}", "name=same")
         assert resumed.returncode == 2 and ("in use" in resumed.stderr or "no complete checkpoint" in resumed.stderr)
