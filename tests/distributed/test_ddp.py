@@ -64,7 +64,8 @@ def test_two_process_training_run(tiny_data, tmp_path, monkeypatch, capfd):
     for key, value in _env().items():
         monkeypatch.setenv(key, value)
     for key in (*devices.LAUNCHED, "CUDA_VISIBLE_DEVICES", "SLURM_NTASKS"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what place() sets is undone after the test
+        monkeypatch.delenv(key)
     monkeypatch.setattr(devices, "_check_gpus", lambda device, count: None)
     assert devices.place("0,1", args) == 0
     out = capfd.readouterr()

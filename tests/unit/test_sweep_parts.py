@@ -206,3 +206,13 @@ def test_tied_objectives_are_ranked_by_val_loss_for_the_pruner(tmp_path, tie_bre
     assert [t.value for t in study.trials] == [0.0, 0.0]
     plain = [t.user_attrs.get("objective") for t in study.trials]  # kept beside a shifted report
     assert plain == ([None, None] if reported == [0.0, 0.0] else [0.0, 0.0])
+
+
+def test_a_cuda_visible_devices_left_set_without_cuda_names_no_gpu(monkeypatch):
+    import torch
+
+    from yoloscale.sweep.scheduler import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert visible_gpus() == []

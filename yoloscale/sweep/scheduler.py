@@ -45,10 +45,14 @@ class Slot:
 
 
 def visible_gpus() -> list[str]:
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # Slurm's allocation, or the user's choice
-        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    """The GPUs trials may use: CUDA_VISIBLE_DEVICES' (Slurm's allocation, or the user's choice), else every one; none
+    where CUDA does not work (a variable left set on a machine without a GPU names none)."""
     import torch
 
+    if not torch.cuda.is_available():
+        return []
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
