@@ -208,14 +208,6 @@ def measure_ultralytics(cfg, out: Path, warmup: int, window: int) -> dict:
 
 
 # --- orchestration ---------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _measure_one(kind: str, cfg, opts) -> None:
     """Child process: run one measurement and write OUT/KIND.json (rank 0 only)."""
     import dataclasses
@@ -378,6 +370,8 @@ def bench(cfg, opts) -> dict:
                 opts.out / "data", n_train=steps * cfg.batch * max(opts.gpus), n_val=8, size=cfg.imgsz
             )
         )
+    from yoloscale.devices import free_port
+
     results = {}
     for kind in _kinds(opts):
         n = int(kind.rsplit("-", 1)[1]) if kind.startswith("loop-") else 1
@@ -393,7 +387,7 @@ def bench(cfg, opts) -> dict:
                 "--nproc_per_node",
                 str(n),
                 "--master_port",
-                str(_free_port()),
+                str(free_port()),
             ]
         )
         # the per-device batch stays what one GPU runs: several GPUs measure weak scaling

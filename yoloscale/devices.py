@@ -151,6 +151,7 @@ def torchrun_command(args: list[str], processes: int, port: int) -> list[str]:
 
 
 def free_port() -> int:
+    """A TCP port free on this machine now, for a single-node rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -163,7 +164,10 @@ def place(device: str, args: list[str]) -> int | None:
     if ids in ("", "cpu"):
         return None
     if under_launcher():
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+        from yoloscale.backend import distributed_env_from_slurm
+
+        distributed_env_from_slurm()  # under srun: LOCAL_WORLD_SIZE from Slurm's variables
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if len(ids) != local:
             raise UserError(
                 f"device={device} names {len(ids)} GPU(s), but the launcher started {local} process(es) on this "

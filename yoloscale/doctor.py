@@ -276,10 +276,10 @@ def run(args: list[str]) -> None:
             return
         import torch.multiprocessing as mp
 
-        from yoloscale.bench import _free_port
+        from yoloscale.devices import free_port
 
         out = mp.Manager().dict()
-        mp.spawn(_bench_worker, args=(n, _free_port(), [1, 16, 64, 256, 1024], out), nprocs=n)
+        mp.spawn(_bench_worker, args=(n, free_port(), [1, 16, 64, 256, 1024], out), nprocs=n)
         print(f"all-reduce over {n} GPUs (bus bandwidth, nccl-tests definition):")
         for size, busbw in out["busbw"]:
             print(f"  {size / 2**20:>6.0f} MiB  {busbw:7.1f} GB/s")

@@ -74,8 +74,9 @@ def load_into(
     """Ultralytics' fine-tuning load of `state` (a model of this architecture, any class count) into `model`."""
     key = _outputs_key(model)
     source_nc = state[key].shape[0] if key in state and state[key].ndim == 4 else model.model[-1].nc
-    reference = model if source_nc == model.model[-1].nc else _source_model(model, source_nc)
-    own = reference.state_dict()
+    # the file's tensors go on a model of its class count, which Ultralytics' load then reads from
+    donor = _source_model(model, source_nc)
+    own = donor.state_dict()
     matched = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
     wrong = [k for k, v in state.items() if k in own and k not in matched]
     if not matched:
@@ -89,7 +90,6 @@ def load_into(
             f"weights '{source}': tensor '{k}' has shape {tuple(state[k].shape)}, the model "
             f"{tuple(own[k].shape)} ({len(wrong)} such): another architecture or scale."
         )
-    donor = _source_model(model, source_nc)  # the file's tensors on a model of its class count, for Ultralytics
     donor.load_state_dict({k: state[k] for k in matched}, strict=False)
     placeholders = {i: str(i) for i in range(source_nc)}
     donor.names = names if cls_remap and len(names) == source_nc else placeholders

@@ -181,8 +181,8 @@ def _launch(cmd: list[str], log: Path) -> float:
 
 
 def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
-    from yoloscale.bench import _free_port
     from yoloscale.config import load_config
+    from yoloscale.devices import free_port
     from yoloscale.synth import write_synthetic_dataset
 
     out = Path(settings["out"])
@@ -220,7 +220,7 @@ def race(cfg_file: str | None, given: list[str], settings: dict) -> dict:
                 "--nproc_per_node",
                 str(gpus),
                 "--master_port",
-                str(_free_port()),
+                str(free_port()),
             ]
         )
         ours = [

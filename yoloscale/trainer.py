@@ -320,7 +320,7 @@ class Trainer:
         self._check_health()
         wait_for_writer(self.accelerator, self.writer)  # the last epoch's exports read the eval model: done first
         self._refresh_eval_model()  # collective under sharding
-        out_of_time = bool(cfg.time) and self._out_of_time(self._slowest(self.clock.now()))
+        out_of_time = bool(cfg.time) and self.clock.is_up(self._slowest(self.clock.now()))
         final = pr.epoch + 1 >= self.clock.epochs or out_of_time
         if cfg.val or final:  # the final epoch always validates, with Ultralytics' plots
             metrics = self._validate(plots=final and cfg.plots)
@@ -389,7 +389,7 @@ class Trainer:
                 t_log, n_log = now, 0
                 self.log.step(values, pr.optimizer_steps)
                 self._stop_if_signalled()
-                if cfg.time and self._any_rank(self._out_of_time(self.clock.now())):
+                if cfg.time and self._any_rank(self.clock.is_up(self.clock.now())):
                     break  # Ultralytics' time=: the epoch ends here, validates and saves as the final one
             if stepped and cfg.save_steps and pr.optimizer_steps % cfg.save_steps == 0:
                 self._checkpoint()
@@ -538,9 +538,6 @@ class Trainer:
             f"the images per optimizer step and the lr stay, BatchNorm now sees {self.device_batch} images per "
             f"forward instead of {old}"
         )
-
-    def _out_of_time(self, seconds: float) -> bool:
-        return self.clock.is_up(seconds)
 
     def _slowest(self, seconds: float) -> float:
         """Collective: the largest of the ranks' values (one decision for all)."""

@@ -17,6 +17,10 @@ TRAIN = ["model=yolov8n.yaml", "imgsz=64", "batch=8", "nbs=16", "workers=0", "ep
 TIMEOUT = 300
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TRAIN_MODULE = ["-m", "yoloscale", "train"]
+
+
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -25,18 +29,33 @@ def _weights(run) -> dict:
     return load_file(str(run / "weights" / "last.safetensors"))
 
 
+def _assert_same_weights(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def _one_node(args: list[str], port: int) -> None:
+    """`yoloscale train ARGS` as two processes of one node: the reference."""
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), *TRAIN_MODULE, *args]
+    subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL, timeout=TIMEOUT)
+
+
+def _torchrun_c10d(nodes: TwoNodes, port: int, rdzv_id: str, args: list[str]) -> list[str]:
+    """One agent of a two-node torchrun job, rendezvous on node 0."""
+    rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{nodes.host[0]}:{port}", "--rdzv_id", rdzv_id]
+    return [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", *rendezvous, *TRAIN_MODULE, *args]
+
+
 @pytest.fixture(scope="module")
 def one_node(tiny_data, tmp_path_factory):
     """The reference: the same run as two processes of one node."""
     project = tmp_path_factory.mktemp("one")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
-    cmd += ["-m", "yoloscale", "train", f"data={tiny_data}", *TRAIN, f"project={project}", "name=run"]
-    subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.DEVNULL, timeout=TIMEOUT)
+    _one_node([f"data={tiny_data}", *TRAIN, f"project={project}", "name=run"], 29571)
     return _weights(project / "run")
 
 
 def _on_both(nodes: TwoNodes, command, tmp_path) -> list[subprocess.CompletedProcess]:
-    """`command(node)` on both nodes at once; their outputs and exit codes."""
+    """`command(node)` on both nodes at once; their outputs; both must succeed."""
     procs = []
     for node in (0, 1):
         log = open(tmp_path / f"node{node}.log", "w")
@@ -46,78 +65,34 @@ def _on_both(nodes: TwoNodes, command, tmp_path) -> list[subprocess.CompletedPro
         proc.wait(timeout=TIMEOUT)
         log.close()
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, open(log.name).read()))
+    for r in results:
+        assert r.returncode == 0, r.stdout[-3000:]
     return results
 
 
 def test_torchrun_c10d_across_two_nodes_trains_like_one_node(one_node, tiny_data, tmp_path):
+    args = [f"data={tiny_data}", *TRAIN, f"project={tmp_path}", "name=run"]
     with TwoNodes() as nodes:
-        rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{nodes.host[0]}:29572", "--rdzv_id", "t1"]
-
-        def torchrun(node):
-            return [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                *rendezvous,
-                "-m",
-                "yoloscale",
-                "train",
-                f"data={tiny_data}",
-                *TRAIN,
-                f"project={tmp_path}",
-                "name=run",
-            ]
-
-        results = _on_both(nodes, torchrun, tmp_path)
-    for r in results:
-        assert r.returncode == 0, r.stdout[-3000:]
+        results = _on_both(nodes, lambda node: _torchrun_c10d(nodes, 29572, "t1", args), tmp_path)
     assert "2 process(es) on cpu" in results[0].stdout + results[1].stdout
-    theirs = _weights(tmp_path / "run")
-    assert theirs.keys() == one_node.keys()
-    assert all(torch.equal(theirs[k], one_node[k]) for k in theirs)
+    _assert_same_weights(_weights(tmp_path / "run"), one_node)
 
 
 def test_accelerate_launch_across_two_nodes_with_our_config_trains_like_one_node(one_node, tiny_data, tmp_path):
     from helpers import ROOT
 
     config = ROOT / "launch" / "accelerate" / "ddp-multinode.yaml"
+    args = [f"data={tiny_data}", *TRAIN, f"project={tmp_path}", "name=run"]
     with TwoNodes() as nodes:
 
         def accelerate(node):
-            return [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                str(config),
-                "--num_machines",
-                "2",
-                "--num_processes",
-                "2",
-                "--machine_rank",
-                str(node),
-                "--main_process_ip",
-                nodes.host[0],
-                "--main_process_port",
-                "29573",
-                "-m",
-                "yoloscale",
-                "train",
-                f"data={tiny_data}",
-                *TRAIN,
-                f"project={tmp_path}",
-                "name=run",
-            ]
+            machines = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(node)]
+            main = ["--main_process_ip", nodes.host[0], "--main_process_port", "29573"]
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+            return [*launch, *machines, *main, *TRAIN_MODULE, *args]
 
-        results = _on_both(nodes, accelerate, tmp_path)
-    for r in results:
-        assert r.returncode == 0, r.stdout[-3000:]
-    theirs = _weights(tmp_path / "run")
-    assert all(torch.equal(theirs[k], one_node[k]) for k in theirs)
+        _on_both(nodes, accelerate, tmp_path)
+    _assert_same_weights(_weights(tmp_path / "run"), one_node)
 
 
 def test_a_node_lost_mid_epoch_ends_the_job_in_one_line_and_the_run_resumes_to_the_same_weights(tiny_data, tmp_path):
@@ -128,38 +103,11 @@ def test_a_node_lost_mid_epoch_ends_the_job_in_one_line_and_the_run_resumes_to_t
 
     args = [f"data={tiny_data}", *TRAIN, "epochs=5", "log_interval=1", f"project={tmp_path}", "name=run"]
     reference = tmp_path / "reference"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29574"]
-    subprocess.run(
-        [*cmd, "-m", "yoloscale", "train", *args, f"project={reference}"],
-        check=True,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        timeout=TIMEOUT,
-    )
+    _one_node([*args, f"project={reference}"], 29574)
     with TwoNodes() as nodes:
-        rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{nodes.host[0]}:29575"]
-
-        def torchrun(node, rdzv_id, extra=()):
-            return [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                *rendezvous,
-                "--rdzv_id",
-                rdzv_id,
-                "-m",
-                "yoloscale",
-                "train",
-                *args,
-                *extra,
-            ]
-
         logs = [open(tmp_path / f"node{n}.log", "w") for n in (0, 1)]
-        procs = [nodes.popen(n, torchrun(n, "a"), env=_env(), stdout=logs[n], stderr=subprocess.STDOUT) for n in (0, 1)]
+        command = _torchrun_c10d(nodes, 29575, "a", args)
+        procs = [nodes.popen(n, command, env=_env(), stdout=logs[n], stderr=subprocess.STDOUT) for n in (0, 1)]
         checkpoints = tmp_path / "run" / "checkpoints"
         deadline = time.monotonic() + TIMEOUT
         while not list(checkpoints.glob("step-*-end/COMPLETE")):  # epoch 1 is saved: epoch 2 runs
@@ -178,8 +126,5 @@ def test_a_node_lost_mid_epoch_ends_the_job_in_one_line_and_the_run_resumes_to_t
         assert lines and "lost contact with another process" in lines[0], survivor[-3000:]
         assert "yoloscale/trainer.py" not in survivor  # our process ended with that line, not a traceback
 
-        results = _on_both(nodes, lambda n: torchrun(n, "b", ["resume=auto"]), tmp_path)
-    for r in results:
-        assert r.returncode == 0, r.stdout[-3000:]
-    resumed, uninterrupted = _weights(tmp_path / "run"), _weights(reference / "run")
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+        _on_both(nodes, lambda node: _torchrun_c10d(nodes, 29575, "b", [*args, "resume=auto"]), tmp_path)
+    _assert_same_weights(_weights(tmp_path / "run"), _weights(reference / "run"))

@@ -67,9 +67,9 @@ def test_allreduce_bandwidth_arithmetic_over_gloo():
     """The bench's measuring code, on two CPU processes over gloo (the CLI itself needs 2 GPUs)."""
     import torch.multiprocessing as mp
 
-    from yoloscale.bench import _free_port
+    from yoloscale.devices import free_port
 
-    mp.spawn(_gloo_worker, args=(2, _free_port()), nprocs=2)
+    mp.spawn(_gloo_worker, args=(2, free_port()), nprocs=2)
 
 
 def _gloo_worker(rank, world, port):
