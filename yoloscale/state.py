@@ -121,7 +121,7 @@ class TrainingTime:
 
     def __init__(self, hours: float, epochs: int):
         self.budget = hours * 3600
-        self.seconds = 0.0  # completed epochs' time, over every session of the run
+        self.seconds = 0.0  # completed epochs' time, resumes included
         self.epochs = epochs  # the current estimate (epochs= itself without a budget)
         self.epoch_started = 0.0
 
