@@ -165,12 +165,14 @@ def test_accelerate_launch_runs_two_gloo_processes(tiny_data, tmp_path):
 
 
 AGREE_WORKER = """
+import sys
+from pathlib import Path
 import torch.distributed as dist
 from yoloscale.planner import _agree
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 batch, layers = _agree(40 + 7 * rank, [rank, 5], dist.get_world_size())  # the ranks measured different fits
-print("agreed", batch, layers)
+Path(sys.argv[1], f"rank{rank}.txt").write_text(f"agreed {batch} {layers}")  # a file each: no interleaved prints
 dist.destroy_process_group()
 """
 
@@ -181,13 +183,22 @@ def test_every_rank_agrees_on_one_batch_auto_value(tiny_data, tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE_WORKER)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path),
+        ],
         env=_env(),
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("agreed")) == ["agreed 40 [0, 5]"] * 2
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["agreed 40 [0, 5]"] * 2
     env = dict(_env(), YOLOSCALE_CACHE=str(tmp_path / "cache"))
     cmd = [
         sys.executable,
