@@ -261,6 +261,12 @@ class TrainConfig:
         "Class weights in the classification loss (Ultralytics' key): inverse class frequency of the train labels to this power, mean 1 (0 = off, 1 = full inverse frequency).",
     )
     dfl: float = _f(1.5, "Distribution focal loss gain.")
+    # --- knowledge distillation (Ultralytics' keys and loss)
+    distill_model: str = _f(
+        "",
+        "Teacher for knowledge distillation (Ultralytics' key): a local Ultralytics .pt, read as model=*.pt is; the student learns its neck features weighted by its class scores. '' = none.",
+    )
+    dis: float = _f(6.0, "Distillation loss gain (Ultralytics' key; used with distill_model).")
     # --- validation, checkpoints, logging
     val: bool = _f(
         True,
@@ -312,8 +318,6 @@ _NOT_TRAINING = {
     "its own run bookkeeping": "mode cfg verbose save profile save_dir",
 }
 NOT_FOR_TRAINING = {key: why for why, keys in _NOT_TRAINING.items() for key in keys.split()}
-# Ultralytics' training keys we do not have yet: refused with this line wherever they come from
-NOT_YET = {"distill_model": None, "dis": 6.0}  # with Ultralytics' default value (an args.yaml holds them)
 CLOSE_SPELLINGS = {"lr": "lr0", "lr_final": "lrf", "img_size": "imgsz", "epoch": "epochs"}  # hints difflib misses
 
 # text keys that also take a boolean: what True/False mean for them (cache=True is Ultralytics' RAM cache)
@@ -377,7 +381,7 @@ def field_help(cls: type = TrainConfig) -> list[tuple[str, str, str]]:
 
 
 def _not_a_key(key: str, keys: dict, command: str = "train") -> str:
-    """Why `key` is refused: an Ultralytics key we spell otherwise, do not use in training or do not have yet, or
+    """Why `key` is refused: an Ultralytics key we spell otherwise, or do not use in training, or
     an unknown key (with the closest one, if it is close)."""
     if set(keys) == set(FIELDS):  # the training configuration's keys (not another command's own)
         if key == "task":
@@ -386,8 +390,6 @@ def _not_a_key(key: str, keys: dict, command: str = "train") -> str:
             return f"Ultralytics' key '{key}' is {ULTRALYTICS_SPELLINGS[key]} here."
         if key in NOT_FOR_TRAINING:
             return f"Ultralytics' key '{key}' is one of {NOT_FOR_TRAINING[key]}: training does not use it."
-        if key in NOT_YET:
-            return f"Ultralytics' key '{key}' is not supported here yet."
     return f"unknown key '{key}'.{_suggest(key, keys, command)}"
 
 
@@ -497,6 +499,7 @@ def _validate(cfg: TrainConfig) -> None:
         "lr0",
         "heartbeat_s",
         "time",
+        "dis",
     ):
         if getattr(cfg, key) < 0:
             raise UserError(f"key '{key}' must be >= 0, got {getattr(cfg, key)}.")
@@ -523,6 +526,12 @@ def _validate(cfg: TrainConfig) -> None:
 
     if parse_device(cfg.device) not in ("", "cpu") and cfg.cpu:  # parse_device refuses a malformed device= first
         raise UserError(f"cpu=True and device={cfg.device} disagree; give one of them.")
+    if cfg.distill_model and cfg.backend != "ddp":
+        raise UserError(
+            f"distill_model= trains with backend=ddp (each device holds the whole teacher), got backend={cfg.backend}."
+        )
+    if cfg.distill_model and cfg.compile != "off":
+        raise UserError("distill_model= runs eagerly (Ultralytics turns compile off with it); leave compile off.")
     if cfg.imgsz % 32:
         raise UserError(f"key 'imgsz' must be a multiple of 32 (the model stride), got {cfg.imgsz}.")
 
@@ -627,8 +636,7 @@ def _drop_not_for_training(values: dict, where: str) -> dict:
             f"{where}: {len(dropped)} of Ultralytics' keys that training does not use are ignored: {', '.join(dropped)}"
         )
     nulls = [k for k in ("project", "name") if k in values and values[k] is None]
-    unasked = [k for k, default in NOT_YET.items() if k in values and values[k] == default]  # not asked for
-    dropped = {*NOT_FOR_TRAINING, "task", *nulls, *unasked}
+    dropped = {*NOT_FOR_TRAINING, "task", *nulls}
     return {k: v for k, v in values.items() if k not in dropped}
 
 

@@ -50,6 +50,7 @@ _ULTRALYTICS_KEYS = (
     "box",
     "cls",
     "dfl",
+    "dis",
     "batch",
     "epochs",
     "optimizer",
@@ -83,7 +84,8 @@ def ultralytics_args(cfg: TrainConfig, data_yaml: str | Path, **extra: Any) -> S
 
     overrides = {k: getattr(cfg, k) for k in _ULTRALYTICS_KEYS}
     overrides.update(cache=cfg.cache or False, task="detect", mode="train", model=cfg.model, data=str(data_yaml))
-    overrides.update(time=cfg.time or None, device=cfg.device or None)  # Ultralytics' "not set" is None
+    # Ultralytics' "not set" is None
+    overrides.update(time=cfg.time or None, device=cfg.device or None, distill_model=cfg.distill_model or None)
     overrides.update(extra)
     return get_cfg(overrides=overrides)
 

@@ -123,20 +123,21 @@ def pt_from_weights(
 def checkpoint_weights(ckpt: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A checkpoint's EMA, or (a run with ema=False) its model weights in whichever layout its backend wrote:
     DDP's safetensors, FSDP2's DCP shards or DeepSpeed's ZeRO partitions, consolidated on this machine. Pickles
-    are read only once found harmless (checkpoint/trusted.py)."""
+    are read only once found harmless (checkpoint/trusted.py). A distilled run's projectors are left out."""
 
     from yoloscale.backend import layout_of
     from yoloscale.checkpoint.full_state import read_weights
     from yoloscale.checkpoint.trusted import check_folder
+    from yoloscale.distill import strip_projector
 
     if (ckpt / "ema.safetensors").is_file():
-        return load_file(str(ckpt / "ema.safetensors"))
+        return strip_projector(load_file(str(ckpt / "ema.safetensors")))
     check_folder(ckpt, trust_pickle)
     try:
         from yoloscale.checkpoint import read_state
 
         backend = read_state(ckpt)["progress"].get("backend", "ddp")
-        return {k: v.contiguous() for k, v in read_weights(ckpt, layout_of(backend)).items()}
+        return strip_projector({k: v.contiguous() for k, v in read_weights(ckpt, layout_of(backend)).items()})
     except Exception as e:
         raise UserError(f"checkpoint '{ckpt}' is corrupt or unreadable: {type(e).__name__}: {e}") from None
 

@@ -120,7 +120,18 @@ def _is_module_class(name: str, base: type) -> bool:
 
 
 def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(architecture dict, fp32 state dict, class names) of a local Ultralytics checkpoint. `.pt` files are pickles: read with
+    """(architecture dict, fp32 state dict, class names) of a local Ultralytics checkpoint (read_ultralytics_model)."""
+    model = read_ultralytics_model(path, trust_pickle)
+    names = getattr(model, "names", None)
+    return (
+        dict(model.yaml),
+        {k: v.float() for k, v in model.state_dict().items()},
+        names if isinstance(names, dict) else {},
+    )
+
+
+def read_ultralytics_model(path: str | Path, trust_pickle: bool = False) -> torch.nn.Module:
+    """The model (its EMA if it has one) of a local Ultralytics checkpoint. `.pt` files are pickles: read with
     `torch.load(weights_only=True)` and Ultralytics' allow-list of its own model classes (its `safe_only` load);
     a file that needs anything else is refused unless `trust_pickle=True`, which runs the full pickle."""
     from yoloscale.compat import torch_safe_load
@@ -145,12 +156,7 @@ def read_ultralytics_pt(path: str | Path, trust_pickle: bool = False) -> tuple[d
     model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "yaml", None), dict):
         raise UserError(f"'{path}' holds no Ultralytics model (expected 'ema' or 'model' with its YAML).")
-    names = getattr(model, "names", None)
-    return (
-        dict(model.yaml),
-        {k: v.float() for k, v in model.state_dict().items()},
-        names if isinstance(names, dict) else {},
-    )
+    return model
 
 
 def _first_line(e: Exception) -> str:

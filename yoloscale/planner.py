@@ -100,12 +100,14 @@ def plan_run(
     world: int,
     fixed_batch: int,
     named_selection,
+    reserved: float = 0.0,
 ) -> tuple[int, list[int], MemoryModel, float]:
     """For `batch=auto|fraction|-1` and/or `grad_ckpt=auto`: (per-device batch, checkpointed layers, the fit, the
-    predicted peak in bytes). Every rank measures its own device; all take the smallest batch and rank 0's layers."""
+    predicted peak in bytes). Every rank measures its own device; all take the smallest batch and rank 0's layers.
+    `reserved`: bytes the run holds beside the model (a distillation teacher), left free."""
     device = accelerator.device
     local = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", "1"))
-    limit = device_limit(device, fraction_of(cfg), local)
+    limit = device_limit(device, fraction_of(cfg), local) - reserved
     fit = fit_for(cfg, spec, model, device, precision, nc)
     args = (cfg.imgsz, cfg.backend, world, cfg.offload)
     if cfg.grad_ckpt == "auto" and fixed_batch:

@@ -36,6 +36,7 @@ from yoloscale.data import (
     ultralytics_args,
     write_args_yaml,
 )
+from yoloscale.distill import Distillation, read_teacher, teacher_bytes
 from yoloscale.ema import ShardedEMA, full_model_state
 from yoloscale.errors import UserError
 from yoloscale.export import RunWeights
@@ -145,11 +146,14 @@ class Trainer:
         frozen = freeze_layers(model, cfg.freeze)  # Ultralytics' freeze= (and DFL, always)
         self.stride = stride = max(int(model.stride.max()), 32)
         self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
-        grad_ckpt = self._plan_memory(spec, model)
+        teacher = read_teacher(cfg.distill_model, cfg.trust_pickle)  # knowledge distillation (distill.py)
+        grad_ckpt = self._plan_memory(spec, model, reserved=teacher_bytes(teacher))
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
         self.speed_ups = speed_up(model, cfg)  # torch.compile (compile.py)
         self.compile_watch = CompileWatch(enabled=cfg.compile != "off")
         ckpt_layers = apply_grad_ckpt(model, grad_ckpt, cfg.grad_ckpt_recompute)  # around the compiled layers
+        # the projectors join the student before the optimizer sees it; the teacher stays outside every checkpoint
+        self.distill = Distillation(teacher, model, cfg.dis, acc.device, 2 * stride) if teacher else None
         self.startup["model"] = seconds_since_start()
 
         # --- data loaders (the main process first: it writes Ultralytics' label caches) ---------------------------
@@ -232,7 +236,7 @@ class Trainer:
         self.train_loader.start(self.progress.epoch, self.progress.batch_in_epoch)
         self.startup["optimizer"] = seconds_since_start()
 
-    def _plan_memory(self, spec, model) -> str:
+    def _plan_memory(self, spec, model, reserved: float = 0.0) -> str:
         """batch=auto (or a fraction, or -1) and grad_ckpt=auto, from the memory model measured on this device
         (planner.py); config.yaml records what was chosen, so a resume trains the same. Returns the grad_ckpt to
         apply."""
@@ -255,6 +259,7 @@ class Trainer:
             self.world,
             self.device_batch,
             named,
+            reserved,
         )
         self.device_batch, self.predicted_peak, self.memory_model = batch, peak, fit
         self.backend.set_device_batch(self.accelerator, batch, self.world)
@@ -409,6 +414,8 @@ class Trainer:
             with self.backend.micro_step(self.model, sync, acc):
                 preds = self.model(batch["img"])  # autocast inside forward (Accelerate's, or DeepSpeed's)
                 loss, loss_items = self.criterion(preds, batch)
+                if self.distill is not None:  # the teacher's features, learnt through the projectors (distill.py)
+                    loss, loss_items = self.distill.loss(loss, loss_items, batch["img"], acc.autocast)
                 # Ultralytics: its loss is summed over the micro-batch, and x devices since DDP averages: the
                 # gradient of the loss summed over every image since the last step (DeepSpeed steps in here).
                 self.backend.backward(loss.sum() * self.world, self.model, sync, acc)

@@ -91,10 +91,10 @@ def test_every_key_of_ultralytics_default_yaml_has_an_answer():
     training does not use, or one not supported yet, never an unexplained 'unknown key'."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
-    from yoloscale.config import FIELDS, NOT_FOR_TRAINING, NOT_YET, ULTRALYTICS_FORMS, ULTRALYTICS_SPELLINGS
+    from yoloscale.config import FIELDS, NOT_FOR_TRAINING, ULTRALYTICS_FORMS, ULTRALYTICS_SPELLINGS
 
     accepted = set(FIELDS) | set(ULTRALYTICS_FORMS) | {"task"}
-    known = accepted | set(NOT_FOR_TRAINING) | set(NOT_YET) | set(ULTRALYTICS_SPELLINGS)
+    known = accepted | set(NOT_FOR_TRAINING) | set(ULTRALYTICS_SPELLINGS)
     assert sorted(set(DEFAULT_CFG_DICT) - known) == []
     for key in DEFAULT_CFG_DICT:
         if key not in accepted:
@@ -121,12 +121,13 @@ def test_a_config_file_with_ultralytics_non_training_keys_loads_with_one_note(tm
         ("lr=0.1", "Did you mean 'lr0'"),
         ("conf=0.3", "predict and val settings: training does not use it"),
         ("format=onnx", "yoloscale export RUN format="),
-        ("distill_model=yolo11x.pt", "'distill_model' is not supported here yet"),
+        ("distill_model=teacher.pt backend=fsdp", "distill_model= trains with backend=ddp"),
+        ("distill_model=teacher.pt compile=True", "distill_model= runs eagerly"),
     ],
 )
 def test_an_ultralytics_key_on_the_command_line_says_what_it_is_here(arg, says):
     with pytest.raises(UserError, match=re.escape(says)):
-        load_config(None, [arg])
+        load_config(None, arg.split())
 
 
 @pytest.mark.parametrize(
@@ -180,14 +181,12 @@ def test_device_cpu_is_cpu_true_and_a_list_from_yaml_is_accepted(tmp_path):
         load_config(None, ["cpu=True", "device=0"])
 
 
-def test_a_key_we_lack_loads_from_a_file_at_ultralytics_default_and_is_refused_otherwise(tmp_path):
-    from ultralytics.cfg import DEFAULT_CFG_DICT
-
-    from yoloscale.config import NOT_YET
-
-    assert all(DEFAULT_CFG_DICT[k] == v for k, v in NOT_YET.items())
+def test_ultralytics_distillation_keys_load_from_its_args_yaml(tmp_path):
     (tmp_path / "args.yaml").write_text("distill_model: null\ndis: 6.0\nsave_dir: runs/detect/train\n")
-    load_config(tmp_path / "args.yaml")
-    (tmp_path / "args.yaml").write_text("distill_model: yolo11x.pt\n")
-    with pytest.raises(UserError, match="'distill_model' is not supported here yet"):
-        load_config(tmp_path / "args.yaml")
+    cfg = load_config(tmp_path / "args.yaml")
+    assert cfg.distill_model == "" and cfg.dis == 6.0
+    (tmp_path / "args.yaml").write_text("distill_model: teacher.pt\ndis: 2.5\n")
+    cfg = load_config(tmp_path / "args.yaml")
+    assert cfg.distill_model == "teacher.pt" and cfg.dis == 2.5
+    with pytest.raises(UserError, match="key 'dis' must be >= 0"):
+        load_config(None, ["dis=-1"])
