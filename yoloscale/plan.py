@@ -1,21 +1,18 @@
-"""Memory planning: a model of a run's peak memory, fitted from a short measurement on the device that will train.
+"""Memory planning: a model of a run's peak memory and step time, fitted from a short measurement on the device
+that will train (plan_measure.py).
 
-What is measured (`measure`), on a copy of the model on the device, in the run's precision:
-  * two training steps (forward, loss, backward, optimizer step) at each of two small per-device batches, after a
-    warm-up step, without and with every layer checkpointed, reading the allocator's peak (CUDA: `max_memory_allocated`/`reserved`; the CPU: the process's peak
-    resident memory, /proc's VmHWM, reset before each step); and their times;
-  * per layer of `model.model`, per image (batch 2 less batch 1): the bytes autograd saves for backward (a
-    saved-tensor hook, attributed to the layer that runs), the bytes of the layer's inputs, and its forward time.
-What is modelled (`MemoryModel.peak`): peak = fixed + device_batch x per_image, where
-  * per_image = the measured slope without checkpointing, less, for each checkpointed layer, what it saves for
-    backward beyond its inputs (which a checkpoint keeps), scaled so that checkpointing every layer gives the
-    measured slope with every layer checkpointed; scaled by pixels for another imgsz;
+What is modelled:
+  * `MemoryModel.peak` = fixed + device_batch x per_image, where per_image is the measured slope without
+    checkpointing less, for each checkpointed layer, what checkpointing that layer alone was measured to save, scaled
+    so that checkpointing every layer gives the slope measured that way; scaled by pixels for another imgsz;
   * fixed = what the measurement's intercept holds beyond the model's own tensors, plus the tensors of this backend
     and world size: weights, gradients and optimizer state (whole under DDP; the optimizer state divided by the
     world size under ZeRO-1, also the gradients under ZeRO-2, everything under ZeRO-3/FSDP2; none in GPU memory where
     offloaded), the EMA (sharded like the weights), the plain copy for validation, and under several processes an
-    allowance for NCCL's buffers.
-The step time is modelled the same way (t = t0 + t1 x batch + the checkpointed layers' forward times).
+    allowance for NCCL's buffers;
+  * `MemoryModel.img_s`: a step takes max(host, fixed + per_image x batch) seconds: the host's floor (launching the
+    step's kernels) where the batch is small, the GPU's time where it is large; measured without and with every layer
+    checkpointed, a selection in between adds its layers' share of the forward time.
 A fit is cached per (model, classes, device, precision, imgsz, versions) in the user's cache folder.
 """
 
@@ -26,15 +23,14 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from yoloscale.backend import memory_divisors
 
+FORMAT = 2  # of a cached fit (a fit of another format is measured again)
 GPU_FROM_CPU_ALLOWANCE = 0.5 * 2**30  # a CPU plan for a GPU: workspaces and the allocator (an allowance)
 NCCL_ALLOWANCE = 0.5 * 2**30  # several processes: NCCL's buffers and DDP's buckets (an allowance, not measured)
 FRACTION_AUTO = 0.85  # batch=auto uses this fraction of the device's memory (Ultralytics' -1: 0.60)
@@ -43,9 +39,26 @@ FRACTION_ULTRALYTICS = 0.60
 
 @dataclass
 class LayerCost:
-    saved: float  # bytes autograd saves for backward, per image
+    saved: float  # bytes autograd saves for backward, per image (a saved-tensor hook's count)
     inputs: float  # bytes of the layer's inputs, per image (what a checkpoint of it keeps)
-    forward_s: float  # forward time, per image
+    saving: float  # bytes per image that checkpointing this layer alone saved, measured (-1: not measured)
+    share: float  # the layer's share of the forward's time: what recomputing it adds, as a share of every layer's
+
+    def weight(self) -> float:
+        """What checkpointing this layer saves, per image: measured, else the hook's count less the inputs."""
+        return max(self.saving if self.saving >= 0 else self.saved - self.inputs, 0.0)
+
+
+@dataclass
+class StepTime:
+    """Seconds of one training step at per-device batch n: max(host, fixed + per_image x n)."""
+
+    host: float  # the floor: the host launching the step (measured at batch 1)
+    fixed: float
+    per_image: float
+
+    def seconds(self, n: float) -> float:
+        return max(self.host, self.fixed + self.per_image * n)
 
 
 @dataclass
@@ -61,7 +74,9 @@ class MemoryModel:
     trainable: float  # fp32 bytes of the trainable parameters
     optimizer_state: float  # bytes of the optimizer's state (whole)
     buffers: float
-    step_s: tuple[float, float]  # step time = a + b x batch
+    step_off: StepTime  # no layer checkpointed
+    step_all: StepTime  # every layer checkpointed
+    timed: tuple[int, ...] = ()  # the per-device batches the step times were measured at (off, then all)
     layers: list[LayerCost] = field(default_factory=list)
     cpu_measured: bool = False  # measured on the CPU, planned for a GPU (yoloscale plan gpu_memory=): estimates
     cached_from: str = field(
@@ -71,9 +86,9 @@ class MemoryModel:
     # --- predictions --------------------------------------------------------------------------------------------
     def activations_per_image(self, selection: list[int], imgsz: int) -> float:
         """Bytes per image of the activations, with `selection` checkpointed, at `imgsz`."""
-        # Each checkpointed layer saves what it would keep for backward less its inputs, which the checkpoint keeps;
-        # scaled so that checkpointing every layer saves what was measured doing it.
-        gain = [max(layer.saved - layer.inputs, 0.0) for layer in self.layers]
+        # Layers' savings overlap a little (a tensor two neighbours keep is freed once): scaled so that checkpointing
+        # every layer saves what was measured doing it (on an H100 the single-layer savings summed to 1.05-1.1x that).
+        gain = [layer.weight() for layer in self.layers]
         k = (self.per_image - self.per_image_all) / sum(gain) if sum(gain) else 0.0
         per = self.per_image - k * sum(gain[i] for i in selection if i < len(gain))
         return per * (imgsz / self.imgsz) ** 2 * (0.5 if self.cpu_measured and self.precision != "fp32" else 1.0)
@@ -108,13 +123,22 @@ class MemoryModel:
         allocated = self.fixed(backend, world, offload) + device_batch * self.activations_per_image(selection, imgsz)
         return allocated * self.reserved_ratio
 
+    def step_seconds(self, device_batch: int, imgsz: int, selection: list[int]) -> float:
+        """Predicted seconds of one training step on one device."""
+        chosen = [i for i in set(selection) if i < len(self.layers)]
+        share = sum(self.layers[i].share for i in chosen)  # of the recomputation of every layer
+        count = len(chosen) / max(len(self.layers), 1)  # the host launches each checkpointed layer's kernels again
+        off, every = self.step_off, self.step_all
+        step = StepTime(
+            host=off.host + (every.host - off.host) * count,
+            fixed=off.fixed + (every.fixed - off.fixed) * share,
+            per_image=off.per_image + (every.per_image - off.per_image) * share,
+        )
+        return step.seconds(device_batch * (imgsz / self.imgsz) ** 2)
+
     def img_s(self, device_batch: int, imgsz: int, selection: list[int], world: int = 1) -> float:
-        """Predicted training img/s of all devices (from the measured step times; roughest at large batches)."""
-        pixels = (imgsz / self.imgsz) ** 2
-        a, b = self.step_s
-        recompute = sum(self.layers[i].forward_s for i in selection if i < len(self.layers))
-        seconds = a + (b + recompute) * pixels * device_batch
-        return world * device_batch / max(seconds, 1e-9)
+        """Predicted training img/s of all devices (a step's images over its predicted seconds)."""
+        return world * device_batch / max(self.step_seconds(device_batch, imgsz, selection), 1e-9)
 
     def largest_batch(
         self,
@@ -131,23 +155,25 @@ class MemoryModel:
         return max(int(room // per), 0) if per > 0 else 0
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "cached_from"})
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "cached_from"}
+        return json.dumps({"format": FORMAT, **data})
 
     @classmethod
     def from_json(cls, text: str) -> MemoryModel:
         data = json.loads(text)
+        if data.pop("format", None) != FORMAT:
+            raise ValueError("a fit of another format")
         data["layers"] = [LayerCost(**layer) for layer in data["layers"]]
-        data["step_s"] = tuple(data["step_s"])
+        data["step_off"], data["step_all"] = StepTime(**data["step_off"]), StepTime(**data["step_all"])
+        data["timed"] = tuple(data["timed"])
         data.pop("cached_from", None)
         return cls(**data)
 
 
 def checkpoint_order(model: MemoryModel) -> list[int]:
     """Layers in the order grad_ckpt=auto checkpoints them: the most memory saved per second of recomputation."""
-    gain = [(layer.saved - layer.inputs) / max(layer.forward_s, 1e-9) for layer in model.layers]
-    return [
-        i for i in sorted(range(len(gain)), key=lambda i: -gain[i]) if model.layers[i].saved > model.layers[i].inputs
-    ]
+    gain = [layer.weight() / max(layer.share, 1e-9) for layer in model.layers]
+    return [i for i in sorted(range(len(gain)), key=lambda i: -gain[i]) if model.layers[i].weight() > 0]
 
 
 def fewest_layers(
@@ -160,198 +186,6 @@ def fewest_layers(
         if model.peak(device_batch, imgsz, selection, backend, world, offload) <= limit:
             return selection
     return None
-
-
-# --- measuring ---------------------------------------------------------------------------------------------------
-def _peak_rss() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) * 1024
-    return 0.0
-
-
-def _reset_peak(device: torch.device) -> float:
-    """Reset the peak and return the current level."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return float(torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-    except OSError:
-        pass
-    return _peak_rss()
-
-
-def _peak(device: torch.device) -> tuple[float, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device)), float(torch.cuda.max_memory_reserved(device))
-    rss = _peak_rss()
-    return rss, rss
-
-
-def _batch(n: int, imgsz: int, device: torch.device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    boxes = torch.rand(n * 3, 4, generator=g) * 0.3 + 0.3
-    return {
-        "img": torch.rand(n, 3, imgsz, imgsz, generator=g).to(device),
-        "batch_idx": torch.arange(n).repeat_interleave(3).float().to(device),
-        "cls": torch.zeros(n * 3, 1, device=device),
-        "bboxes": boxes.to(device),
-    }
-
-
-def measure(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    precision: str,
-    imgsz: int,
-    batches: tuple[int, int] | None = None,
-    device_name: str = "",
-) -> MemoryModel:
-    """Fit a MemoryModel from steps of `model` (a fresh model on `device`) with `optimizer` (its own). `batches`:
-    the two measured per-device batches (CUDA's allocator is linear from small batches; the CPU's resident memory,
-    through glibc's caches, only from larger ones)."""
-    batches = batches or ((2, 6) if device.type == "cuda" else (4, 16))
-    criterion = model.init_criterion()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
-    model.train()
-
-    def step(n: int) -> float:
-        batch = _batch(n, imgsz, device)
-        start = time.perf_counter()
-        with autocast():
-            preds = model(batch["img"])
-        loss, _ = criterion(preds, batch)
-        loss.sum().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    def slope() -> tuple[list, list]:
-        step(batches[0])  # warm-up: optimizer state, cuDNN's choices, lazy allocations
-        peaks, times = [], []
-        for n in batches:
-            _reset_peak(device)
-            times.append(min(step(n), step(n)))
-            peaks.append(_peak(device))
-        return peaks, times
-
-    layers = _layer_costs(model, criterion, device, imgsz, autocast)
-    peaks, times = slope()
-    (a1, r1), (a2, r2) = peaks
-    # what autograd saves must be resident, what a checkpoint keeps too: lower bounds for a noisy measurement
-    per_image = max((a2 - a1) / (batches[1] - batches[0]), sum(c.saved for c in layers), 1.0)
-    intercept = a1 - per_image * batches[0]
-    from yoloscale.grad_ckpt import apply_grad_ckpt, remove_grad_ckpt
-
-    apply_grad_ckpt(model, "all")  # the same steps with every layer checkpointed
-    (c1, _), (c2, _) = slope()[0]
-    remove_grad_ckpt(model)
-    per_image_all = min(max((c2 - c1) / (batches[1] - batches[0]), sum(c.inputs for c in layers), 1.0), per_image)
-    t_per = (times[1] - times[0]) / (batches[1] - batches[0])
-    params = list(model.parameters())
-    weights = float(sum(p.numel() for p in params) * 4)
-    trainable = float(sum(p.numel() for p in params if p.requires_grad) * 4)
-    state = float(
-        sum(
-            t.numel() * t.element_size()
-            for s in optimizer.state.values()
-            for t in s.values()
-            if torch.is_tensor(t) and t.dim() > 0
-        )
-    )
-    buffers = float(sum(b.numel() * b.element_size() for b in model.buffers()))
-    return MemoryModel(
-        device=device_name or device.type,
-        precision=precision,
-        imgsz=imgsz,
-        intercept=intercept,
-        per_image=per_image,
-        per_image_all=per_image_all,
-        reserved_ratio=max(r2 / a2, 1.0) if a2 else 1.0,
-        weights=weights,
-        trainable=trainable,
-        optimizer_state=state,
-        buffers=buffers,
-        step_s=(max(times[0] - t_per * batches[0], 0.0), max(t_per, 0.0)),
-        layers=layers,
-    )
-
-
-def _layer_costs(model: nn.Module, criterion, device: torch.device, imgsz: int, autocast) -> list[LayerCost]:
-    """Per layer and image: the bytes saved for backward, the inputs' bytes, the forward time. Each is the difference
-    between batch 2 and batch 1, so what does not grow with the batch (the weights a convolution saves, the fp16 copies
-    autocast makes of them) cancels out."""
-    one, two = (
-        _layer_pass(model, criterion, device, imgsz, autocast, 1),
-        _layer_pass(model, criterion, device, imgsz, autocast, 2),
-    )
-    return [
-        LayerCost(saved=max(s2 - s1, 0.0), inputs=max(i2 - i1, 0.0), forward_s=max(t2 - t1, t2 / 2))
-        for (s1, i1, t1), (s2, i2, t2) in zip(one, two)
-    ]
-
-
-def _layer_pass(model: nn.Module, criterion, device: torch.device, imgsz: int, autocast, n: int) -> list[tuple]:
-    """One training forward/backward at batch `n`: per layer (saved bytes, input bytes, forward seconds)."""
-    import functools
-
-    layers = list(model.model)
-    saved, inputs, times = [0.0] * len(layers), [0.0] * len(layers), [0.0] * len(layers)
-    current, seen, seen_inputs, started = [None], set(), set(), [0.0]
-
-    def pack(t: torch.Tensor):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if current[0] is not None and key not in seen:
-            seen.add(key)
-            saved[current[0]] += t.untyped_storage().nbytes()
-        return t
-
-    def pre(i, module, args):
-        current[0] = i
-        for a in _tensors(args):  # a tensor several layers read (a Concat's, Detect's) is kept once
-            if a.untyped_storage().data_ptr() not in seen_inputs:
-                seen_inputs.add(a.untyped_storage().data_ptr())
-                inputs[i] += a.numel() * a.element_size()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started[0] = time.perf_counter()
-
-    def post(i, module, args, output):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times[i] += time.perf_counter() - started[0]
-        current[0] = None
-
-    hooks = [m.register_forward_pre_hook(functools.partial(pre, i)) for i, m in enumerate(layers)]
-    hooks += [m.register_forward_hook(functools.partial(post, i)) for i, m in enumerate(layers)]
-    try:
-        batch = _batch(n, imgsz, device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-            preds = model(batch["img"])
-        loss, _ = criterion(preds, batch)
-        loss.sum().backward()
-        model.zero_grad(set_to_none=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(zip(saved, inputs, times))
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 # --- the cache -----------------------------------------------------------------------------------------------------
@@ -383,6 +217,7 @@ def cache_key(model_spec, nc: int, device_name: str, precision: str, imgsz: int,
             torch.__version__,
             ultralytics.__version__,
             __version__,
+            str(FORMAT),
         ]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:20]

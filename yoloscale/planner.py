@@ -30,10 +30,10 @@ from yoloscale.plan import (
     device_limit,
     fewest_layers,
     fmt_gib,
-    measure,
     parse_memory,
     store,
 )
+from yoloscale.plan_measure import measure
 
 
 def fraction_of(cfg: TrainConfig) -> float:
@@ -243,16 +243,22 @@ def _table(rows: list[dict], best: dict, fit: MemoryModel, cfg: TrainConfig, ns,
     ]
     for r in rows:
         mark = "<- best" if r is best else ""
+        speed = f"{r['img_s']:>9.1f}" if cuda else f"{'-':>9}"  # the CPU's step times say nothing of a GPU's
         lines.append(
             f"  {r['backend']:<8}{r['grad_ckpt']:<11}{len(r['layers']):>7}{r['device_batch']:>10}"
-            f"{fmt_gib(r['peak']):>10}{r['img_s']:>9.1f}  {mark}"
+            f"{fmt_gib(r['peak']):>10}{speed}  {mark}"
         )
     if not cuda:
         lines.append(
             "A CPU plan: activations measured in fp32 on the CPU (halved for fp16/bf16), CUDA's workspaces and "
             "the allocator's fragmentation not measured; trust its batches to about +-25% and confirm on the "
-            "GPU (batch=auto measures there)."
+            "GPU (batch=auto measures there). img/s is not predicted: a GPU's step time needs the GPU."
         )
-    lines.append("img/s is extrapolated from short steps at small batches: compare the rows, not the numbers.")
+    else:
+        off, every = fit.timed[:3], fit.timed[3:]
+        lines.append(
+            f"img/s: one process's steps (no data loading), from steps timed at per-device batches "
+            f"{', '.join(map(str, off))} and, with every layer checkpointed, {', '.join(map(str, every))}."
+        )
     lines.append(cache_note(fit))
     return "\n".join(lines)

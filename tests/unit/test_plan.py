@@ -9,18 +9,19 @@ import pytest
 import yaml
 
 from helpers import ROOT, TINY, run_cli
-from yoloscale.plan import LayerCost, MemoryModel, checkpoint_order, fewest_layers
+from yoloscale.plan import LayerCost, MemoryModel, StepTime, checkpoint_order, fewest_layers
 
 GiB = 2**30
 
 
 def _fit(**kw) -> MemoryModel:
-    """Four layers: 1 and 3 hold most activations, 3 is cheap to recompute."""
+    """Four layers: 1 and 3 save most when checkpointed, 3 is cheap to recompute; layer 0's saving was not measured
+    (the hook's count less its inputs stands in)."""
     layers = [
-        LayerCost(saved=10e6, inputs=5e6, forward_s=1e-3),
-        LayerCost(saved=100e6, inputs=5e6, forward_s=2e-3),
-        LayerCost(saved=20e6, inputs=5e6, forward_s=1e-3),
-        LayerCost(saved=100e6, inputs=5e6, forward_s=1e-3),
+        LayerCost(saved=10e6, inputs=5e6, saving=-1, share=0.2),
+        LayerCost(saved=100e6, inputs=5e6, saving=90e6, share=0.4),
+        LayerCost(saved=20e6, inputs=5e6, saving=15e6, share=0.2),
+        LayerCost(saved=100e6, inputs=5e6, saving=90e6, share=0.2),
     ]
     base = dict(
         device="test",
@@ -34,7 +35,9 @@ def _fit(**kw) -> MemoryModel:
         trainable=0.2 * GiB,
         optimizer_state=0.4 * GiB,
         buffers=0.0,
-        step_s=(0.05, 0.01),
+        step_off=StepTime(host=0.05, fixed=0.02, per_image=0.004),
+        step_all=StepTime(host=0.09, fixed=0.03, per_image=0.006),
+        timed=(1, 8, 16, 1, 40, 80),
         layers=layers,
     )
     return MemoryModel(**{**base, **kw})
@@ -59,9 +62,27 @@ def test_sharding_and_offload_divide_the_fixed_part():
     assert fit.fixed("ddp", 1) < ddp  # one process: no NCCL allowance
 
 
+def test_the_savings_measured_per_layer_are_scaled_to_the_measured_whole():
+    fit = _fit()  # savings 5 (the hook's count), 90, 15, 90 MB sum to 200; every layer saves 220 measured
+    assert fit.activations_per_image([1], 320) == pytest.approx(250e6 - 90e6 * 220 / 200)
+    assert fit.activations_per_image([0], 320) == pytest.approx(250e6 - 5e6 * 220 / 200)
+
+
+def test_a_step_is_the_host_floor_at_small_batches_and_the_gpu_line_at_large_ones():
+    fit = _fit()
+    assert fit.step_seconds(4, 320, []) == pytest.approx(0.05)  # 0.02 + 0.016 < the host's 0.05
+    assert fit.step_seconds(40, 320, []) == pytest.approx(0.02 + 0.004 * 40)
+    assert fit.step_seconds(40, 640, []) == pytest.approx(0.02 + 0.004 * 160)  # 4x the pixels
+    assert fit.step_seconds(40, 320, [0, 1, 2, 3]) == pytest.approx(0.03 + 0.006 * 40)  # every layer: as measured
+    # layer 1 holds 40% of the forward's time: 40% of the way from no checkpointing to all; its host floor a quarter
+    assert fit.step_seconds(40, 320, [1]) == pytest.approx(0.024 + 0.0048 * 40)
+    assert fit.step_seconds(1, 320, [1]) == pytest.approx(0.05 + 0.04 / 4)
+    assert fit.img_s(40, 320, [], world=2) == pytest.approx(80 / (0.02 + 0.004 * 40))
+
+
 def test_grad_ckpt_auto_checkpoints_the_fewest_layers_most_memory_per_recompute_first():
     fit = _fit()
-    assert checkpoint_order(fit)[:2] == [3, 1]  # 95 MB saved per ms, then 47.5
+    assert checkpoint_order(fit)[:2] == [3, 1]  # 90 MB saved per 0.2 of the forward, then per 0.4
     limit = fit.peak(40, 320, [3]) + 1
     assert fewest_layers(fit, 40, limit, 320, "ddp", 1, "none") == [3]
     assert fewest_layers(fit, 40, fit.peak(40, 320, []) + 1, 320, "ddp", 1, "none") == []

@@ -13,7 +13,7 @@ from yoloscale.data import ultralytics_args
 from yoloscale.grad_ckpt import apply_grad_ckpt
 from yoloscale.model import build_model
 from yoloscale.optim import OptimizerChoice, build_optimizer
-from yoloscale.plan import _batch, _peak, _reset_peak, measure
+from yoloscale.plan_measure import _batch, _peak, _reset_peak, measure
 
 torch.set_num_threads(1)
 name, imgsz, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
