@@ -179,7 +179,7 @@ def run(args: list[str]) -> list[dict]:
         raise UserError("plan: no GPU here; give gpu_memory= (e.g. gpu_memory=80GiB) to plan for one from the CPU.")
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     precision = {"auto": "fp16"}.get(cfg.precision, cfg.precision)  # what the GPU will run (auto: fp16)
-    nc = _classes(cfg)
+    nc = classes_of(cfg)
     spec = model_spec(cfg.model, cfg.trust_pickle)
     model = build_model(
         spec, nc, {i: str(i) for i in range(nc)}, ultralytics_args(cfg, cfg.data), trust_pickle=cfg.trust_pickle
@@ -214,7 +214,8 @@ def run(args: list[str]) -> list[dict]:
     return rows
 
 
-def _classes(cfg: TrainConfig) -> int:
+def classes_of(cfg: TrainConfig) -> int:
+    """The classes a run of `cfg` trains (its data's; the synthetic set's 3; 1 with single_cls)."""
     if cfg.single_cls:
         return 1
     if cfg.data == "synthetic":

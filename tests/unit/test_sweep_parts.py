@@ -94,6 +94,41 @@ def test_slots_share_the_gpus_and_the_cores():
         make_slots("0,1,2", 1, 2, 8)
 
 
+def test_trials_per_gpu_auto_packs_trials_by_the_planned_peak(tmp_path, monkeypatch):
+    from yoloscale.config import load_config
+    from yoloscale.sweep import packing
+
+    GiB = 2**30
+    assert packing.trials_that_fit(10 * GiB, 80 * GiB, gpus=1, cores=32) == 6  # 72 GiB / 10.6
+    assert packing.trials_that_fit(10 * GiB, 80 * GiB, gpus=2, cores=8) == 2  # two cores per trial
+    assert packing.trials_that_fit(1 * GiB, 80 * GiB, gpus=1, cores=64) == packing.MAX_PER_GPU
+    assert packing.trials_that_fit(90 * GiB, 80 * GiB, gpus=1, cores=8) == 1  # one, whatever the plan says
+
+    space = load_space(
+        _space(
+            tmp_path,
+            "imgsz: {type: int, low: 320, high: 640, step: 32}\nbatch: [8, 32]\n"
+            "model: [yolov8n.yaml, yolov8s.yaml]\nlr0: {type: float, low: 0.001, high: 0.01}\n",
+        )
+    )
+    base = load_config(None, ["imgsz=320", "batch=16", "optimizer=SGD"])
+    largest = packing.largest_trial(base, space.distributions)
+    assert [(c.model, c.imgsz, c.batch) for c in largest] == [("yolov8n.yaml", 640, 32), ("yolov8s.yaml", 640, 32)]
+
+    peaks = {"yolov8n.yaml": 4 * GiB, "yolov8s.yaml": 9 * GiB}
+    monkeypatch.setattr(packing, "predicted_peak", lambda cfg: (peaks[cfg.model], 80 * GiB, cfg.model))
+    n, why = packing.auto_trials_per_gpu(base, space.distributions, ["0", "1"], 1, cores=64)
+    assert n == 7 and "yolov8s.yaml: a trial's predicted peak 9.0 GiB" in why  # the larger model bounds them
+    assert packing.auto_trials_per_gpu(base, space.distributions, [], 1, 64)[0] == 1  # the CPU
+    auto = load_config(None, ["batch=auto"])
+    assert packing.auto_trials_per_gpu(auto, {}, ["0"], 1, 64) == (
+        1,
+        "trials_per_gpu=auto: 1 (batch=auto gives each trial the GPU's memory)",
+    )
+    bad = run_cli("sweep", str(_space(tmp_path, "fliplr: [0.5]\n")), "trials_per_gpu=two", f"out={tmp_path}/o")
+    assert bad.returncode == 2 and "trials_per_gpu='two'; give a number >= 1 or auto" in bad.stderr
+
+
 def _run_dir(tmp_path, rows, **info):
     run = tmp_path / "run"
     run.mkdir()

@@ -49,7 +49,11 @@ class SweepSettings:
     )
     direction: str = _f("maximize", "maximize or minimize the objective.", ("maximize", "minimize"))
     gpus: str = _f("auto", "GPUs of this node for trials: auto (all visible ones, or the CPU), cpu, or a list 0,1,2,3.")
-    trials_per_gpu: int = _f(1, "Trials side by side on each GPU (or on the CPU).")
+    trials_per_gpu: str = _f(
+        "1",
+        "Trials side by side on each GPU (or on the CPU); auto: as many as fit in the GPU's memory by the plan of the "
+        "largest trial the search space can sample (yoloscale plan's memory model), at most 8 and 2 cores each.",
+    )
     gpus_per_trial: int = _f(1, "GPUs of one trial (DDP with torchrun); on the CPU, processes of one trial.")
     storage: str = _f(
         "",
@@ -87,6 +91,9 @@ def check_sweep(args: list[str]):
         raise UserError("sweep: leave resume= out; running the same sweep again continues its trials.")
     if settings.trials < 1:
         raise UserError(f"sweep: trials={settings.trials} must be >= 1.")
+    settings.trials_per_gpu = str(settings.trials_per_gpu).strip().lower()
+    if settings.trials_per_gpu != "auto" and not settings.trials_per_gpu.isdigit():
+        raise UserError(f"sweep: trials_per_gpu={settings.trials_per_gpu!r}; give a number >= 1 or auto.")
     if settings.objective not in METRICS and not settings.objective.endswith("_loss"):
         raise UserError(
             f"sweep: objective={settings.objective!r}; choose one of {', '.join(METRICS)} or a val loss (box_loss, ...)."
@@ -156,6 +163,19 @@ class Worker:
         self.storage_spec = storage if storage.startswith(RDB_PREFIXES) else str(Path(storage).resolve())
         self.study_name = settings.study or self.out.name
 
+    def trials_per_gpu(self) -> int:
+        """trials_per_gpu, auto resolved by the plan of the largest trial (packing.py)."""
+        if self.s.trials_per_gpu != "auto":
+            return int(self.s.trials_per_gpu)
+        from yoloscale.sweep.packing import auto_trials_per_gpu
+        from yoloscale.sweep.scheduler import slot_devices
+
+        cores = len(os.sched_getaffinity(0))
+        devices = slot_devices(self.s.gpus)
+        n, why = auto_trials_per_gpu(self.base, self.space.distributions, devices, self.s.gpus_per_trial, cores)
+        print(why)
+        return n
+
     def run(self) -> None:
         from yoloscale.sweep.results import write_results
         from yoloscale.sweep.scheduler import Scheduler, make_slots
@@ -167,7 +187,7 @@ class Worker:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "storage.txt").write_text(self.storage_spec + "\n")  # for --status
         (self.out / "study.txt").write_text(self.study_name + "\n")
-        slots = make_slots(s.gpus, s.trials_per_gpu, s.gpus_per_trial, self.base.workers)
+        slots = make_slots(s.gpus, self.trials_per_gpu(), s.gpus_per_trial, self.base.workers)
         task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
         self.pruner = {"name": s.pruner, "after": s.prune_after, "startup": s.prune_startup}
         identity = {

@@ -56,11 +56,16 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def slot_devices(gpus: str) -> list[str]:
+    """The GPUs `gpus=auto|cpu|0,1,...` names ([] for the CPU)."""
+    return visible_gpus() if gpus == "auto" else [] if gpus == "cpu" else [d.strip() for d in gpus.split(",")]
+
+
 def make_slots(
     gpus: str, trials_per_gpu: int, gpus_per_trial: int, workers: int, cores: int | None = None
 ) -> list[Slot]:
     """`gpus=auto|cpu|0,1,...`: the slots, interleaved over the GPUs (the first trials go to different GPUs)."""
-    devices = visible_gpus() if gpus == "auto" else [] if gpus == "cpu" else [d.strip() for d in gpus.split(",")]
+    devices = slot_devices(gpus)
     if trials_per_gpu < 1 or gpus_per_trial < 1:
         raise UserError("sweep: trials_per_gpu and gpus_per_trial must be >= 1.")
     if devices and len(devices) % gpus_per_trial:
