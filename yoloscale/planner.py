@@ -163,6 +163,7 @@ class PlanSettings:
     measure_imgsz: int = _f(
         0, "Image size to measure at (0: imgsz on a GPU, at most 320 on the CPU); activations scale by pixels."
     )
+    json: str = _f("", "Also write the rows to this JSON file (peak in bytes, predicted img/s, the fit's device).")
 
 
 def run(args: list[str]) -> list[dict]:
@@ -211,6 +212,11 @@ def run(args: list[str]) -> list[dict]:
         raise UserError(_never_fits(fit, 1, limit, cfg))
     best = max(rows, key=lambda r: r["img_s"])
     print(_table(rows, best, fit, cfg, ns, limit, cuda))
+    if ns.json:
+        import json
+
+        rows = [{**r, "best": r is best} for r in rows]
+        Path(ns.json).write_text(json.dumps({"device": fit.device, "limit": limit, "rows": rows}, indent=1))
     return rows
 
 

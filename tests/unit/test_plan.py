@@ -134,8 +134,10 @@ def test_plan_prints_the_options_and_says_what_is_wrong(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.count("<- best") == 1 and "A CPU plan" in proc.stdout and "fsdp" in proc.stdout
         assert "The memory model was measured now" in proc.stdout
-        again = run_cli("plan", "model=yolov8n.yaml", "imgsz=96", "gpu_memory=2GiB")
+        again = run_cli("plan", "model=yolov8n.yaml", "imgsz=96", "gpu_memory=2GiB", f"json={tmp_path}/plan.json")
         assert "The memory model is a cached measurement from" in again.stdout and str(tmp_path) in again.stdout
+        rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+        assert sum(r["best"] for r in rows) == 1 and all(r["device_batch"] >= 1 and r["peak"] > 0 for r in rows)
         never = run_cli("plan", "model=yolov8n.yaml", "imgsz=96", "gpu_memory=20MiB")
         assert never.returncode == 2 and "does not fit at device_batch 1" in never.stderr
         bad = run_cli("plan", "model=yolov8n.yaml", "gpu_memory=lots")
