@@ -1,6 +1,6 @@
 """`yoloscale doctor`: what this node's topology is, and the NCCL / torch environment we recommend, with reasons.
 
-    yoloscale doctor [bench=True] [export=True]
+    yoloscale doctor [bench=True] [export=True] [master=HOST:PORT]
 
 Reads the GPUs and their link matrix (`nvidia-smi topo -m`), NUMA nodes, InfiniBand/RoCE devices
 (/sys/class/infiniband), network interfaces (/sys/class/net) and the torch/NCCL versions. Recommendations never
@@ -95,13 +95,18 @@ def _pcie_rank(link: str) -> int:
     return _PCIE_ORDER.index(link) + 1 if link in _PCIE_ORDER else 0
 
 
-def recommend(topo: Topology, ib_devices: list[str], interfaces: list[str], env: dict) -> list[tuple[str, str, str]]:
-    """(variable, value, why) for this node; variables already in `env` are reported as kept, never replaced."""
+def recommend(
+    topo: Topology, ib_devices: list[str], interfaces: list[str], env: dict, route: str = ""
+) -> list[tuple[str, str, str]]:
+    """(variable, value, why) for this node; variables already in `env` are reported as kept, never replaced.
+    `route`: the interface that reaches the job's rendezvous, where known."""
     recs = [
         ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3", "a failed collective tears the job down instead of hanging it"),
     ]
     if ib_devices:
         recs.append(("NCCL_IB_HCA", ",".join(ib_devices), "use the InfiniBand/RoCE adapters for inter-node traffic"))
+    elif route and route not in ("?", "lo"):
+        recs.append(("NCCL_SOCKET_IFNAME", route, "no InfiniBand: the interface that reaches the rendezvous"))
     elif interfaces:
         recs.append(
             (
@@ -245,6 +250,11 @@ class DoctorSettings:
     export: bool = _f(
         False, "Print only `export VAR=value` lines for the recommendations not already set (for scripts)."
     )
+    master: str = _f(
+        "",
+        "A multi-node job's rendezvous, HOST[:PORT] (default: $MASTER_ADDR:$MASTER_PORT): whether this node reaches "
+        "it, through which interface, and whether NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME agree.",
+    )
 
 
 def run(args: list[str]) -> None:
@@ -253,8 +263,12 @@ def run(args: list[str]) -> None:
 
     ns, _, _ = parse_command(DoctorSettings, args, "doctor", train_keys=False)
     topo, ib, interfaces = read_node()
+    master = ns.master or os.environ.get("MASTER_ADDR", "")
     if ns.export:  # for `eval "$(yoloscale doctor export=True)"` in job scripts: nothing but export lines
-        print("\n".join(export_lines(recommend(topo, ib, interfaces, dict(os.environ)), dict(os.environ))))
+        from yoloscale.rendezvous import check
+
+        route = check(master, dict(os.environ))[1] if master else ""
+        print("\n".join(export_lines(recommend(topo, ib, interfaces, dict(os.environ), route), dict(os.environ))))
         return
     import torch
 
@@ -266,8 +280,16 @@ def run(args: list[str]) -> None:
     )
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a (no CUDA)"
     print(f"  - torch {torch.__version__}, NCCL {nccl}, {torch.cuda.device_count()} CUDA device(s) visible")
+    route = ""
+    if master:
+        from yoloscale.rendezvous import check
+
+        print("multi-node:")
+        lines, route = check(master, dict(os.environ))
+        for line in lines:
+            print(f"  - {line}")
     print("recommended environment (export before launching; already-set variables are kept):")
-    for var, value, why in recommend(topo, ib, interfaces, dict(os.environ)):
+    for var, value, why in recommend(topo, ib, interfaces, dict(os.environ), route):
         print(f"  export {var}={value}    # {why}")
     if ns.bench:
         n = torch.cuda.device_count()

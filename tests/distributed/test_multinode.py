@@ -128,3 +128,29 @@ def test_a_node_lost_mid_epoch_ends_the_job_in_one_line_and_the_run_resumes_to_t
 
         _on_both(nodes, lambda node: _torchrun_c10d(nodes, 29575, "b", [*args, "resume=auto"]), tmp_path)
     _assert_same_weights(_weights(tmp_path / "run"), _weights(reference / "run"))
+
+
+def test_doctor_on_a_node_says_whether_it_reaches_the_rendezvous_and_through_which_interface():
+    """From node 1: node 0's rendezvous address answers through the veth link; gloo pinned to loopback disagrees
+    with that route (one line); an address nobody holds is not reached."""
+
+    def doctor(nodes, *args, env=None):
+        proc = nodes.popen(
+            1,
+            [sys.executable, "-m", "yoloscale", "doctor", *args],
+            env=env or _env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        return proc.communicate(timeout=TIMEOUT)[0]
+
+    with TwoNodes() as nodes:
+        ok = doctor(nodes, f"master={nodes.host[0]}:29576")
+        assert f"rendezvous {nodes.host[0]}:29576 ({nodes.addr[0]}): the host answers" in ok, ok
+        assert f"reached through {nodes.links[1]}" in ok and f"NCCL_SOCKET_IFNAME={nodes.links[1]}" in ok
+        pinned = doctor(nodes, f"master={nodes.host[0]}:29576", env={**_env(), "GLOO_SOCKET_IFNAME": "lo"})
+        assert f"GLOO_SOCKET_IFNAME=lo disagrees with the route to the rendezvous ({nodes.links[1]})" in pinned
+        nobody = nodes.addr[0].rsplit(".", 1)[0] + ".99"
+        lost = doctor(nodes, f"master={nobody}:29576")
+        assert f"rendezvous {nobody}:29576 ({nobody}): NOT reached" in lost, lost

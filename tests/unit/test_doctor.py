@@ -127,3 +127,33 @@ def test_captured_matrix_with_underlined_header():
     assert topo.gpus == ["GPU0", "GPU1"] and topo.links[("GPU0", "GPU1")] == "NV18"
     assert topo.gpu_numa == {"GPU0": "0", "GPU1": "0"}
     assert link_peak(topo, "NVIDIA H200")[0] == 450.0
+
+
+def test_interface_lists_mean_what_they_mean_to_nccl_and_gloo():
+    from yoloscale.rendezvous import interface_matches
+
+    assert interface_matches("eth", "eth0") and interface_matches("ib,eth", "eth1")
+    assert not interface_matches("=eth", "eth0") and interface_matches("=eth0", "eth0")
+    assert not interface_matches("^docker,lo", "lo") and interface_matches("^docker,lo", "ens5")
+
+
+def test_the_rendezvous_check_says_whether_it_is_reached_and_through_which_interface():
+    import socket
+
+    from yoloscale.devices import free_port
+    from yoloscale.rendezvous import check
+
+    port = free_port()
+    lines, route = check(f"localhost:{port}", {})
+    assert route == "lo" and "the host answers; nothing listens on the port yet" in lines[0]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        up = check(f"127.0.0.1:{server.getsockname()[1]}", {})[0]
+    assert "something listens on the port (the rendezvous is up)" in up[0]
+    lines, _ = check(f"localhost:{port}", {"GLOO_SOCKET_IFNAME": "eth", "NCCL_SOCKET_IFNAME": "lo"})
+    assert len(lines) == 2 and lines[1].startswith(
+        "GLOO_SOCKET_IFNAME=eth disagrees with the route to the rendezvous (lo)"
+    )
+    lines, route = check("no-such-node.invalid:29500", {})
+    assert route == "" and "the name does not resolve on this node" in lines[0]
+    recs = {v: val for v, val, _ in recommend(parse_topo_matrix(""), [], ["eth0"], {}, route="ens7")}
+    assert recs["NCCL_SOCKET_IFNAME"] == "ens7"  # the interface that reaches the rendezvous, not the first one
