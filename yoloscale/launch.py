@@ -91,6 +91,10 @@ fi"""
 # variable) and the training processes, which handle it, save, exit 0 and end the agent cleanly.
 QUIET_LAUNCHER = """export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT  # SIGTERM is for the training processes"""
 
+# A node that cannot join the rendezvous (a wrong address, a node that never starts) ends the job after this many
+# seconds instead of torch's 600 (its `join_timeout`); Slurm starts a job's nodes within seconds of each other.
+JOIN_TIMEOUT_S = 300
+
 # The launch line of each launcher; {train} is `yoloscale train ARGS "${RESUME[@]}"`.
 BODIES = {
     "srun": """srun --kill-on-bad-exit=1 {python} -m {train}""",
@@ -99,13 +103,13 @@ BODIES = {
 srun --kill-on-bad-exit=1 bash -c 'trap "" USR1 TERM; exec "$@"' launcher \\
   {python} -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node={procs} \\
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \\
-  -m {train}""",
+  --rdzv_conf=join_timeout={join_timeout} -m {train}""",
     "accelerate": """{quiet_launcher}
 # shellcheck disable=SC2016  # SLURM_NODEID expands inside each node's task
 srun --kill-on-bad-exit=1 bash -c 'trap "" USR1 TERM; exec "${{@:1:3}}" --machine_rank="$SLURM_NODEID" "${{@:4}}"' launcher \\
   {python} -m accelerate.commands.launch --multi_gpu --num_machines="$SLURM_JOB_NUM_NODES" \\
   --num_processes=$((SLURM_JOB_NUM_NODES * {procs})) --main_process_ip="$MASTER_ADDR" \\
-  --main_process_port="$MASTER_PORT" --rdzv_backend=c10d --same_network \\
+  --main_process_port="$MASTER_PORT" --rdzv_backend=c10d --rdzv_conf=join_timeout={join_timeout} --same_network \\
   -m {train}""",
     "deepspeed": """# DeepSpeed's launcher reads the nodes from a hostfile; --no_ssh starts each node's share from its own task.
 # The training configuration must say backend=zero1|zero2|zero3.
@@ -183,6 +187,7 @@ def _script(
         shared_dir=shared_dir,
         train=f'yoloscale train {train_args} "${{RESUME[@]}}"',
         quiet_launcher=QUIET_LAUNCHER,
+        join_timeout=JOIN_TIMEOUT_S,
     )
     return header + body + "\n"
 

@@ -54,10 +54,14 @@ def one_node(tiny_data, tmp_path_factory):
     return _weights(project / "run")
 
 
-def _on_both(nodes: TwoNodes, command, tmp_path) -> list[subprocess.CompletedProcess]:
-    """`command(node)` on both nodes at once; their outputs; both must succeed."""
+def _on_both(nodes: TwoNodes, command, tmp_path, late_s: float = 0.0) -> list[subprocess.CompletedProcess]:
+    """`command(node)` on both nodes (node 1 `late_s` after node 0); their outputs; both must succeed."""
+    import time
+
     procs = []
     for node in (0, 1):
+        if node == 1:
+            time.sleep(late_s)
         log = open(tmp_path / f"node{node}.log", "w")
         procs.append((nodes.popen(node, command(node), env=_env(), stdout=log, stderr=subprocess.STDOUT), log))
     results = []
@@ -70,10 +74,10 @@ def _on_both(nodes: TwoNodes, command, tmp_path) -> list[subprocess.CompletedPro
     return results
 
 
-def test_torchrun_c10d_across_two_nodes_trains_like_one_node(one_node, tiny_data, tmp_path):
+def test_torchrun_c10d_across_two_nodes_trains_like_one_node_with_one_node_a_minute_late(one_node, tiny_data, tmp_path):
     args = [f"data={tiny_data}", *TRAIN, f"project={tmp_path}", "name=run"]
     with TwoNodes() as nodes:
-        results = _on_both(nodes, lambda node: _torchrun_c10d(nodes, 29572, "t1", args), tmp_path)
+        results = _on_both(nodes, lambda node: _torchrun_c10d(nodes, 29572, "t1", args), tmp_path, late_s=60)
     assert "2 process(es) on cpu" in results[0].stdout + results[1].stdout
     _assert_same_weights(_weights(tmp_path / "run"), one_node)
 
@@ -154,3 +158,45 @@ def test_doctor_on_a_node_says_whether_it_reaches_the_rendezvous_and_through_whi
         nobody = nodes.addr[0].rsplit(".", 1)[0] + ".99"
         lost = doctor(nodes, f"master={nobody}:29576")
         assert f"rendezvous {nobody}:29576 ({nobody}): NOT reached" in lost, lost
+
+
+def test_a_wrong_rendezvous_address_ends_both_nodes_in_bounded_time(tiny_data, tmp_path):
+    """Node 1 is given an address nobody holds: its launcher gives up after torch's store timeout (60 s) with the
+    reason on its last line. Node 0, alone at the right address, ends at its join timeout (the templates set 300 s;
+    20 s here) instead of waiting for ever."""
+    import time
+
+    from yoloscale.launch import JOIN_TIMEOUT_S
+
+    assert JOIN_TIMEOUT_S <= 300
+    args = [f"data={tiny_data}", *TRAIN, f"project={tmp_path}", "name=run"]
+    with TwoNodes() as nodes:
+        nobody = nodes.addr[0].rsplit(".", 1)[0] + ".99"
+
+        def agent(endpoint: str) -> list[str]:
+            rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "w"]
+            conf = ["--rdzv_conf", "join_timeout=20"]
+            return [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", *rendezvous, *conf, *TRAIN_MODULE, *args]
+
+        start = time.monotonic()
+        procs = [
+            nodes.popen(
+                0,
+                agent(f"{nodes.host[0]}:29577"),
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            nodes.popen(
+                1, agent(f"{nobody}:29577"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ),
+        ]
+        outs, ended = [], []
+        for proc in procs:
+            outs.append(proc.communicate(timeout=TIMEOUT)[0])
+            ended.append(time.monotonic() - start)
+    assert all(proc.returncode != 0 for proc in procs)
+    assert ended[0] < 60 and "RendezvousTimeoutError" in outs[0].strip().splitlines()[-1], outs[0][-2000:]
+    assert ended[1] < 100 and "RendezvousConnectionError" in outs[1].strip().splitlines()[-1], outs[1][-2000:]
+    assert not (tmp_path / "run").exists()  # no training process started
