@@ -202,7 +202,12 @@ class TrainConfig:
     )
     grad_ckpt: str = _f(
         "off",
-        "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: about 60% less peak memory at about 1.3x the step time), or layer indices like '2-8,10'.",
+        "Gradient checkpointing of model layers (BN-safe): off, all, backbone, head, highres (the layers at stride <= 16, where the activations are: about 60% less peak memory at about 1.3x the step time), layer indices like '2-8,10', or auto (from the memory model: the fastest choice that fits the batch; with batch=auto see plan_for).",
+    )
+    plan_for: str = _f(
+        "speed",
+        "batch=auto with grad_ckpt=auto: speed (the checkpointed layers and batch predicted to train fastest) or batch (the largest batch that fits, checkpointing as many layers as that takes).",
+        ("speed", "batch"),
     )
     grad_ckpt_recompute: str = _f(
         "all",

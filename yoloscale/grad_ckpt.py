@@ -39,7 +39,14 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from yoloscale.compile import is_compiled
 from yoloscale.errors import UserError
 
-_NAMED = ("off", "all", "backbone", "head", "highres", "auto")  # auto: resolved to layers by plan.fewest_layers
+_NAMED = (
+    "off",
+    "all",
+    "backbone",
+    "head",
+    "highres",
+    "auto",
+)  # auto: resolved to layers by the planner (plan.layers_for_batch)
 HIGHRES_STRIDE = 16  # `highres`: the layers whose output is at this stride or finer, where the activations are
 RECOMPUTE = ("all", "cheap")
 # The ops whose outputs `cheap` keeps: where the FLOPs are. (Names that a torch build lacks are skipped.)

@@ -176,16 +176,20 @@ def checkpoint_order(model: MemoryModel) -> list[int]:
     return [i for i in sorted(range(len(gain)), key=lambda i: -gain[i]) if model.layers[i].weight() > 0]
 
 
-def fewest_layers(
+def layers_for_batch(
     model: MemoryModel, device_batch: int, limit: float, imgsz: int, backend: str, world: int, offload: str
 ) -> list[int] | None:
-    """grad_ckpt=auto for a given batch: the shortest prefix of `checkpoint_order` that fits (None if none does)."""
-    order = checkpoint_order(model)
+    """grad_ckpt=auto for a given batch: of the prefixes of `checkpoint_order` that fit, the one predicted to step
+    fastest (the fewer layers on a tie; None if none fits)."""
+    order, best = checkpoint_order(model), None
     for n in range(len(order) + 1):
         selection = sorted(order[:n])
-        if model.peak(device_batch, imgsz, selection, backend, world, offload) <= limit:
-            return selection
-    return None
+        if model.peak(device_batch, imgsz, selection, backend, world, offload) > limit:
+            continue
+        seconds = model.step_seconds(device_batch, imgsz, selection)
+        if best is None or seconds < best[0]:
+            best = (seconds, selection)
+    return best[1] if best else None
 
 
 # --- the cache -----------------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from yoloscale.plan import (
     cached,
     checkpoint_order,
     device_limit,
-    fewest_layers,
     fmt_gib,
+    layers_for_batch,
     parse_memory,
     store,
 )
@@ -76,18 +76,19 @@ def fit_for(
 
 
 def best_selection(
-    fit: MemoryModel, limit: float, imgsz: int, backend: str, world: int, offload: str
+    fit: MemoryModel, limit: float, imgsz: int, backend: str, world: int, offload: str, goal: str = "speed"
 ) -> tuple[list[int], int]:
     """batch=auto with grad_ckpt=auto: among the prefixes of the checkpoint order, the one whose largest fitting
-    batch trains fastest (predicted img/s)."""
-    order, best = checkpoint_order(fit), ([], 0, 0.0)
+    batch trains fastest (predicted img/s), or with goal='batch' the largest batch (the faster on a tie)."""
+    order, best, best_key = checkpoint_order(fit), ([], 0), (0.0, 0.0)
     for n in range(len(order) + 1):
         selection = sorted(order[:n])
         b = fit.largest_batch(limit, imgsz, selection, backend, world, offload)
         speed = fit.img_s(b, imgsz, selection, world) if b else 0.0
-        if speed > best[2]:
-            best = (selection, b, speed)
-    return best[0], best[1]
+        key = (b, speed) if goal == "batch" else (speed, b)
+        if b and key > best_key:
+            best, best_key = (selection, b), key
+    return best
 
 
 def plan_run(
@@ -111,12 +112,12 @@ def plan_run(
     fit = fit_for(cfg, spec, model, device, precision, nc)
     args = (cfg.imgsz, cfg.backend, world, cfg.offload)
     if cfg.grad_ckpt == "auto" and fixed_batch:
-        selection = fewest_layers(fit, fixed_batch, limit, *args)
+        selection = layers_for_batch(fit, fixed_batch, limit, *args)
         if selection is None:
             raise UserError(_never_fits(fit, fixed_batch, limit, cfg))
         batch = fixed_batch
     elif cfg.grad_ckpt == "auto":
-        selection, batch = best_selection(fit, limit, *args)
+        selection, batch = best_selection(fit, limit, *args, cfg.plan_for)
     else:
         selection = named_selection
         batch = fit.largest_batch(limit, cfg.imgsz, selection, cfg.backend, world, cfg.offload)
@@ -158,7 +159,7 @@ class PlanSettings:
     backends: str = _f("ddp,zero1,zero2,fsdp", "Backends to compare (comma list).")
     selections: str = _f(
         "off,highres,all,auto",
-        "grad_ckpt choices to compare (comma list; auto: the fewest layers for the batch, the fastest choice for batch=auto).",
+        "grad_ckpt choices to compare (comma list; auto: the fastest choice that fits the batch; with batch=auto as plan_for says).",
     )
     measure_imgsz: int = _f(
         0, "Image size to measure at (0: imgsz on a GPU, at most 320 on the CPU); activations scale by pixels."
@@ -194,7 +195,7 @@ def run(args: list[str]) -> list[dict]:
     for backend in [b for b in ns.backends.split(",") if b]:
         for choice in [s for s in ns.selections.split(",") if s]:
             if choice == "auto":
-                selection, batch = best_selection(fit, limit, cfg.imgsz, backend, ns.gpus, cfg.offload)
+                selection, batch = best_selection(fit, limit, cfg.imgsz, backend, ns.gpus, cfg.offload, cfg.plan_for)
             else:
                 selection = select_layers(model, choice)
                 batch = fit.largest_batch(limit, cfg.imgsz, selection, backend, ns.gpus, cfg.offload)

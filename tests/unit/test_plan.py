@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from helpers import ROOT, TINY, run_cli
-from yoloscale.plan import LayerCost, MemoryModel, StepTime, checkpoint_order, fewest_layers
+from yoloscale.plan import LayerCost, MemoryModel, StepTime, checkpoint_order, layers_for_batch
 
 GiB = 2**30
 
@@ -80,13 +80,27 @@ def test_a_step_is_the_host_floor_at_small_batches_and_the_gpu_line_at_large_one
     assert fit.img_s(40, 320, [], world=2) == pytest.approx(80 / (0.02 + 0.004 * 40))
 
 
-def test_grad_ckpt_auto_checkpoints_the_fewest_layers_most_memory_per_recompute_first():
+def test_grad_ckpt_auto_checkpoints_the_fastest_choice_that_fits_most_memory_per_recompute_first():
     fit = _fit()
     assert checkpoint_order(fit)[:2] == [3, 1]  # 90 MB saved per 0.2 of the forward, then per 0.4
     limit = fit.peak(40, 320, [3]) + 1
-    assert fewest_layers(fit, 40, limit, 320, "ddp", 1, "none") == [3]
-    assert fewest_layers(fit, 40, fit.peak(40, 320, []) + 1, 320, "ddp", 1, "none") == []
-    assert fewest_layers(fit, 10_000, 2 * GiB, 320, "ddp", 1, "none") is None  # nothing reaches it
+    assert layers_for_batch(fit, 40, limit, 320, "ddp", 1, "none") == [3]
+    assert layers_for_batch(fit, 40, fit.peak(40, 320, []) + 1, 320, "ddp", 1, "none") == []
+    assert layers_for_batch(fit, 10_000, 2 * GiB, 320, "ddp", 1, "none") is None  # nothing reaches it
+
+
+def test_batch_auto_with_grad_ckpt_auto_plans_for_speed_or_for_the_largest_batch():
+    from yoloscale.planner import best_selection
+
+    fit = _fit()
+    limit = 20 * GiB
+    fast, fast_batch = best_selection(fit, limit, 320, "ddp", 1, "none")
+    big, big_batch = best_selection(fit, limit, 320, "ddp", 1, "none", goal="batch")
+    assert big == [0, 1, 2, 3] and big_batch == fit.largest_batch(limit, 320, big)  # every layer: the most room
+    assert big_batch > fast_batch and fit.img_s(fast_batch, 320, fast) >= fit.img_s(big_batch, 320, big)
+    assert fit.img_s(fast_batch, 320, fast) == max(
+        fit.img_s(fit.largest_batch(limit, 320, s), 320, s) for s in ([], [3], [1, 3], [1, 2, 3], [0, 1, 2, 3])
+    )
 
 
 def test_a_fit_round_trips_through_the_cache(tmp_path, monkeypatch):
@@ -156,6 +170,6 @@ def test_batch_auto_and_grad_ckpt_auto_train_and_record_their_choice(tiny_data, 
     saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
     assert isinstance(saved["device_batch"], int) and 1 <= saved["device_batch"] <= 96  # at most the data set
     assert saved["grad_ckpt"] == "off" or all(c.isdigit() or c == "," for c in saved["grad_ckpt"])
-    # a fixed batch with grad_ckpt=auto: the fewest layers that fit (this CPU fits batch 8 without any)
+    # a fixed batch with grad_ckpt=auto: the fastest choice that fits (this CPU fits batch 8 without any)
     assert main(["train", *args, "grad_ckpt=auto", "name=fixed"]) == 0
     assert yaml.safe_load((tmp_path / "fixed" / "config.yaml").read_text())["grad_ckpt"] == "off"
