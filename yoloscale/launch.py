@@ -109,7 +109,7 @@ srun --kill-on-bad-exit=1 bash -c 'trap "" USR1 TERM; exec "$@"' launcher \\
 srun --kill-on-bad-exit=1 bash -c 'trap "" USR1 TERM; exec "${{@:1:3}}" --machine_rank="$SLURM_NODEID" "${{@:4}}"' launcher \\
   {python} -m accelerate.commands.launch --multi_gpu --num_machines="$SLURM_JOB_NUM_NODES" \\
   --num_processes=$((SLURM_JOB_NUM_NODES * {procs})) --main_process_ip="$MASTER_ADDR" \\
-  --main_process_port="$MASTER_PORT" --rdzv_backend=c10d --rdzv_conf=join_timeout={join_timeout} --same_network \\
+  --main_process_port="$MASTER_PORT" --rdzv_backend=c10d --rdzv_conf=join_timeout={join_timeout} \\
   -m {train}""",
     "deepspeed": """# DeepSpeed's launcher reads the nodes from a hostfile; --no_ssh starts each node's share from its own task.
 # The training configuration must say backend=zero1|zero2|zero3.

@@ -14,7 +14,7 @@ from two_nodes import TwoNodes, why_not
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(why_not() is not None, reason=str(why_not()))]
 
 TRAIN = ["model=yolov8n.yaml", "imgsz=64", "batch=8", "nbs=16", "workers=0", "epochs=2", "plots=False"]
-TIMEOUT = 300
+TIMEOUT = 150
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -91,7 +91,14 @@ def test_accelerate_launch_across_two_nodes_with_our_config_trains_like_one_node
 
         def accelerate(node):
             machines = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(node)]
-            main = ["--main_process_ip", nodes.host[0], "--main_process_port", "29573"]
+            main = [
+                "--main_process_ip",
+                nodes.host[0],
+                "--main_process_port",
+                "29573",
+                "--rdzv_conf",
+                "join_timeout=300",
+            ]
             launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
             return [*launch, *machines, *main, *TRAIN_MODULE, *args]
 
@@ -200,3 +207,53 @@ def test_a_wrong_rendezvous_address_ends_both_nodes_in_bounded_time(tiny_data, t
     assert ended[0] < 60 and "RendezvousTimeoutError" in outs[0].strip().splitlines()[-1], outs[0][-2000:]
     assert ended[1] < 100 and "RendezvousConnectionError" in outs[1].strip().splitlines()[-1], outs[1][-2000:]
     assert not (tmp_path / "run").exists()  # no training process started
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_multinode_slurm_templates_run_across_two_nodes(launcher, one_node, tiny_data, tmp_path):
+    """The shipped multi-node sbatch template (rendered for CPU nodes, one process each) run on both nodes as
+    Slurm would run its batch step there: `srun` and `scontrol` stand-ins give each node its SLURM_NODEID and the
+    job's host list; the rendezvous is the template's own (first host, port from the job id)."""
+    from yoloscale.launch import render_generic
+
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_generic(launcher, nodes=2, gpus_per_node=0, tasks_per_node=1))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    with TwoNodes() as nodes:
+        stand_ins = {
+            "srun": 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"',
+            "scontrol": f"printf '{nodes.host[0]}\\n{nodes.host[1]}\\n'",
+            "python3": f'exec {sys.executable} "$@"',
+        }
+        for name, body in stand_ins.items():
+            (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+            (bin_dir / name).chmod(0o755)
+        args = [f"data={tiny_data}", *TRAIN, f"project={tmp_path}", "name=run"]
+
+        def batch_step(node):
+            return ["bash", str(script), *args]
+
+        def env(node):
+            return dict(
+                _env(),
+                PATH=f"{bin_dir}:{os.environ['PATH']}",
+                SLURM_JOB_ID="4242",
+                SLURM_JOB_NODELIST=",".join(nodes.host),
+                SLURM_JOB_NUM_NODES="2",
+                SLURM_NODEID=str(node),
+                SLURM_SUBMIT_DIR=str(tmp_path),
+            )
+
+        procs = []
+        for node in (0, 1):
+            log = open(tmp_path / f"node{node}.log", "w")
+            procs.append(
+                (nodes.popen(node, batch_step(node), env=env(node), stdout=log, stderr=subprocess.STDOUT), log)
+            )
+        for proc, log in procs:
+            proc.wait(timeout=TIMEOUT)
+            log.close()
+        for node, (proc, _) in enumerate(procs):
+            assert proc.returncode == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    _assert_same_weights(_weights(tmp_path / "run"), one_node)
