@@ -48,10 +48,10 @@ class Distillation:
             for level, i in enumerate(layers)
         ]
         # the projectors' widths: one inference-mode pass of both models (as Ultralytics sizes them)
-        student_mode = student.training
+        student_mode, here = student.training, next(student.parameters()).device
         with torch.no_grad():
-            image = torch.zeros(1, student.yaml.get("channels", 3), size, size)
-            self.teacher(image)
+            image = torch.zeros(1, student.yaml.get("channels", 3), size, size, device=here)
+            self.teacher.to(here)(image)
             student.eval()(image)
         student.train(student_mode)
         levels = len(self.student_layers) - 1
@@ -62,7 +62,7 @@ class Distillation:
         projector = nn.ModuleList(
             nn.Sequential(nn.Conv2d(s, t, 1), nn.ReLU(inplace=True), nn.Conv2d(t, t, 1)) for s, t in widths
         )
-        student.add_module(PROJECTOR, projector.to(next(student.parameters()).device))
+        student.add_module(PROJECTOR, projector.to(here))
         self.teacher.to(device)
         self._clear()
 
