@@ -87,7 +87,7 @@ class MemoryModel:
     def activations_per_image(self, selection: list[int], imgsz: int) -> float:
         """Bytes per image of the activations, with `selection` checkpointed, at `imgsz`."""
         # Layers' savings overlap a little (a tensor two neighbours keep is freed once): scaled so that checkpointing
-        # every layer saves what was measured doing it (on an H100 the single-layer savings summed to 1.05-1.1x that).
+        # every layer saves what was measured doing it (the single-layer savings sum to a little more than that).
         gain = [layer.weight() for layer in self.layers]
         k = (self.per_image - self.per_image_all) / sum(gain) if sum(gain) else 0.0
         per = self.per_image - k * sum(gain[i] for i in selection if i < len(gain))

@@ -48,8 +48,16 @@ def measure(
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
     model.train()
 
+    held: dict[int, dict] = {}  # the last batch made: a timed batch can be gigabytes, made once, not every step
+
+    def batch_of(n: int) -> dict:
+        if n not in held:
+            held.clear()
+            held[n] = _batch(n, imgsz, device)
+        return held[n]
+
     def step(n: int) -> float:
-        batch = _batch(n, imgsz, device)
+        batch = batch_of(n)
         _sync(device)
         start = time.perf_counter()
         with autocast():
@@ -96,11 +104,12 @@ def measure(
     # step times: without checkpointing, each layer's share of the forward, then with every layer checkpointed
     n_off = _timed_batches(device, intercept, per_image, batches)
     step_off = _step_time(timed, n_off)
-    shares = _forward_shares(model, device, imgsz, n_off[-1], autocast)
+    shares = _forward_shares(model, device, batch_of(n_off[-1])["img"], autocast)
     apply_grad_ckpt(model, "all")
     n_all = _timed_batches(device, intercept, per_image_all, batches)
     step_all = _step_time(timed, n_all)
     remove_grad_ckpt(model)
+    held.clear()
 
     params = list(model.parameters())
     state = float(
@@ -153,8 +162,8 @@ def _step_time(timed, sizes: list[int]) -> StepTime:
     return StepTime(host=t_one, fixed=max(t_high - per * high, 0.0), per_image=per)
 
 
-def _forward_shares(model: nn.Module, device: torch.device, imgsz: int, n: int, autocast) -> list[float]:
-    """Each layer's share of a training-mode forward's time at batch n (CUDA events on the GPU: the GPU's time,
+def _forward_shares(model: nn.Module, device: torch.device, img: torch.Tensor, autocast) -> list[float]:
+    """Each layer's share of a training-mode forward's time on `img` (CUDA events on the GPU: the GPU's time,
     not the host's)."""
     layers, marks = list(model.model), {}
 
@@ -170,7 +179,6 @@ def _forward_shares(model: nn.Module, device: torch.device, imgsz: int, n: int, 
     hooks += [m.register_forward_hook(functools.partial(mark, i, True)) for i, m in enumerate(layers)]
     times = [[] for _ in layers]
     try:
-        img = _batch(n, imgsz, device)["img"]
         for _ in range(3):
             marks.clear()
             with autocast():
