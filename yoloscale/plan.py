@@ -30,7 +30,7 @@ import torch
 
 from yoloscale.backend import memory_divisors
 
-FORMAT = 2  # of a cached fit (a fit of another format is measured again)
+FORMAT = 3  # of a cached fit (a fit of another format is measured again)
 GPU_FROM_CPU_ALLOWANCE = 0.5 * 2**30  # a CPU plan for a GPU: workspaces and the allocator (an allowance)
 NCCL_ALLOWANCE = 0.5 * 2**30  # several processes: NCCL's buffers and DDP's buckets (an allowance, not measured)
 FRACTION_AUTO = 0.85  # batch=auto uses this fraction of the device's memory (Ultralytics' -1: 0.60)
@@ -204,7 +204,9 @@ def cache_dir() -> Path:
     return cache_root() / "plan"
 
 
-def cache_key(model_spec, nc: int, device_name: str, precision: str, imgsz: int, optimizer: str) -> str:
+def cache_key(
+    model_spec, nc: int, device_name: str, precision: str, imgsz: int, optimizer: str, channels_last: bool = False
+) -> str:
     import ultralytics
 
     from yoloscale import __version__
@@ -218,6 +220,7 @@ def cache_key(model_spec, nc: int, device_name: str, precision: str, imgsz: int,
             precision,
             str(imgsz),
             optimizer,
+            f"channels_last={channels_last}",
             torch.__version__,
             ultralytics.__version__,
             __version__,

@@ -36,10 +36,12 @@ def measure(
     imgsz: int,
     batches: tuple[int, int] | None = None,
     device_name: str = "",
+    channels_last: bool = False,
 ) -> MemoryModel:
     """Fit a MemoryModel from steps of `model` (a fresh model on `device`) with `optimizer` (its own). `batches`:
     the two per-device batches of the memory slopes (CUDA's allocator is linear from small batches; the CPU's
-    resident memory, through glibc's caches, only from larger ones)."""
+    resident memory, through glibc's caches, only from larger ones). `channels_last`: the input batch's layout, as
+    the trainer feeds it (on a GPU it changes which convolution kernels run: about a third of the step's time)."""
     from yoloscale.grad_ckpt import apply_grad_ckpt, remove_grad_ckpt
 
     batches = batches or ((2, 6) if device.type == "cuda" else (4, 16))
@@ -54,6 +56,8 @@ def measure(
         if n not in held:
             held.clear()
             held[n] = _batch(n, imgsz, device)
+            if channels_last:
+                held[n]["img"] = held[n]["img"].contiguous(memory_format=torch.channels_last)
         return held[n]
 
     def step(n: int) -> float:
@@ -64,6 +68,7 @@ def measure(
             preds = model(batch["img"])
         loss, _ = criterion(preds, batch)
         loss.sum().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # as the trainer (one norm over all gradients)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)

@@ -59,14 +59,15 @@ def fit_for(
     optimizer = (
         cfg.optimizer if cfg.optimizer != "auto" else "AdamW"
     )  # auto's choice for short runs; MuSGD's state is alike
-    key = cache_key(spec, nc, name, precision, imgsz, optimizer)
+    cuda = device.type == "cuda"  # the trainer's step there: fused optimizer kernels, a channels_last input
+    key = cache_key(spec, nc, name, precision, imgsz, optimizer, cuda and cfg.channels_last)
     fit = cached(key)
     if fit is not None:
         return fit
     probe = copy.deepcopy(model).to(device)
-    opt = build_optimizer(probe, OptimizerChoice(optimizer, 1e-3, 0.9, 0.0), 0.0, fused=False)
+    opt = build_optimizer(probe, OptimizerChoice(optimizer, 1e-3, 0.9, 0.0), 0.0, fused=cuda)
     try:
-        fit = measure(probe, opt, device, precision, imgsz, device_name=name)
+        fit = measure(probe, opt, device, precision, imgsz, device_name=name, channels_last=cuda and cfg.channels_last)
     finally:
         del probe, opt
         if device.type == "cuda":
