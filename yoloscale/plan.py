@@ -204,6 +204,20 @@ def cache_dir() -> Path:
     return cache_root() / "plan"
 
 
+def peak_report(real: float, predicted: float, steps: int) -> str:
+    """The log's line comparing a run's real peak (bytes the allocator reserved) with the memory model's."""
+    gib = 2**30
+    if not predicted:
+        return (
+            f"peak memory {real / gib:.1f} GiB after {steps} steps (no memory model is cached for this model, imgsz "
+            "and GPU to compare with: yoloscale plan measures one)"
+        )
+    return (
+        f"peak memory {real / gib:.1f} GiB after {steps} steps; the plan predicted {predicted / gib:.1f} GiB "
+        f"(real {real / predicted:.2f}x predicted)"
+    )
+
+
 def cache_key(
     model_spec, nc: int, device_name: str, precision: str, imgsz: int, optimizer: str, channels_last: bool = False
 ) -> str:

@@ -55,15 +55,11 @@ def fit_for(
     from yoloscale.optim import OptimizerChoice, build_optimizer
 
     imgsz = imgsz or cfg.imgsz
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    optimizer = (
-        cfg.optimizer if cfg.optimizer != "auto" else "AdamW"
-    )  # auto's choice for short runs; MuSGD's state is alike
-    cuda = device.type == "cuda"  # the trainer's step there: fused optimizer kernels, a channels_last input
-    key = cache_key(spec, nc, name, precision, imgsz, optimizer, cuda and cfg.channels_last)
+    key, name, optimizer = _fit_key(cfg, spec, device, precision, nc, imgsz)
     fit = cached(key)
     if fit is not None:
         return fit
+    cuda = device.type == "cuda"  # the trainer's step there: fused optimizer kernels, a channels_last input
     probe = copy.deepcopy(model).to(device)
     opt = build_optimizer(probe, OptimizerChoice(optimizer, 1e-3, 0.9, 0.0), 0.0, fused=cuda)
     try:
@@ -74,6 +70,22 @@ def fit_for(
             torch.cuda.empty_cache()
     store(key, fit)
     return fit
+
+
+def cached_fit(cfg: TrainConfig, spec, device: torch.device, precision: str, nc: int) -> MemoryModel | None:
+    """The memory model a plan or a batch=auto run measured for this model, imgsz, device, precision and optimizer,
+    if one is cached; nothing is measured (a fixed-batch run's log compares its peak with it)."""
+    return cached(_fit_key(cfg, spec, device, precision, nc, cfg.imgsz)[0])
+
+
+def _fit_key(cfg: TrainConfig, spec, device: torch.device, precision: str, nc: int, imgsz: int):
+    """(cache key, device name, optimizer) of a fit."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    optimizer = (
+        cfg.optimizer if cfg.optimizer != "auto" else "AdamW"
+    )  # auto's choice for short runs; MuSGD's state is alike
+    channels_last = device.type == "cuda" and cfg.channels_last
+    return cache_key(spec, nc, name, precision, imgsz, optimizer, channels_last), name, optimizer
 
 
 def best_selection(

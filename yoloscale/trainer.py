@@ -54,6 +54,7 @@ from yoloscale.optim import (
     restore_hyperparameters,
     scaled_weight_decay,
 )
+from yoloscale.plan import peak_report
 from yoloscale.plots import draw_batch, draw_labels, sample_batches
 from yoloscale.preemption import Preempted, StopSignal, requeue_slurm_job
 from yoloscale.pretrained import initial_weights
@@ -145,8 +146,9 @@ class Trainer:
             )
         frozen = freeze_layers(model, cfg.freeze)  # Ultralytics' freeze= (and DFL, always)
         self.stride = stride = max(int(model.stride.max()), 32)
-        self.predicted_peak = 0.0  # batch=auto: what the memory model predicts (set by _plan_memory)
+        self.memory_model, self.planned_layers = None, []  # the fit the run's peak is compared with (_plan_memory)
         teacher = read_teacher(cfg.distill_model, cfg.trust_pickle)  # knowledge distillation (distill.py)
+        auto_batch = not self.device_batch  # batch=auto, a fraction or -1: planned now
         grad_ckpt = self._plan_memory(spec, model, reserved=teacher_bytes(teacher))
         self.eval_model = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)  # gets the EMA's weights
         self.speed_ups = speed_up(model, cfg)  # torch.compile (compile.py)
@@ -160,7 +162,7 @@ class Trainer:
         with self.heartbeat.main_first(acc, "datasets"):
             self.train_set = build_dataset(self.args, self.data, "train", self.device_batch, stride)
             val_set = build_dataset(self.args, self.data, "val", cfg.val_batch or 2 * self.device_batch, stride)
-        if self.predicted_peak and self.device_batch > len(self.train_set) // self.world:  # batch=auto, small data
+        if auto_batch and self.device_batch > len(self.train_set) // self.world:  # batch=auto, small data
             self.device_batch = self.cfg.device_batch = max(len(self.train_set) // self.world, 1)
             self._regroup_rect()
         self.train_loader = self._train_loader()
@@ -245,6 +247,11 @@ class Trainer:
 
         cfg = self.cfg
         if self.device_batch and cfg.grad_ckpt != "auto":
+            if self.use_cuda:  # a fixed batch: its peak is compared with a memory model only where one is cached
+                from yoloscale.planner import cached_fit
+
+                self.memory_model = cached_fit(cfg, spec, self.device, self.backend.precision_name, self.data["nc"])
+                self.planned_layers = select_layers(model, cfg.grad_ckpt)
             return cfg.grad_ckpt
         named = [] if cfg.grad_ckpt == "auto" else select_layers(model, cfg.grad_ckpt)
         # multi_scale: planned for its largest batches (Ultralytics' AutoBatch does the same)
@@ -261,7 +268,9 @@ class Trainer:
             named,
             reserved,
         )
-        self.device_batch, self.predicted_peak, self.memory_model = batch, peak, fit
+        self.device_batch, self.memory_model, self.planned_layers = batch, fit, layers
+        if self.use_cuda:  # the measurement's own steps are not the run's peak
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.backend.set_device_batch(self.accelerator, batch, self.world)
         grad_ckpt = ",".join(map(str, layers)) if layers else "off"
         cfg.device_batch, cfg.grad_ckpt = batch, grad_ckpt
@@ -270,6 +279,14 @@ class Trainer:
             f"predicted peak {peak / 2**30:.1f} GiB on {self.device}"
         )
         return grad_ckpt
+
+    def predicted_peak(self) -> float:
+        """The memory model's peak (bytes) for the run as it trains now (0 without a model)."""
+        cfg, fit = self.cfg, self.memory_model
+        if fit is None:
+            return 0.0
+        imgsz = largest_imgsz(cfg.imgsz, cfg.multi_scale, self.stride)  # multi_scale: its largest batches
+        return fit.peak(self.device_batch, imgsz, self.planned_layers, cfg.backend, self.world, cfg.offload)
 
     def pieces(self) -> dict:
         """What a checkpoint holds besides the backend's state: name -> object with state_dict/load_state_dict."""
@@ -386,11 +403,9 @@ class Trainer:
                 values["img_s"] = n_log / (now - t_log)
                 if self.use_cuda:
                     values["mem_GiB"] = torch.cuda.max_memory_reserved(self.device) / 2**30
-                    if self.predicted_peak and pr.optimizer_steps == cfg.log_interval:  # the plan, beside the truth
-                        self.log.message(
-                            f"peak memory {values['mem_GiB']:.1f} GiB after {pr.optimizer_steps} "
-                            f"steps; the plan predicted {self.predicted_peak / 2**30:.1f} GiB"
-                        )
+                    if pr.optimizer_steps == cfg.log_interval:  # the plan, beside the truth
+                        real = values["mem_GiB"] * 2**30
+                        self.log.message(peak_report(real, self.predicted_peak(), pr.optimizer_steps))
                 t_log, n_log = now, 0
                 self.log.step(values, pr.optimizer_steps)
                 self._stop_if_signalled()
@@ -527,7 +542,7 @@ class Trainer:
         self._oom_retries = retries + 1
         old, self.device_batch = (
             self.device_batch,
-            next_batch(self.device_batch, getattr(self, "memory_model", None), peak, cfg, self.world),
+            next_batch(self.device_batch, self.memory_model, peak, cfg, self.world),
         )
         self._regroup_rect()
         self.train_loader = self._train_loader()

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from helpers import ROOT, TINY, run_cli
 from yoloscale.plan import LayerCost, MemoryModel, StepTime, checkpoint_order, layers_for_batch
+from yoloscale.plan import peak_report as plan_report
 
 GiB = 2**30
 
@@ -110,6 +112,34 @@ def test_a_fit_round_trips_through_the_cache(tmp_path, monkeypatch):
     plan.store("k", _fit())
     assert plan.cached("k") == _fit()
     assert plan.cached("missing") is None
+
+
+def test_a_fixed_batch_run_finds_the_cached_fit_of_its_own_model_and_settings_only(tmp_path, monkeypatch):
+    from yoloscale import plan
+    from yoloscale.config import load_config
+    from yoloscale.model import model_spec
+    from yoloscale.planner import _fit_key, cached_fit
+
+    monkeypatch.setenv("YOLOSCALE_CACHE", str(tmp_path))
+    cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=320", "optimizer=SGD"])
+    spec, cpu = model_spec(cfg.model, False), torch.device("cpu")
+    assert cached_fit(cfg, spec, cpu, "fp16", 3) is None  # nothing measured: nothing to compare with
+    plan.store(_fit_key(cfg, spec, cpu, "fp16", 3, 320)[0], _fit())
+    assert cached_fit(cfg, spec, cpu, "fp16", 3) == _fit()
+    for other in (["imgsz=640"], ["optimizer=AdamW"], ["model=yolov8s.yaml"]):
+        other_cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=320", "optimizer=SGD", *other])
+        assert cached_fit(other_cfg, model_spec(other_cfg.model, False), cpu, "fp16", 3) is None, other
+    assert cached_fit(cfg, spec, cpu, "bf16", 3) is None and cached_fit(cfg, spec, cpu, "fp16", 5) is None
+
+
+def test_the_log_compares_the_real_peak_with_the_predicted_one():
+    assert plan_report(10 * GiB, 8 * GiB, 10) == (
+        "peak memory 10.0 GiB after 10 steps; the plan predicted 8.0 GiB (real 1.25x predicted)"
+    )
+    assert "real 0.90x predicted" in plan_report(9 * GiB, 10 * GiB, 20)
+    assert "no memory model is cached" in plan_report(9 * GiB, 0.0, 20) and "9.0 GiB after 20 steps" in plan_report(
+        9 * GiB, 0.0, 20
+    )
 
 
 @pytest.mark.slow
