@@ -3,7 +3,7 @@
 #   OUT=/path bash benchmarks/gpu/planner_validation.sh PART
 #   accuracy640   yolo11x at 640: plan against real steps, backends ddp, zero2, fsdp (plan_accuracy.sh)
 #   accuracy1280  yolo11x and yolov8s at 1280, ddp; and Ultralytics' largest batch at 1280 (largest_batch_probe.py)
-#   quick         Ultralytics' largest batch at 1280, then yolo11x at 640 and 1280, ddp, grad_ckpt off and all
+#   quick         yolo11x at 640 (ddp, grad_ckpt off and all); Ultralytics' largest batch at 1280 against ours (all)
 #   auto          train batch=auto (grad_ckpt=auto) one epoch on each backend: the log's planned against real peak
 #   sweep         sweep_packing.sh: 8 trials with one, two and auto trials per GPU
 set -euo pipefail
@@ -44,13 +44,13 @@ accuracy1280)
 quick)
   synth 640 2800 >/dev/null &
   synth 1280 720 >/dev/null &
+  wait
+  DATA=$work/data640/data.yaml SELECTIONS=off,all WARMUP=2 WINDOW=1 WORK=$work \
+    bash "$here/plan_accuracy.sh" yolo11x.yaml 640 ddp
   python3 "$here/largest_batch_probe.py" "$OUT/ultralytics-largest-yolo11x-1280.json" yolo11x.yaml 1280 \
     | grep -v '"batch"\|fits\|peak_GiB\|[{}],\?$' || true
-  wait
-  for imgsz in 640 1280; do
-    DATA=$work/data$imgsz/data.yaml SELECTIONS=off,all WARMUP=2 WINDOW=1 WORK=$work \
-      bash "$here/plan_accuracy.sh" yolo11x.yaml $imgsz ddp
-  done ;;
+  DATA=$work/data1280/data.yaml SELECTIONS=all WARMUP=2 WINDOW=1 WORK=$work \
+    bash "$here/plan_accuracy.sh" yolo11x.yaml 1280 ddp ;;
 auto)
   data=$(synth 640 2800)
   for backend in ddp zero2 fsdp; do
