@@ -44,8 +44,8 @@ class FSDP(Backend):
         if cfg.offload == "params" and cfg.precision == "fp16":
             raise UserError(
                 "precision=fp16 with backend=fsdp offload=params is not supported: torch's GradScaler "
-                "all-reduces its overflow check where the gradients are, in CPU memory, which NCCL cannot "
-                "(2 x H200, torch 2.11, 2026-11-24). Use precision=bf16 with offload, or fp16 without it."
+                "all-reduces its overflow check where the gradients are, in CPU memory, which NCCL cannot. "
+                "Use precision=bf16 with offload, or fp16 without it."
             )
         if cfg.ds_config:
             raise UserError(

@@ -5,7 +5,7 @@ written "auto" there and filled from TrainConfig; a concrete value that disagree
 both, so the JSON and the YOLO configuration can never silently say two different things.
 
 Precision: DeepSpeed's `bf16`/`fp16` sections cast the whole model (yolo11x with ZeRO-2 then died with "CUDA error:
-misaligned address", ../shared/NOTES.md), so both stay disabled and DeepSpeed's `torch_autocast` section runs the
+misaligned address" on a GPU), so both stay disabled and DeepSpeed's `torch_autocast` section runs the
 model under autocast with fp32 master weights, as DDP does. fp16 needs two repairs of DeepSpeed 0.19.8, both here:
 its loss scaling under `torch_autocast` never lowers the scale (`use_dynamic_loss_scaler`), and cuDNN's fp16
 BatchNorm fails on weights at unaligned offsets of DeepSpeed's flat buffers (`AlignedBatchNorm2d`).
@@ -202,7 +202,7 @@ def render_ds_config(cfg: TrainConfig, precision: str, device_batch: int, world:
             ds,
             f"{whole_model_cast}.enabled",
             False,
-            "autocast with fp32 master weights (NOTES: bf16 cast crashed)",
+            "autocast with fp32 master weights (DeepSpeed's whole-model cast crashed on yolo11x)",
             source,
         )
     # Our own optimizers (SGD with Ultralytics' groups, fused AdamW) are not on DeepSpeed's tested list.
