@@ -1,7 +1,7 @@
 """`cudnn_benchmark=`: when cuDNN autotunes the training convolutions.
 
 Autotuning times every algorithm for every new input shape: on yolo11x (640 px, batch 32, one H200) it cost ~30 s in
-the first step and gave ~9% more img/s per epoch (benchmarks/results/race_yolo11x-yolov8s_h200_2026-12-01), so it
+the first step and gave ~9% more img/s per epoch (docs/training.md), so it
 pays back after about six minutes of training. `auto` times the first micro-steps of the run without it and
 switches it on only when enough training is left. Validation never autotunes (validate.py): its rectangular batches
 have many shapes.

@@ -157,7 +157,7 @@ def loop_and_bare(trainer, warmup: int, window: int) -> tuple[dict, dict]:
 def forward_gflops(trainer) -> float:
     """Ultralytics' FLOP count at imgsz, on a copy of the plain eval model. Not on the trained model: with
     compile=True its forward is compiled in place, and the counter's per-module hooks and small proxy images made
-    Dynamo recompile module after module (one H200, 2026-11-24: still compiling after 5.5 min)."""
+    Dynamo recompile module after module (still compiling after minutes)."""
     import copy
 
     from ultralytics.utils.torch_utils import get_flops

@@ -45,7 +45,7 @@ class ShardedEMA:
             now = [local_tensor(v).float() for v in self.like.values()]
             if any(e.device != n.device for e, n in zip(ema, now)):
                 # Follow the model's pieces: under FSDP2 offload=params a resume loaded the EMA where the shards
-                # were before FSDP2's first forward put them in CPU memory ("cuda:0 and cpu", 2 x H200, 2026-11-24).
+                # were before FSDP2's first forward put them in CPU memory ("cuda:0 and cpu").
                 self.shadow = {k: e.to(n.device) for (k, e), n in zip(self.shadow.items(), now)}
                 ema = list(self.shadow.values())
             torch._foreach_mul_(ema, d)

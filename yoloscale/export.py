@@ -85,7 +85,7 @@ class RunWeights:
     def final(self, model: torch.nn.Module, metrics: dict) -> None:
         """last.* from the model as it is, then best.pt from best.safetensors, loaded into the same model: under
         ZeRO-3 DeepSpeed instruments modules created after its engine, and such a model cannot be pickled ("Can't
-        pickle local object 'instrument_w_nvtx.<locals>.wrapped_fn'", seen on an H100)."""
+        pickle local object 'instrument_w_nvtx.<locals>.wrapped_fn'")."""
         from yoloscale.checkpoint import save_weights
 
         self.folder.mkdir(exist_ok=True)

@@ -185,7 +185,7 @@ def init_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
     NOTE: torch's fused SGD allocates the buffers with `empty_like` on its first step and keeps them even when that
     step is skipped through `found_inf`. A skipped first step (an fp16 overflow at the GradScaler's initial scale,
     routine at the start of training) therefore left uninitialised memory in them, and the first real step wrote
-    NaN into every weight (seen on an H100: every later step was skipped). Zeros give exactly torch's own first
+    NaN into every weight (every later step was then skipped). Zeros give exactly torch's own first
     update (buffer = gradient)."""
     if not isinstance(optimizer, torch.optim.SGD):
         return

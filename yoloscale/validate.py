@@ -84,7 +84,7 @@ class Validator:
             loss_items={k: torch.zeros((), device=device) for k in loss_names},
         )
         # Validation batches are rectangular, of many shapes: cuDNN autotuning them cost 25-32 s in the first
-        # validation of a yolo11x run on one H200 (its heuristics' choice, ~5 s)
+        # validation of a yolo11x run (its heuristics' choice, ~5 s)
         benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
         self.validator.args.plots = plots  # (the validator turns it off after a call)
         try:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from yoloscale.config import TrainConfig
 
 # fp16 only. Ultralytics' loss is summed over the batch, so at torch's default initial scale (2^16) the first steps
-# overflow and are skipped one after another while the scale halves (7 in a row seen for yolo11n on an H100, close to
+# overflow and are skipped one after another while the scale halves (7 in a row for yolo11n, close to
 # max_bad_steps). Start at 2^10; the scale still grows after 2000 clean steps. DDP/FSDP2 (GradScaler) and DeepSpeed.
 FP16_INIT_SCALE = 2.0**10
 

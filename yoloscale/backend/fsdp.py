@@ -80,7 +80,7 @@ class FSDP(Backend):
         if accelerator.native_amp:
             # Accelerate wraps the forward in autocast for DDP, but its FSDP2 path leaves mixed precision to FSDP2's
             # param_dtype, which we do not use (it would cast BatchNorm). Without this, FSDP computed in fp32: 0.59x
-            # DDP's img/s and twice its activation memory per image (yolo11x, 2 x H200, 2026-11-23).
+            # DDP's img/s and twice its activation memory per image on yolo11x.
             autocast_forward(model, mixed_precision_context(accelerator.native_amp, accelerator.autocast_handler))
         return model, optimizer
 
@@ -124,7 +124,7 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True, offload: b
 
 def allow_fused_sgd() -> bool:
     """Fused SGD on FSDP2's DTensors (compat.register_fused_sgd_for_dtensor): the foreach SGD that FSDP2 + SGD
-    otherwise needs cost 15 ms of DTensor dispatch per step on yolo11x (2 x H200 profile) and a host sync to skip a
+    otherwise needs cost 15 ms of DTensor dispatch per step on yolo11x and a host sync to skip a
     non-finite step, which the fused kernel does on the device (`found_inf`). tests/distributed checks the fused
     FSDP2 step against DDP's."""
     from yoloscale.compat import register_fused_sgd_for_dtensor
@@ -153,7 +153,7 @@ def fsdp_plugin(cfg: TrainConfig):
 def clip_grad_norm_offloaded(parameters, max_norm: float, device: torch.device) -> torch.Tensor:
     """FSDP2 with offload=params: clip the gradients (DTensor shards in CPU memory) to `max_norm` and return their
     total norm, on `device`. torch's clip_grad_norm_ all-reduces the norm where the shards are, and NCCL cannot
-    communicate from CPU memory ("No backend type associated with device type cpu", 2 x H200, 2026-11-24). Every
+    communicate from CPU memory ("No backend type associated with device type cpu"). Every
     parameter is sharded on dim 0 of the one mesh, so the squared norms of the local shards add up to the whole."""
     import torch.distributed as dist
 

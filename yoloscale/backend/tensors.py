@@ -28,7 +28,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def _for_collective(local: torch.Tensor) -> torch.Tensor:
     """`local` on a device the process group can communicate from: an offloaded piece in CPU memory goes to this
-    rank's GPU under NCCL ("No backend type associated with device type cpu", ZeRO-3 offload=params on 2 x H200)."""
+    rank's GPU under NCCL ("No backend type associated with device type cpu" with ZeRO-3 offload=params)."""
     if local.device.type == "cpu" and torch.cuda.is_available() and "nccl" in str(dist.get_backend()):
         return local.to(torch.device("cuda", torch.cuda.current_device()), non_blocking=True)
     return local

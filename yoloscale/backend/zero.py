@@ -94,7 +94,7 @@ class Zero(Backend):
             zero_optimizer.optimizer.layout = ZeroLayout(zero_optimizer)
         # DeepSpeed's torch_autocast hands the model's bf16 outputs to the loss as they are, so on ZeRO the YOLO
         # loss (BCE, DFL, IoU) was computed in bf16: on the same weights cls_loss came out ~3% off DDP's, both ways
-        # across a resume (2 x H200, 2026-11-24). The loss gets fp32 outputs, as Accelerate gives DDP's.
+        # across a resume. The loss gets fp32 outputs, as Accelerate gives DDP's.
         autocast_forward(model.module, autocast=None)
         if self.precision_name == "fp16":
             use_dynamic_loss_scaler(model, FP16_INIT_SCALE)
@@ -254,7 +254,7 @@ def unshare_stateless_modules(model) -> int:
     many were copied. Ultralytics' Conv uses ONE class-level `nn.SiLU()` (`Conv.default_act`) in every conv of the
     model. ZeRO-3 registers its fetch/release hooks once per parent it walks, so that one SiLU carried 76 hooks
     (yolo11x: 38 parents outside the whole-layer units) and all ~500 of its calls per step ran all of them: a 2.6 s
-    ZeRO-3 step on the CPU (yolo11x, 32 px), and 58.9 img/s on 2 x H200 against 440.8 for DDP (2026-11-24). A copy
+    ZeRO-3 step on the CPU (yolo11x, 32 px), and on two GPUs 0.13x DDP's img/s. A copy
     changes nothing else: the module has no parameters or buffers, so the state dict and the numbers stay the same."""
     seen, copied = set(), 0
     for parent in list(model.modules()):
@@ -271,7 +271,7 @@ def use_dynamic_loss_scaler(engine, init_scale: float, window: int = 2000) -> No
     """fp16: scale the loss with DeepSpeed's own dynamic loss scaler instead of the GradScaler that `torch_autocast`
     installs. DeepSpeed 0.19.8 multiplies the loss by that GradScaler's scale, but on an overflow its ZeRO step
     returns before calling the GradScaler's update(), so the scale never comes down: yolo11x overflowed on every step
-    (2 x H200), yolov8n on the CPU 12 times of 12 at the constant 65536. Its clipping and reported gradient norm also
+    on two GPUs, yolov8n on the CPU 12 times of 12 at the constant 65536. Its clipping and reported gradient norm also
     divide by its own loss scale (1.0), not the GradScaler's. DeepSpeed's DynamicLossScaler is the one the whole
     step reads (scale_if_loss, the overflow check, update_scale, unscale_and_clip_grads), on ZeRO-1/2 and ZeRO-3
     alike. Set like DDP's GradScaler: halve on every overflow (no hysteresis), double after `window` clean steps.
@@ -297,7 +297,7 @@ class AlignedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that hands cuDNN 16-byte aligned weight and bias under fp16 input. DeepSpeed keeps parameters as
     views into flat buffers, at any 4-byte offset; cuDNN's BatchNorm on an fp16 input with fp32 weights failed
     ('CUDNN_STATUS_EXECUTION_FAILED', or later 'misaligned address') when the weight started 4 or 8 bytes past a
-    16-byte boundary (benchmarks/gpu/batchnorm_alignment.py on an H200, 2026-11-24). Only then are the two small tensors
+    16-byte boundary (benchmarks/gpu/batchnorm_alignment.py reproduces it). Only then are the two small tensors
     cloned (fresh allocations are aligned); the clone passes the gradient back to the parameter. The check runs in
     forward, after ZeRO-3's hooks have gathered the weights. The state dict is that of BatchNorm2d."""
 
@@ -316,7 +316,7 @@ class AlignedBatchNorm2d(nn.BatchNorm2d):
 def align_batchnorm_params(model: nn.Module) -> int:
     """Make every BatchNorm2d of `model` an AlignedBatchNorm2d (fp16 on DeepSpeed); returns how many.
     SyncBatchNorm (`sync_bn=True`) is left as it is: its training kernels are torch's own, not cuDNN's, and ran on
-    misaligned weights (benchmarks/gpu/batchnorm_alignment.py, H100, 2026-11-24)."""
+    misaligned weights (benchmarks/gpu/batchnorm_alignment.py)."""
     count = 0
     for module in model.modules():
         if type(module) is nn.BatchNorm2d:
