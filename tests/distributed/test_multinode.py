@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from two_nodes import TwoNodes, why_not
+from two_nodes import SlurmOnTwoNodes, TwoNodes, slurm_why_not, why_not
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(why_not() is not None, reason=str(why_not()))]
 
@@ -209,10 +209,11 @@ def test_a_wrong_rendezvous_address_ends_both_nodes_in_bounded_time(tiny_data, t
     assert not (tmp_path / "run").exists()  # no training process started
 
 
+@pytest.mark.skipif(slurm_why_not() is None, reason="Slurm runs the templates on two nodes here (the test below)")
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_the_multinode_slurm_templates_run_across_two_nodes(launcher, one_node, tiny_data, tmp_path):
-    """The shipped multi-node sbatch template (rendered for CPU nodes, one process each) run on both nodes as
-    Slurm would run its batch step there: `srun` and `scontrol` stand-ins give each node its SLURM_NODEID and the
+    """Where Slurm's daemons or munged are missing: the shipped multi-node sbatch template (rendered for CPU nodes,
+    one process each) run on both nodes as Slurm would run its batch step there: `srun` and `scontrol` stand-ins give each node its SLURM_NODEID and the
     job's host list; the rendezvous is the template's own (first host, port from the job id)."""
     from yoloscale.launch import render_generic
 
@@ -256,4 +257,28 @@ def test_the_multinode_slurm_templates_run_across_two_nodes(launcher, one_node, 
             log.close()
         for node, (proc, _) in enumerate(procs):
             assert proc.returncode == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    _assert_same_weights(_weights(tmp_path / "run"), one_node)
+
+
+@pytest.mark.skipif(slurm_why_not() is not None, reason=str(slurm_why_not()))
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_multinode_slurm_templates_run_on_a_two_node_slurm_cluster(launcher, one_node, tiny_data, tmp_path):
+    """The shipped multi-node sbatch template submitted to a real Slurm cluster of the two nodes (slurmctld and a
+    slurmd in each namespace): Slurm allocates both nodes, srun starts the template's launcher on each, and the
+    run reaches the weights of one node."""
+    from yoloscale.launch import render_generic
+
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_generic(launcher, nodes=2, gpus_per_node=0, tasks_per_node=1))
+    bin_dir = tmp_path / "bin"  # the template runs python3: the interpreter of these tests
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    args = [f"data={tiny_data}", *TRAIN, f"project={tmp_path}", "name=run"]
+    env = dict(_env(), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    with TwoNodes() as nodes, SlurmOnTwoNodes(nodes, tmp_path / "slurm") as slurm:
+        job = slurm.sbatch(["--cpus-per-task=1", str(script), *args], cwd=tmp_path, env=env, timeout=TIMEOUT)
+        outputs = "".join(p.read_text() for p in tmp_path.glob("yoloscale-*.out"))
+        assert job.returncode == 0, (job.stderr + outputs)[-3000:]
+    assert "Submitted batch job" in job.stdout
     _assert_same_weights(_weights(tmp_path / "run"), one_node)

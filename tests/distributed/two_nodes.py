@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 NETNS_ETC = Path("/etc/netns")
@@ -112,3 +113,100 @@ class TwoNodes:
         for ns in self.ns:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # removes the veth pair with it
             shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+
+
+# --- a Slurm cluster of the two nodes ---------------------------------------------------------------------------
+def slurm_why_not() -> str | None:
+    """Why a two-node Slurm cluster cannot run here (None: it can): the harness, Slurm's daemons and a running munged
+    (.ci/slurm-up.sh starts one)."""
+    reason = why_not()
+    if reason:
+        return reason
+    missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munge", "unmunge") if not shutil.which(tool)]
+    if missing:
+        return f"Slurm or munge is missing: {', '.join(missing)}"
+    token = subprocess.run(["munge", "-n"], capture_output=True)
+    if token.returncode or subprocess.run(["unmunge"], input=token.stdout, capture_output=True).returncode:
+        return "munged is not running (.ci/slurm-up.sh starts it)"
+    return None
+
+
+def _cgroup_mounts() -> str:
+    """Shell commands that mount this machine's cgroup file systems again inside a node: `ip netns exec` mounts a
+    fresh /sys, and slurmd will not start without them."""
+    lines = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, path, kind, options, *_ = line.split()
+        if not path.startswith("/sys/fs/cgroup"):
+            continue
+        if kind == "tmpfs" and path == "/sys/fs/cgroup":
+            lines.insert(0, "mount -t tmpfs tmpfs /sys/fs/cgroup")
+        elif kind in ("cgroup", "cgroup2"):
+            lines.append(f"mkdir -p {path} && mount -t {kind} -o {options} {kind} {path}")
+    return " && ".join(lines) or "true"
+
+
+class SlurmOnTwoNodes:
+    """`with SlurmOnTwoNodes(nodes, state_dir) as slurm:` a Slurm cluster of its own (its slurm.conf in `state_dir`,
+    named by SLURM_CONF): slurmctld and one slurmd on node 0, one slurmd on node 1, each on its node's address; the
+    machine's munged signs for both. `slurm.sbatch([...], cwd=..., env=...)` submits from node 0 and waits."""
+
+    def __init__(self, nodes: TwoNodes, state: Path, cpus: int = 2) -> None:
+        self.nodes, self.state, self.cpus = nodes, Path(state), cpus
+        self.conf = self.state / "slurm.conf"
+
+    def env(self, base: dict | None = None) -> dict:
+        return dict(base if base is not None else os.environ, SLURM_CONF=str(self.conf))
+
+    def __enter__(self) -> SlurmOnTwoNodes:
+        n, s = self.nodes, self.state
+        for sub in ("ctld", *(f"d-{h}" for h in n.host)):
+            (s / sub).mkdir(parents=True, exist_ok=True)
+        node_lines = "".join(
+            f"NodeName={h} NodeAddr={a} CPUs={self.cpus} RealMemory=2000 State=UNKNOWN\n"
+            for h, a in zip(n.host, n.addr)
+        )
+        self.conf.write_text(
+            f"ClusterName=ystwonodes\nSlurmctldHost={n.host[0]}({n.addr[0]})\nSlurmUser=root\nAuthType=auth/munge\n"
+            "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nSelectType=select/cons_tres\n"
+            "SelectTypeParameters=CR_Core\nMpiDefault=none\nReturnToService=2\nJobRequeue=1\n"
+            f"StateSaveLocation={s}/ctld\nSlurmdSpoolDir={s}/d-%n\nSlurmctldPidFile={s}/slurmctld.pid\n"
+            f"SlurmdPidFile={s}/slurmd-%n.pid\nSlurmctldLogFile={s}/slurmctld.log\nSlurmdLogFile={s}/slurmd-%n.log\n"
+            f"{node_lines}PartitionName=two Nodes={','.join(n.host)} Default=YES MaxTime=INFINITE State=UP\n"
+        )
+        env, logs = self.env(), []
+        daemons = [(0, "slurmctld -D -i"), *((i, f"slurmd -D -N {h}") for i, h in enumerate(n.host))]
+        for node, command in daemons:
+            log = open(s / f"{command.split()[0]}-{node}.out", "w")
+            logs.append(log)
+            n.popen(node, ["sh", "-c", f"{_cgroup_mounts()} && exec {command}"], env=env, stdout=log, stderr=log)
+        for _ in range(120):
+            states = self.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()
+            if len(states) == 2 and all(state == "idle" for state in states):
+                return self
+            time.sleep(0.5)
+        self.__exit__(None, None, None)
+        tails = "".join(p.read_text()[-500:] for p in sorted(s.glob("*.out")) + sorted(s.glob("*.log")))
+        raise RuntimeError(f"the two-node Slurm cluster did not come up:\n{tails}")
+
+    def run(self, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+        """A Slurm client command on node 0."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.nodes.ns[0], *command],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            **kwargs,
+        )
+
+    def sbatch(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        """sbatch --wait ARGS from node 0 in `cwd` with `env` (the job inherits it, as sbatch passes it on)."""
+        command = ["ip", "netns", "exec", self.nodes.ns[0], "sbatch", "--wait", *args]
+        return subprocess.run(command, cwd=cwd, env=self.env(env), capture_output=True, text=True, timeout=timeout)
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(
+            ["ip", "netns", "exec", self.nodes.ns[0], "scancel", "-u", "root"], env=self.env(), capture_output=True
+        )
+        for node in (0, 1):  # the daemons and any job step left
+            self.nodes.lose(node)
