@@ -49,7 +49,9 @@ class Heartbeat:
             timeout=timedelta(seconds=max(self.limit / 2, 2.0)),
             wait_for_workers=False,
         )
+        self._answered_at = time.monotonic()
         threading.Thread(target=self._run, name="yoloscale-heartbeat", daemon=True).start()
+        threading.Thread(target=self._watch_store, name="yoloscale-store-watch", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -74,6 +76,7 @@ class Heartbeat:
                     elif now - seen[r][1] > self.limit:
                         self._end(f"rank {r} has shown no sign of life for {now - seen[r][1]:.0f} s")
                 unanswered_since = None
+                self._answered_at = time.monotonic()
             except Exception:  # the store's host (rank 0, or the launcher) does not answer
                 unanswered_since = unanswered_since or now
                 if now - unanswered_since > self.limit:
@@ -81,6 +84,15 @@ class Heartbeat:
                         "the job's rendezvous store (rank 0 or the launcher) has not answered for "
                         f"{now - unanswered_since:.0f} s"
                     )
+
+    def _watch_store(self) -> None:
+        """A store call that never returns (its host's node cut off: TCP retransmits for many minutes instead of
+        failing) stalls the beating thread itself, so another thread times it."""
+        every = min(max(self.limit / 6, 0.5), 10.0)
+        while not self._stop.wait(every):
+            silent = time.monotonic() - self._answered_at
+            if silent > self.limit + every:
+                self._end(f"the job's rendezvous store (rank 0 or the launcher) has not answered for {silent:.0f} s")
 
     def _end(self, what: str) -> None:
         print(

@@ -141,6 +141,38 @@ def test_a_node_lost_mid_epoch_ends_the_job_in_one_line_and_the_run_resumes_to_t
     _assert_same_weights(_weights(tmp_path / "run"), _weights(reference / "run"))
 
 
+def test_a_network_partition_ends_the_processes_of_both_sides_within_heartbeat_s(tiny_data, tmp_path):
+    """The link between the nodes goes down in epoch 2 and every process lives on: nothing fails, the collectives
+    and the store's calls just wait. Each side's training process ends within heartbeat_s (20 s here) with one line:
+    node 0's rank 0 hears nothing from rank 1, node 1's rank 1 gets no answer from the store on node 0."""
+    import time
+
+    args = [f"data={tiny_data}", *TRAIN, "epochs=5", "log_interval=1", "heartbeat_s=20", f"project={tmp_path}"]
+    with TwoNodes() as nodes:
+        logs = [open(tmp_path / f"node{n}.log", "w") for n in (0, 1)]
+        command = _torchrun_c10d(nodes, 29582, "p", [*args, "name=run"])
+        procs = [nodes.popen(n, command, env=_env(), stdout=logs[n], stderr=subprocess.STDOUT) for n in (0, 1)]
+        deadline = time.monotonic() + TIMEOUT
+        while not list((tmp_path / "run" / "checkpoints").glob("step-*-end/COMPLETE")):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "epoch 1 never ended"
+            time.sleep(0.05)
+        cut = time.monotonic()
+        nodes.partition()
+        procs[0].wait(timeout=TIMEOUT)  # node 0's launcher ends with its worker
+        node0_s = time.monotonic() - cut
+        line = "yoloscale: error: the job's rendezvous store"
+        while line not in (tmp_path / "node1.log").read_text():
+            assert time.monotonic() - cut < 60, (tmp_path / "node1.log").read_text()[-3000:]
+            time.sleep(0.2)
+        node1_s = time.monotonic() - cut
+        for log in logs:
+            log.close()
+    node0 = (tmp_path / "node0.log").read_text()
+    assert procs[0].returncode != 0 and node0_s < 60, (node0_s, node0[-3000:])
+    assert "yoloscale: error: rank 1 has shown no sign of life" in node0, node0[-3000:]
+    assert 20 <= node1_s < 60
+
+
 def test_doctor_on_a_node_says_whether_it_reaches_the_rendezvous_and_through_which_interface():
     """From node 1: node 0's rendezvous address answers through the veth link; gloo pinned to loopback disagrees
     with that route (one line); an address nobody holds is not reached."""

@@ -105,6 +105,10 @@ class TwoNodes:
             except ProcessLookupError:
                 pass
 
+    def partition(self) -> None:
+        """The link between the nodes goes down: every process lives on, and nothing crosses any more."""
+        _ip("-n", self.ns[1], "link", "set", self.links[1], "down")
+
     def __exit__(self, *exc) -> None:
         for node in (0, 1):
             self.lose(node)
