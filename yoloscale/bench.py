@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from yoloscale.config import TrainConfig, _f
+from yoloscale.config import TrainConfig, setting
 from yoloscale.errors import UserError
 
 
@@ -433,20 +433,20 @@ def _int_list(text: str, flag: str, minimum: int) -> list[int]:
 
 @dataclass
 class BenchSettings:
-    out: str = _f("runs/bench", "Output folder (bench.json, bench.png, logs).")
-    precisions: str = _f(
+    out: str = setting("runs/bench", "Output folder (bench.json, bench.png, logs).")
+    precisions: str = setting(
         "",
         "Precisions of our loop to measure (comma list of bf16, fp16, fp32); empty: bf16,fp16 on a GPU, fp32 on the CPU.",
     )
-    gpus: str = _f("1", "Device counts, e.g. 1,2,8 (several: launched with torchrun); the per-device batch stays.")
-    loader_workers: str = _f("4,8,16", "Worker counts for the loader-alone measurement.")
-    skip: str = _f("", "Comma list of parts to skip: ultralytics, loader.")
-    variants: str = _f(
+    gpus: str = setting("1", "Device counts, e.g. 1,2,8 (several: launched with torchrun); the per-device batch stays.")
+    loader_workers: str = setting("4,8,16", "Worker counts for the loader-alone measurement.")
+    skip: str = setting("", "Comma list of parts to skip: ultralytics, loader.")
+    variants: str = setting(
         "",
         "Variants of our step to measure beside the plain loop on one GPU, separated by ';', each a space-separated list of training keys, e.g. 'compile=True;channels_last=False' (rows 'x eager': against the plain loop of the same precision; '1st step s': what the first step took, compiling included).",
     )
-    warmup: int = _f(14, "Micro-batches dropped before timing.")
-    window: int = _f(10, "Micro-batches per timing window.")
+    warmup: int = setting(14, "Micro-batches dropped before timing.")
+    window: int = setting(10, "Micro-batches per timing window.")
 
 
 def _default_precisions() -> str:

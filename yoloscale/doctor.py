@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yoloscale.config import _f
+from yoloscale.config import setting
 
 
 @dataclass
@@ -246,11 +246,11 @@ def _gpu_info() -> tuple[str, int, int]:
 
 @dataclass
 class DoctorSettings:
-    bench: bool = _f(False, "Also measure all-reduce bus bandwidth over the local GPUs.")
-    export: bool = _f(
+    bench: bool = setting(False, "Also measure all-reduce bus bandwidth over the local GPUs.")
+    export: bool = setting(
         False, "Print only `export VAR=value` lines for the recommendations not already set (for scripts)."
     )
-    master: str = _f(
+    master: str = setting(
         "",
         "A multi-node job's rendezvous, HOST[:PORT] (default: $MASTER_ADDR:$MASTER_PORT): whether this node reaches "
         "it, through which interface, and whether NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME agree.",

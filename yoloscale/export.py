@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file
 
-from yoloscale.config import _f
+from yoloscale.config import setting
 from yoloscale.errors import UserError
 
 
@@ -176,24 +176,24 @@ def export_run(run: Path, trust_pickle: bool = False) -> list[Path]:
 
 @dataclass
 class ExportSettings:
-    run: str = _f("", "The run directory (required; may also be given first, without run=).")
-    trust_pickle: bool = _f(
+    run: str = setting("", "The run directory (required; may also be given first, without run=).")
+    trust_pickle: bool = setting(
         False,
         "Read the run's checkpoint pickles and model architecture even where they could run code (trusted runs only).",
     )
     # Ultralytics' export keys: with format=, best.pt (else last.pt) goes through Ultralytics' own exporter
-    format: str = _f(
+    format: str = setting(
         "", "Also export best.pt to this format with Ultralytics' exporter: onnx, torchscript, engine, openvino, ..."
     )
-    imgsz: int = _f(0, "Export image size (0: the run's).")
-    half: bool = _f(False, "FP16 export (formats that support it).")
-    int8: bool = _f(False, "INT8 quantisation (formats that support it).")
-    dynamic: bool = _f(False, "Dynamic input sizes (ONNX, TensorRT, ...).")
-    simplify: bool = _f(True, "Simplify the ONNX graph.")
-    opset: int = _f(0, "ONNX opset (0: the exporter's default).")
-    batch: int = _f(1, "Export batch size.")
-    nms: bool = _f(False, "Add NMS to the exported model (formats that support it).")
-    device: str = _f("", "Device to export on, e.g. cpu or 0 (empty: the exporter's choice).")
+    imgsz: int = setting(0, "Export image size (0: the run's).")
+    half: bool = setting(False, "FP16 export (formats that support it).")
+    int8: bool = setting(False, "INT8 quantisation (formats that support it).")
+    dynamic: bool = setting(False, "Dynamic input sizes (ONNX, TensorRT, ...).")
+    simplify: bool = setting(True, "Simplify the ONNX graph.")
+    opset: int = setting(0, "ONNX opset (0: the exporter's default).")
+    batch: int = setting(1, "Export batch size.")
+    nms: bool = setting(False, "Add NMS to the exported model (formats that support it).")
+    device: str = setting("", "Device to export on, e.g. cpu or 0 (empty: the exporter's choice).")
 
 
 EXPORT_KEYS = ("half", "int8", "dynamic", "simplify", "batch", "nms")

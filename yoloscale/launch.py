@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from yoloscale.config import _f
+from yoloscale.config import setting
 from yoloscale.errors import UserError
 
 LAUNCHERS = ("srun", "torchrun", "accelerate", "deepspeed")
@@ -283,25 +283,31 @@ def render_generic(
 
 @dataclass
 class SlurmSettings:
-    nodes: int = _f(1, "Nodes of the job.")
-    gpus_per_node: int = _f(8, "GPUs per node, one training process each (0: CPU nodes).")
-    tasks_per_node: int = _f(1, "Processes per node when gpus_per_node=0.")
-    cpus_per_task: int = _f(8, "CPU cores per training process.")
-    time: str = _f("24:00:00", "Slurm time limit ([D-]HH:MM:SS or minutes).")
-    partition: str = _f("", "Slurm partition.")
-    account: str = _f("", "Slurm account.")
-    signal_lead: int = _f(90, "Seconds of warning (SIGUSR1) before the time limit: the run checkpoints and requeues.")
-    launcher: str = _f(
+    nodes: int = setting(1, "Nodes of the job.")
+    gpus_per_node: int = setting(8, "GPUs per node, one training process each (0: CPU nodes).")
+    tasks_per_node: int = setting(1, "Processes per node when gpus_per_node=0.")
+    cpus_per_task: int = setting(8, "CPU cores per training process.")
+    time: str = setting("24:00:00", "Slurm time limit ([D-]HH:MM:SS or minutes).")
+    partition: str = setting("", "Slurm partition.")
+    account: str = setting("", "Slurm account.")
+    signal_lead: int = setting(
+        90, "Seconds of warning (SIGUSR1) before the time limit: the run checkpoints and requeues."
+    )
+    launcher: str = setting(
         "srun", "srun: one task per GPU; torchrun / accelerate / deepspeed: one launcher per node.", LAUNCHERS
     )
-    submit: bool = _f(False, "Run sbatch on the written script.")
-    generic: bool = _f(False, "Print a reusable template that takes the training settings from sbatch's command line.")
-    sweep: str = _f(
+    submit: bool = setting(False, "Run sbatch on the written script.")
+    generic: bool = setting(
+        False, "Print a reusable template that takes the training settings from sbatch's command line."
+    )
+    sweep: str = setting(
         "",
         "A sweep's search space (space.yaml): write a job array of sweep workers instead of a training run; the "
         "other keys are the sweep's (yoloscale sweep --help) and training keys.",
     )
-    array: int = _f(0, "With sweep=: the number of array tasks (workers, one node each) pulling trials from the study.")
+    array: int = setting(
+        0, "With sweep=: the number of array tasks (workers, one node each) pulling trials from the study."
+    )
 
 
 def launch_slurm(args: list[str]) -> Path | None:
@@ -371,7 +377,7 @@ def write_sbatch(path: Path, script: str, submit: bool) -> Path:
 
 @dataclass
 class TemplateSettings:
-    out: str = _f(
+    out: str = setting(
         "", "Folder to copy the shipped templates into (required): accelerate/, slurm/, deepspeed/ and ds_configs/."
     )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from yoloscale.config import TrainConfig, _f
+from yoloscale.config import TrainConfig, setting
 from yoloscale.errors import UserError
 from yoloscale.plan import (
     FRACTION_AUTO,
@@ -165,19 +165,19 @@ def _agree(batch: int, selection: list[int], world: int) -> tuple[int, list[int]
 # --- yoloscale plan ------------------------------------------------------------------------------------------------
 @dataclass
 class PlanSettings:
-    gpu_memory: str = _f(
+    gpu_memory: str = setting(
         "", "Memory of one GPU to plan for (e.g. 80GiB, 141GB); '' = the free memory of this machine's GPU."
     )
-    gpus: int = _f(1, "GPUs per run to plan for (the sharded backends divide their state by it).")
-    backends: str = _f("ddp,zero1,zero2,fsdp", "Backends to compare (comma list).")
-    selections: str = _f(
+    gpus: int = setting(1, "GPUs per run to plan for (the sharded backends divide their state by it).")
+    backends: str = setting("ddp,zero1,zero2,fsdp", "Backends to compare (comma list).")
+    selections: str = setting(
         "off,highres,all,auto",
         "grad_ckpt choices to compare (comma list; auto: the fastest choice that fits the batch; with batch=auto as plan_for says).",
     )
-    measure_imgsz: int = _f(
+    measure_imgsz: int = setting(
         0, "Image size to measure at (0: imgsz on a GPU, at most 320 on the CPU); activations scale by pixels."
     )
-    json: str = _f("", "Also write the rows to this JSON file (peak in bytes, predicted img/s, the fit's device).")
+    json: str = setting("", "Also write the rows to this JSON file (peak in bytes, predicted img/s, the fit's device).")
 
 
 def run(args: list[str]) -> list[dict]:

@@ -27,24 +27,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yoloscale.config import _f
+from yoloscale.config import setting
 from yoloscale.errors import UserError
 
 
 @dataclass
 class RaceSettings:
-    out: str = _f("runs/race", "Where both runs, race.json and race.png go (a folder that holds results is refused).")
-    gpus: int = _f(
+    out: str = setting(
+        "runs/race", "Where both runs, race.json and race.png go (a folder that holds results is refused)."
+    )
+    gpus: int = setting(
         -1,
         "Devices per run (0: the CPU; -1: one GPU where there is one, else the CPU); several: Ultralytics' own DDP and our torchrun.",
     )
-    sides: str = _f("ultralytics,yoloscale", "Which trainers to run, in order.")
-    panel: str = _f(
+    sides: str = setting("ultralytics,yoloscale", "Which trainers to run, in order.")
+    panel: str = setting(
         "",
         "A panel of cases instead of one race: 'default' (yolo11x at 640, yolo11l at 512, yolov8s at 320, on the hard "
         "synthetic set) or a YAML file (race_panel.py says its form). Keys given here apply to every case.",
     )
-    repeats: int = _f(1, "Races per case of a panel (seed 0, 1, ...): the spread between repeats is the noise.")
+    repeats: int = setting(1, "Races per case of a panel (seed 0, 1, ...): the spread between repeats is the noise.")
 
 
 SHARED = ("model", "data", "imgsz", "epochs", "batch", "workers", "cache", "seed")

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import yaml
 
-from yoloscale.config import _f
+from yoloscale.config import setting
 
 NAMES = ["rectangle", "ellipse", "triangle"]
 _HUES = [(0, 20), (55, 80), (105, 130)]  # OpenCV hue ranges (0-179), one per class
@@ -228,18 +228,18 @@ def write_synthetic_dataset(
 
 @dataclass
 class SynthSettings:
-    out: str = _f("", "Output folder (required): data.yaml, images/ and labels/ go there.")
-    train: int = _f(256, "Number of train images.")
-    val: int = _f(64, "Number of val images.")
-    size: int = _f(160, "Image size in pixels (hard mode: the longest side; the other is 60-100% of it).")
-    seed: int = _f(0, "Random seed.")
-    mode: str = _f(
+    out: str = setting("", "Output folder (required): data.yaml, images/ and labels/ go there.")
+    train: int = setting(256, "Number of train images.")
+    val: int = setting(64, "Number of val images.")
+    size: int = setting(160, "Image size in pixels (hard mode: the longest side; the other is 60-100% of it).")
+    seed: int = setting(0, "Random seed.")
+    mode: str = setting(
         "easy",
         "easy: 3 classes with their own colours, 1-4 separate shapes; hard: up to 10 classes by shape alone, 1-12 "
         "overlapping objects of 1-30% of the image side, clutter, several aspect ratios.",
         ("easy", "hard"),
     )
-    classes: int = _f(10, "Classes of the hard mode (2-10).")
+    classes: int = setting(10, "Classes of the hard mode (2-10).")
 
 
 def run(args: list[str]) -> Path:

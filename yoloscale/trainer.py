@@ -22,6 +22,7 @@ from yoloscale.autotune import Autotune
 from yoloscale.checkpoint import load_checkpoint, read_state, save_checkpoint, wait_for_writer
 from yoloscale.checkpoint.background import BackgroundWriter
 from yoloscale.checkpoint.full_state import optimizer_names
+from yoloscale.collective import any_rank
 from yoloscale.compile import CompileWatch, speed_up
 from yoloscale.config import TrainConfig, load_config
 from yoloscale.data import (
@@ -409,7 +410,7 @@ class Trainer:
                 t_log, n_log = now, 0
                 self.log.step(values, pr.optimizer_steps)
                 self._stop_if_signalled()
-                if cfg.time and self._any_rank(self.clock.is_up(self.clock.now())):
+                if cfg.time and any_rank(self.accelerator, self.clock.is_up(self.clock.now())):
                     break  # Ultralytics' time=: the epoch ends here, validates and saves as the final one
             if stepped and cfg.save_steps and pr.optimizer_steps % cfg.save_steps == 0:
                 self._checkpoint()
@@ -587,17 +588,13 @@ class Trainer:
                 self.cfg, self.choice, len(self.train_loader), self.schedule.accumulate, epochs
             )
 
-    def _any_rank(self, flag: bool) -> bool:
-        """Collective: whether `flag` is true on any rank."""
-        if self.world == 1:
-            return flag
-        return self.accelerator.reduce(torch.tensor(float(flag), device=self.device), reduction="max").item() > 0
-
     def _ask_sweep_pruner(self, metrics: dict[str, float]) -> None:
         """Collective. The main rank reports the epoch's objective to the sweep's study; when its pruner says so,
         every rank stops at this epoch's end (the epoch-end checkpoint and the weights are written as usual)."""
         pr = self.progress
-        if not self._any_rank(self.sweep_trial is not None and self.sweep_trial.should_stop(pr.epoch, metrics)):
+        if not any_rank(
+            self.accelerator, self.sweep_trial is not None and self.sweep_trial.should_stop(pr.epoch, metrics)
+        ):
             return
         pr.early_stopped = True
         if self.is_main:
@@ -606,7 +603,7 @@ class Trainer:
 
     def _stop_if_signalled(self) -> None:
         """At a logging interval: if any rank got SIGUSR1/SIGTERM, all save a checkpoint here and stop together."""
-        if not self._any_rank(self.stop_signal.received is not None):
+        if not any_rank(self.accelerator, self.stop_signal.received is not None):
             return
         ckpt = self._checkpoint(wait=True)
         requeued = requeue_slurm_job() if self.is_main else None

@@ -28,6 +28,7 @@ from yoloscale.checkpoint import folder
 from yoloscale.checkpoint.background import BackgroundWriter
 from yoloscale.checkpoint.folder import KEEP, MARKER
 from yoloscale.checkpoint.trusted import check_folder
+from yoloscale.collective import any_rank
 from yoloscale.errors import UserError, warn
 
 STATE = "trainer_state.json"
@@ -106,7 +107,7 @@ def save_checkpoint(
         error = folder.io_error(e, tmp, folder.size_of(newest), previous=newest)
         if error is None:
             raise
-    if _any_rank(accelerator, error is not None):  # every rank stops together, the main one says why
+    if any_rank(accelerator, error is not None):  # every rank stops together, the main one says why
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         raise error or UserError(f"another process could not write its part of checkpoint '{final}'.")
@@ -128,7 +129,7 @@ def wait_for_writer(accelerator, writer: BackgroundWriter) -> None:
             writer.wait()
         except Exception as e:
             error = e
-    if _any_rank(accelerator, error is not None):
+    if any_rank(accelerator, error is not None):
         raise error or UserError("the main process could not finish writing a checkpoint or weights (see its error).")
 
 
@@ -145,13 +146,6 @@ def _seal_and_switch(tmp: Path, final: Path, keep: int) -> None:
         raise error from None
     folder.switch(tmp, final)
     folder.rotate(final.parent, keep)
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor(float(flag), device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="max").item())
 
 
 def _newest(root: Path) -> Path | None:

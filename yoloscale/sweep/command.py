@@ -9,59 +9,61 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from yoloscale.config import _f
+from yoloscale.config import setting
 from yoloscale.errors import UserError
 from yoloscale.sweep.study import RDB_PREFIXES
 
 
 @dataclass
 class SweepSettings:
-    out: str = _f(
+    out: str = setting(
         "runs/sweep",
         "The sweep's folder: study.journal, trials/ (one run directory per trial), logs/, sweep.csv, best.yaml and "
         "the plots. Running the same command again continues the sweep in it.",
     )
-    trials: int = _f(20, "Trials in the study, counting finished, pruned, failed and running ones (all workers).")
-    sampler: str = _f(
+    trials: int = setting(20, "Trials in the study, counting finished, pruned, failed and running ones (all workers).")
+    sampler: str = setting(
         "tpe",
         "Optuna's sampler: tpe, random, or grid (every combination; ranges need a step).",
         ("tpe", "random", "grid"),
     )
-    pruner: str = _f(
+    pruner: str = setting(
         "median",
         "Early stopping by the per-epoch objective: median (below the finished trials' median at the same epoch), "
         "halving (successive halving) or none.",
         ("median", "halving", "none"),
     )
-    prune_after: int = _f(1, "Epochs every trial trains before the pruner may stop it.")
-    prune_startup: int = _f(3, "pruner=median: finished trials before pruning starts.")
-    tie_break: str = _f(
+    prune_after: int = setting(1, "Epochs every trial trains before the pruner may stop it.")
+    prune_startup: int = setting(3, "pruner=median: finished trials before pruning starts.")
+    tie_break: str = setting(
         "val_loss",
         "What ranks trials for the pruner while their objective ties (from scratch every trial is at mAP 0 for its "
         "first epochs): val_loss (it is given objective - 1e-6 x the summed val losses; a finished trial's value "
         "is the plain objective) or none.",
         ("val_loss", "none"),
     )
-    objective: str = _f(
+    objective: str = setting(
         "mAP50-95",
         "The validation metric to optimise, a column of results.csv: mAP50-95, mAP50, precision, recall, "
         "fitness, or a val loss (with direction=minimize); the last validated epoch's value counts.",
     )
-    direction: str = _f("maximize", "maximize or minimize the objective.", ("maximize", "minimize"))
-    gpus: str = _f("auto", "GPUs of this node for trials: auto (all visible ones, or the CPU), cpu, or a list 0,1,2,3.")
-    trials_per_gpu: str = _f(
+    direction: str = setting("maximize", "maximize or minimize the objective.", ("maximize", "minimize"))
+    gpus: str = setting(
+        "auto", "GPUs of this node for trials: auto (all visible ones, or the CPU), cpu, or a list 0,1,2,3."
+    )
+    trials_per_gpu: str = setting(
         "1",
         "Trials side by side on each GPU (or on the CPU); auto: as many as fit in the GPU's memory by the plan of the "
         "largest trial the search space can sample (yoloscale plan's memory model), at most 8 and 2 cores each.",
     )
-    gpus_per_trial: int = _f(1, "GPUs of one trial (DDP with torchrun); on the CPU, processes of one trial.")
-    storage: str = _f(
+    gpus_per_trial: int = setting(1, "GPUs of one trial (DDP with torchrun); on the CPU, processes of one trial.")
+    storage: str = setting(
         "",
         "The study's storage: empty for OUT/study.journal (a journal file; on a shared filesystem any number of "
         "workers can share it), another journal file path, or an Optuna RDB URL (sqlite:///..., postgresql://...).",
     )
-    study: str = _f("", "The study's name in the storage; empty: the out folder's name.")
-    sampler_seed: int = _f(0, "Seed of the sampler (a Slurm array task adds its index, so tasks sample apart).")
+    study: str = setting("", "The study's name in the storage; empty: the out folder's name.")
+    sampler_seed: int = setting(0, "Seed of the sampler (a Slurm array task adds its index, so tasks sample apart).")
 
 
 METRICS = ("mAP50-95", "mAP50", "precision", "recall", "fitness")

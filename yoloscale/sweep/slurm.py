@@ -40,10 +40,10 @@ srun --kill-on-bad-exit=1 {python} -m yoloscale sweep {sweep_args}
 
 def split_sweep_args(args: list[str]) -> tuple[list[str], list[str]]:
     """(the Slurm keys, the sweep's own command line: its settings, a config file and training keys)."""
-    from yoloscale.config import _fields, split_override
+    from yoloscale.config import fields_of, split_override
     from yoloscale.launch import SlurmSettings
 
-    slurm_keys = _fields(SlurmSettings)[0]
+    slurm_keys = fields_of(SlurmSettings)[0]
     slurm, sweep = [], []
     for arg in args:
         (slurm if "=" in arg and split_override(arg)[0] in slurm_keys else sweep).append(arg)

@@ -78,7 +78,7 @@ def load_space(path: str | Path) -> SearchSpace:
     """Read and check `space.yaml`: every key a training key, every bound or choice a valid value of it."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from yoloscale.config import FIELDS, _coerce, _suggest
+    from yoloscale.config import FIELDS, coerce, suggest
 
     path = Path(path)
     where = f"search space '{path}'"
@@ -96,9 +96,9 @@ def load_space(path: str | Path) -> SearchSpace:
     distributions: dict[str, Any] = {}
     lines = _key_lines(text)
     for key, spec in raw.items():
-        at = f"{where} line {lines[key]}" if key in lines else where  # what _coerce's messages name
+        at = f"{where} line {lines[key]}" if key in lines else where  # what coerce's messages name
         if key not in FIELDS:
-            raise UserError(f"{at}: unknown training key '{key}'.{_suggest(key)}")
+            raise UserError(f"{at}: unknown training key '{key}'.{suggest(key)}")
         if key in NOT_SWEPT:
             raise UserError(f"{at}: key '{key}' is set by the sweep for each trial and cannot be searched.")
         here = f"{at}, key '{key}'"
@@ -124,12 +124,12 @@ def load_space(path: str | Path) -> SearchSpace:
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise UserError(f"{here}: choices must be a non-empty list.")
-            values = tuple(_coerce(key, c, at) for c in choices)
+            values = tuple(coerce(key, c, at) for c in choices)
             distributions[key] = CategoricalDistribution(values)
             continue
         if "low" not in spec or "high" not in spec:
             raise UserError(f"{here}: type {kind} needs low and high.")
-        low, high = (_coerce(key, spec[b], at) for b in ("low", "high"))
+        low, high = (coerce(key, spec[b], at) for b in ("low", "high"))
         if kind == "int" and not all(
             isinstance(v, int) and not isinstance(v, bool) for v in (spec["low"], spec["high"])
         ):
