@@ -1,6 +1,6 @@
 """Ultralytics' largest training batch on this GPU: its AutoBatch (batch=-1, 60% of the memory) and by hand (the
-largest batch whose training step runs: Ultralytics' recipe of fp16 autocast, GradScaler, SGD, channels_last off,
-as its trainer steps, found by doubling then bisection, each try two steps).
+largest batch whose training step runs: Ultralytics' recipe of fp16 autocast, GradScaler and AdamW (optimizer=auto's
+choice for short runs), found by doubling then bisection, each try two steps).
 
     python benchmarks/gpu/largest_batch_probe.py OUT.json [MODEL] [IMGSZ]
 
@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+from time_model_probe import step_fn
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import IterableSimpleNamespace
@@ -30,31 +31,21 @@ def fresh_model(name: str) -> DetectionModel:
 
 def fits(name: str, imgsz: int, n: int) -> tuple[bool, float]:
     """Whether two training steps at batch n run; and the reserved peak (GiB)."""
-    model = opt = batch = None
+    model = step = batch = None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         model = fresh_model(name).train()
-        criterion = model.init_criterion()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.937, nesterov=True)
-        scaler = torch.amp.GradScaler("cuda")
+        step = step_fn(model, torch.device("cuda"), imgsz)  # fp16 autocast, GradScaler, AdamW, clipping
         batch = _batch(n, imgsz, torch.device("cuda"))
         for _ in range(2):
-            with torch.autocast("cuda", dtype=torch.float16):
-                preds = model(batch["img"])
-                loss, _ = criterion(preds, batch)
-            scaler.scale(loss.sum()).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            step(batch)
         torch.cuda.synchronize()
         return True, torch.cuda.max_memory_reserved() / 2**30
     except torch.OutOfMemoryError:
         return False, torch.cuda.max_memory_reserved() / 2**30
     finally:
-        del model, opt, batch
+        del model, step, batch
         torch.cuda.empty_cache()
 
 
