@@ -50,6 +50,7 @@ class Heartbeat:
             wait_for_workers=False,
         )
         self._answered_at = time.monotonic()
+        self._every = min(max(self.limit / 6, 0.5), 10.0)  # several beats and checks per heartbeat_s
         threading.Thread(target=self._run, name="yoloscale-heartbeat", daemon=True).start()
         threading.Thread(target=self._watch_store, name="yoloscale-store-watch", daemon=True).start()
         return self
@@ -61,7 +62,7 @@ class Heartbeat:
         return f"yoloscale/{self.tag}/{name}"
 
     def _run(self) -> None:
-        every = min(max(self.limit / 6, 0.5), 10.0)
+        every = self._every
         watched = range(1, self.world) if self.rank == 0 else [0]
         seen: dict[int, tuple[int, float]] = {}
         unanswered_since: float | None = None
@@ -88,10 +89,9 @@ class Heartbeat:
     def _watch_store(self) -> None:
         """A store call that never returns (its host's node cut off: TCP retransmits for many minutes instead of
         failing) stalls the beating thread itself, so another thread times it."""
-        every = min(max(self.limit / 6, 0.5), 10.0)
-        while not self._stop.wait(every):
+        while not self._stop.wait(self._every):
             silent = time.monotonic() - self._answered_at
-            if silent > self.limit + every:
+            if silent > self.limit + self._every:
                 self._end(f"the job's rendezvous store (rank 0 or the launcher) has not answered for {silent:.0f} s")
 
     def _end(self, what: str) -> None:

@@ -4,6 +4,7 @@ says what to try when a batch does not fit."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import torch
 
@@ -46,21 +47,16 @@ def does_not_fit(
     )
 
 
-def next_batch(old: int, fit, peak_gib: float, cfg, world: int) -> int:
-    """The per-device batch to retry at after an out-of-memory error: half, or with a memory model (batch=auto) the
-    largest divisor of `old` that the model, corrected by how far the failed batch overshot it, fits in what the
-    device had. A divisor, so that the accumulation that keeps the global batch is a whole number."""
-    if fit is None or peak_gib <= 0:
+def next_batch(old: int, peak_gib: float, predict: Callable[[int], float] | None) -> int:
+    """The per-device batch to retry at after an out-of-memory error: half, or with a memory model (`predict`: the
+    predicted peak in bytes at a per-device batch) the largest divisor of `old` that the model, corrected by how far
+    the failed batch overshot it, fits in what the device had. A divisor, so that the accumulation that keeps the
+    global batch is a whole number."""
+    if predict is None or peak_gib <= 0:
         return max(old // 2, 1)
-    from yoloscale.grad_ckpt import parse_selection
-
-    selection = parse_selection(cfg.grad_ckpt)
-    layers = selection if isinstance(selection, list) else []
-    factor = max(peak_gib * 2**30 / fit.peak(old, cfg.imgsz, layers, cfg.backend, world, cfg.offload), 1.0)
+    reached = peak_gib * 2**30
+    factor = max(reached / predict(old), 1.0)
     for b in range(old // 2, 0, -1):
-        if (
-            old % b == 0
-            and fit.peak(b, cfg.imgsz, layers, cfg.backend, world, cfg.offload) * factor <= peak_gib * 2**30
-        ):
+        if old % b == 0 and predict(b) * factor <= reached:
             return b
     return 1

@@ -81,9 +81,8 @@ def cached_fit(cfg: TrainConfig, spec, device: torch.device, precision: str, nc:
 def _fit_key(cfg: TrainConfig, spec, device: torch.device, precision: str, nc: int, imgsz: int):
     """(cache key, device name, optimizer) of a fit."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    optimizer = (
-        cfg.optimizer if cfg.optimizer != "auto" else "AdamW"
-    )  # auto's choice for short runs; MuSGD's state is alike
+    # optimizer=auto: AdamW, auto's choice for short runs (MuSGD's state is alike)
+    optimizer = cfg.optimizer if cfg.optimizer != "auto" else "AdamW"
     channels_last = device.type == "cuda" and cfg.channels_last
     return cache_key(spec, nc, name, precision, imgsz, optimizer, channels_last), name, optimizer
 

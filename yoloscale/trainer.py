@@ -281,13 +281,15 @@ class Trainer:
         )
         return grad_ckpt
 
-    def predicted_peak(self) -> float:
-        """The memory model's peak (bytes) for the run as it trains now (0 without a model)."""
+    def predicted_peak(self, device_batch: int = 0) -> float:
+        """The memory model's peak (bytes) for the run at `device_batch` (0: as it trains now) with its checkpointed
+        layers; 0 without a model."""
         cfg, fit = self.cfg, self.memory_model
         if fit is None:
             return 0.0
         imgsz = largest_imgsz(cfg.imgsz, cfg.multi_scale, self.stride)  # multi_scale: its largest batches
-        return fit.peak(self.device_batch, imgsz, self.planned_layers, cfg.backend, self.world, cfg.offload)
+        batch = device_batch or self.device_batch
+        return fit.peak(batch, imgsz, self.planned_layers, cfg.backend, self.world, cfg.offload)
 
     def pieces(self) -> dict:
         """What a checkpoint holds besides the backend's state: name -> object with state_dict/load_state_dict."""
@@ -543,7 +545,7 @@ class Trainer:
         self._oom_retries = retries + 1
         old, self.device_batch = (
             self.device_batch,
-            next_batch(self.device_batch, self.memory_model, peak, cfg, self.world),
+            next_batch(self.device_batch, peak, self.predicted_peak if self.memory_model else None),
         )
         self._regroup_rect()
         self.train_loader = self._train_loader()

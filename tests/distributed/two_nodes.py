@@ -158,6 +158,7 @@ class SlurmOnTwoNodes:
     def __init__(self, nodes: TwoNodes, state: Path, cpus: int = 2) -> None:
         self.nodes, self.state, self.cpus = nodes, Path(state), cpus
         self.conf = self.state / "slurm.conf"
+        self._logs: list = []  # the daemons' output files
 
     def env(self, base: dict | None = None) -> dict:
         return dict(base if base is not None else os.environ, SLURM_CONF=str(self.conf))
@@ -178,11 +179,11 @@ class SlurmOnTwoNodes:
             f"SlurmdPidFile={s}/slurmd-%n.pid\nSlurmctldLogFile={s}/slurmctld.log\nSlurmdLogFile={s}/slurmd-%n.log\n"
             f"{node_lines}PartitionName=two Nodes={','.join(n.host)} Default=YES MaxTime=INFINITE State=UP\n"
         )
-        env, logs = self.env(), []
+        env = self.env()
         daemons = [(0, "slurmctld -D -i"), *((i, f"slurmd -D -N {h}") for i, h in enumerate(n.host))]
         for node, command in daemons:
             log = open(s / f"{command.split()[0]}-{node}.out", "w")
-            logs.append(log)
+            self._logs.append(log)
             n.popen(node, ["sh", "-c", f"{_cgroup_mounts()} && exec {command}"], env=env, stdout=log, stderr=log)
         for _ in range(120):
             states = self.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()
@@ -193,24 +194,23 @@ class SlurmOnTwoNodes:
         tails = "".join(p.read_text()[-500:] for p in sorted(s.glob("*.out")) + sorted(s.glob("*.log")))
         raise RuntimeError(f"the two-node Slurm cluster did not come up:\n{tails}")
 
-    def run(self, command: list[str], **kwargs) -> subprocess.CompletedProcess:
-        """A Slurm client command on node 0."""
+    def run(self, command: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+        """A Slurm client command on node 0, with `env` (the environment a job inherits) and this cluster's conf."""
         return subprocess.run(
             ["ip", "netns", "exec", self.nodes.ns[0], *command],
-            env=self.env(),
+            env=self.env(env),
             capture_output=True,
             text=True,
             **kwargs,
         )
 
     def sbatch(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-        """sbatch --wait ARGS from node 0 in `cwd` with `env` (the job inherits it, as sbatch passes it on)."""
-        command = ["ip", "netns", "exec", self.nodes.ns[0], "sbatch", "--wait", *args]
-        return subprocess.run(command, cwd=cwd, env=self.env(env), capture_output=True, text=True, timeout=timeout)
+        """sbatch --wait ARGS from node 0 in `cwd`; the job inherits `env`, as sbatch passes it on."""
+        return self.run(["sbatch", "--wait", *args], env=env, cwd=cwd, timeout=timeout)
 
     def __exit__(self, *exc) -> None:
-        subprocess.run(
-            ["ip", "netns", "exec", self.nodes.ns[0], "scancel", "-u", "root"], env=self.env(), capture_output=True
-        )
+        self.run(["scancel", "-u", "root"])
         for node in (0, 1):  # the daemons and any job step left
             self.nodes.lose(node)
+        for log in self._logs:
+            log.close()

@@ -64,3 +64,14 @@ def test_oom_that_nothing_fixes_is_one_line_naming_the_batch(tiny_data, tmp_path
     message = str(e.value)
     assert "out of memory at device_batch 1" in message and "imgsz 96" in message  # 8 -> 4 -> 2 -> 1, then stop
     assert "grad_ckpt=highres" in message and "\n" not in message
+
+
+def test_the_retry_batch_is_half_or_what_the_memory_model_fits_in_what_was_reached():
+    from yoloscale.memory import next_batch
+
+    gib = 2**30
+    assert next_batch(16, 6.0, None) == 8  # no model: half
+    fixed_plus_per_image = lambda b: (2 + b) * gib  # noqa: E731
+    assert next_batch(16, 6.0, fixed_plus_per_image) == 4  # 2 + 4 GiB fits in the 6 reached; a divisor of 16
+    assert next_batch(12, 20.0, fixed_plus_per_image) == 6  # never more than half
+    assert next_batch(16, 2.5, fixed_plus_per_image) == 1  # nothing fits: the smallest batch
