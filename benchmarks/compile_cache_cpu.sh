@@ -6,7 +6,7 @@ set -eu
 work=$1
 mkdir "$work"
 export YOLO_OFFLINE=1 WANDB_MODE=disabled YOLOSCALE_CACHE=$work/cache
-python -c "from pathlib import Path; from yoloscale.synth import write_synthetic_dataset as w; w(Path('$work/data'), n_train=32, n_val=8, size=96)"
+python -c "from pathlib import Path; from yoloscale.training.synth import write_synthetic_dataset as w; w(Path('$work/data'), n_train=32, n_val=8, size=96)"
 for run in eager cold warm; do
     flag=$([ "$run" = eager ] && echo off || echo True)
     start=$(date +%s.%N)

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from yoloscale.config import load_config
-from yoloscale.data import ultralytics_args
-from yoloscale.model import build_model
-from yoloscale.optim import OptimizerChoice, build_optimizer, init_momentum_buffers
+from yoloscale.training.data import ultralytics_args
+from yoloscale.training.model import build_model
+from yoloscale.training.optim import OptimizerChoice, build_optimizer, init_momentum_buffers
 
 SGD = OptimizerChoice("SGD", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1)
 

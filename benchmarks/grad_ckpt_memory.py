@@ -20,9 +20,9 @@ import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 from yoloscale.config import load_config
-from yoloscale.data import ultralytics_args
-from yoloscale.grad_ckpt import apply_grad_ckpt
-from yoloscale.model import build_model
+from yoloscale.memory.grad_ckpt import apply_grad_ckpt
+from yoloscale.training.data import ultralytics_args
+from yoloscale.training.model import build_model
 
 
 def resident_gib() -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from yoloscale.synth import write_synthetic_dataset
+from yoloscale.training.synth import write_synthetic_dataset
 
 PRUNERS = {  # name: the sweep's keys (tie_break=val_loss is the default)
     "none": ["pruner=none"],

@@ -7,7 +7,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # Ultralytics: no online checks
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from helpers import TINY
-from yoloscale.synth import write_synthetic_dataset
+from yoloscale.training.synth import write_synthetic_dataset
 
 
 @pytest.fixture(scope="session")

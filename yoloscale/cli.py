@@ -13,17 +13,17 @@ Bad input ends with one line `yoloscale: error: ...` and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import textwrap
 
+from yoloscale.config import ULTRALYTICS_FORMS, command_help, field_help
 from yoloscale.errors import UserError, plain
-from yoloscale.preemption import Preempted
+from yoloscale.training.preemption import Preempted
 
 
 def _train_help() -> str:
-    from yoloscale.config import ULTRALYTICS_FORMS, field_help
-
     lines = ["configuration keys (key=value; defaults are Ultralytics' where it has the key):", ""]
     for name, default, doc in field_help():
         lines.append(f"  {name} (default {default})")
@@ -38,10 +38,6 @@ def _command(sub, name: str, help: str, settings: str | None, train_keys: bool =
     (imported only when help is asked for: `doctor export=True` runs in every job script)."""
     epilog = ""
     if settings and _HELP:
-        import importlib
-
-        from yoloscale.config import command_help
-
         module, _, cls = settings.partition(":")
         epilog = command_help(getattr(importlib.import_module(module), cls), name, train_keys)
     p = sub.add_parser(
@@ -85,26 +81,29 @@ def _parser() -> argparse.ArgumentParser:
         "backend= is given, backend=zero<stage of the file>",
     )
     b = _command(
-        sub, "bench", "throughput, memory and MFU beside Ultralytics' own trainer", "yoloscale.bench:BenchSettings"
+        sub,
+        "bench",
+        "throughput, memory and MFU beside Ultralytics' own trainer",
+        "yoloscale.commands.bench:BenchSettings",
     )
     b.add_argument("--only", help=argparse.SUPPRESS)  # internal: one measurement in this process
     _command(
         sub,
         "plan",
         "memory plan: the largest batch per GPU for each backend and grad_ckpt, and its img/s",
-        "yoloscale.planner:PlanSettings",
+        "yoloscale.commands.plan:PlanSettings",
     )
     _command(
         sub,
         "race",
         "Ultralytics' trainer and ours on the same data, one after the other",
-        "yoloscale.race:RaceSettings",
+        "yoloscale.commands.race:RaceSettings",
     )
     sw = _command(
         sub,
         "sweep",
         "hyperparameter search with Optuna: many trainings at once, pruned by their per-epoch mAP, resumable",
-        "yoloscale.sweep.command:SweepSettings",
+        "yoloscale.commands.sweep:SweepSettings",
         usage="yoloscale sweep space.yaml [config.yaml] [key=value ...] | yoloscale sweep --status DIR",
     )
     sw.add_argument("--status", metavar="DIR", default=None, help="print the table of the sweep in DIR and exit")
@@ -113,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         d,
         "data synth",
         "write the synthetic shapes detection set (data.yaml + YOLO labels)",
-        "yoloscale.synth:SynthSettings",
+        "yoloscale.commands.synth:SynthSettings",
         train_keys=False,
     )
     la = sub.add_parser("launch", help="launch recipes").add_subparsers(dest="launch_command", required=True)
@@ -121,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         la,
         "launch slurm",
         "write (and optionally submit) an sbatch script for a training run, or a job array for a sweep",
-        "yoloscale.launch:SlurmSettings",
+        "yoloscale.commands.launch:SlurmSettings",
     )
     ls.add_argument("--sweep", metavar="SPACE", default=None, help="the same as sweep=SPACE")
     ls.add_argument("--array", metavar="N", default=None, help="the same as array=N")
@@ -129,132 +128,70 @@ def _parser() -> argparse.ArgumentParser:
         la,
         "launch templates",
         "copy the shipped Accelerate, Slurm and DeepSpeed templates into a folder",
-        "yoloscale.launch:TemplateSettings",
+        "yoloscale.commands.launch:TemplateSettings",
         train_keys=False,
     )
     _command(
         sub,
         "doctor",
         "this node's GPU/network topology and the NCCL settings we recommend",
-        "yoloscale.doctor:DoctorSettings",
+        "yoloscale.commands.doctor:DoctorSettings",
         train_keys=False,
     )
     _command(
         sub,
         "export",
         "write best.pt/last.pt (Ultralytics) from a run's EMA weights",
-        "yoloscale.export:ExportSettings",
+        "yoloscale.commands.export:ExportSettings",
         train_keys=False,
         usage="yoloscale export RUN [format=onnx|torchscript|engine|...] [imgsz=N half=True ...]",
     )
     return p
 
 
-def _with_deepspeed_file(cfg_file: str | None, overrides: list[str], ds_file: str) -> list[str]:
-    """`--deepspeed FILE` from DeepSpeed's launcher: our ds_config, and the backend the file's ZeRO stage names
-    unless the configuration names one itself (then they must agree)."""
-    import yaml
-
-    from yoloscale.backend.zero import stage_of_file
-    from yoloscale.config import parse_override
-
-    if not os.path.isfile(ds_file):
-        raise UserError(
-            f"--deepspeed '{ds_file}' not found (the templates: ds_configs/ in the repository, or "
-            "`yoloscale launch templates out=DIR` from an installed package)."
-        )
-    stage = stage_of_file(ds_file)
-    if stage not in (1, 2, 3):
-        raise UserError(
-            f"--deepspeed '{ds_file}': not a readable DeepSpeed JSON with zero_optimization.stage 1, 2 or 3."
-        )
-    given = dict(parse_override(a) for a in overrides)
-    if cfg_file and "backend" not in given and os.path.isfile(cfg_file):
-        try:
-            given.update(yaml.safe_load(open(cfg_file)) or {})
-        except (yaml.YAMLError, ValueError, TypeError):
-            pass  # load_config reports a broken file with its line
-    if "backend" in given and given["backend"] != f"zero{stage}":
-        raise UserError(
-            f"--deepspeed '{ds_file}' asks for ZeRO stage {stage} but our configuration says "
-            f"backend={given['backend']}; make them agree."
-        )
-    return [*overrides, f"backend=zero{stage}", f"ds_config={ds_file}"]
-
-
-def train(args: list[str], ds_file: str | None = None) -> int:
-    """Train here, or (device= naming several GPUs, no launcher around us) start torchrun's processes and wait."""
-    from yoloscale.devices import launcher_started_fewer, place
-    from yoloscale.errors import warn
-
-    cfg = train_config(args, ds_file)
-    if fewer := launcher_started_fewer():
-        warn(fewer)
-    launched = place(cfg.device, [*args, *(["--deepspeed", ds_file] if ds_file else [])])
-    if launched is not None:
-        return launched
-    from yoloscale.trainer import Trainer
-
-    Trainer(cfg).train()
-    return 0
-
-
-def train_config(args: list[str], ds_file: str | None = None):
-    """`yoloscale train`'s arguments -> the run's configuration (a resume's: the run's own, with the overrides)."""
-    from yoloscale.config import load_config
-    from yoloscale.run_dir import resolve_resume
-
-    args = ["resume=auto" if a == "resume" else a for a in args]  # Ultralytics' bare `resume`
-    cfg_file = args[0] if args and "=" not in args[0] else None
-    overrides = args[1:] if cfg_file else args
-    if cfg_file and not cfg_file.endswith((".yaml", ".yml")):
-        raise UserError(f"'{cfg_file}' is neither a YAML config file nor key=value.")
-    if ds_file:
-        overrides = _with_deepspeed_file(cfg_file, overrides, ds_file)
-    cfg = load_config(cfg_file, overrides)
-    if cfg.resume:
-        cfg, _, _ = resolve_resume(cfg, overrides)
-    return cfg
-
-
 def _run(ns: argparse.Namespace) -> int:
+    """Each subcommand's module (commands/) is imported when it runs, so `yoloscale --help` and the `doctor
+    export=True` of every job script start without torch or Ultralytics."""
     if ns.command == "train":
+        from yoloscale.commands.train import train
+
         return train(ns.args, ns.deepspeed)
     if ns.command == "bench":
-        from yoloscale import bench
+        from yoloscale.commands import bench
 
         bench.run(ns.args, ns.only)
     elif ns.command == "plan":
-        from yoloscale import planner
+        from yoloscale.commands import plan
 
-        planner.run(ns.args)
+        plan.run(ns.args)
     elif ns.command == "race":
-        from yoloscale import race
+        from yoloscale.commands import race, race_panel
 
-        race.main(ns.args)
+        cfg_file, given, settings = race.split_args(ns.args)
+        (race_panel.run_panel if settings["panel"] else race.race)(cfg_file, given, settings)
     elif ns.command == "sweep":
-        from yoloscale.sweep import command
+        from yoloscale.commands import sweep
 
-        command.run(ns.args, ns.status)
+        sweep.run(ns.args, ns.status)
     elif ns.command == "data":
-        from yoloscale import synth
+        from yoloscale.commands import synth
 
         synth.run(ns.args)
     elif ns.command == "launch" and ns.launch_command == "slurm":
-        from yoloscale.launch import launch_slurm
+        from yoloscale.commands.launch import launch_slurm
 
         flags = [f"{k}={v}" for k, v in (("sweep", ns.sweep), ("array", ns.array)) if v is not None]
         launch_slurm([*ns.args, *flags])
     elif ns.command == "launch":
-        from yoloscale.launch import copy_templates
+        from yoloscale.commands.launch import copy_templates
 
         copy_templates(ns.args)
     elif ns.command == "doctor":
-        from yoloscale import doctor
+        from yoloscale.commands import doctor
 
         doctor.run(ns.args)
     elif ns.command == "export":
-        from yoloscale import export
+        from yoloscale.commands import export
 
         export.run(ns.args)
     return 0
@@ -298,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print("yoloscale: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:  # torch's distributed errors are RuntimeErrors
-        from yoloscale.liveness import lost_peer
+        from yoloscale.distributed.liveness import lost_peer
 
         if (lost := lost_peer(e)) is None:
             raise

@@ -4,7 +4,9 @@ Private names (underscored, or internals that their package does not document) a
 internals that are attributes of another package's objects (DeepSpeed's ZeRO optimizers) are listed here and checked
 before use. `check(package)` verifies that each listed name exists in the installed version and stops with one line
 naming what is missing, the installed version and the versions this was written for; the accessors below call it
-the first time they are used. pyproject.toml bounds each package to the range tested, and CI pins it.
+the first time they are used. pyproject.toml bounds each package to the range tested, and CI pins it. Each accessor
+imports what it wraps when first called: the private modules of torch, DeepSpeed (optional) and Optuna load only in
+the runs that use them.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ PRIVATE = {  # importable names, "module:attribute"
 # Of Optuna's FrozenTrial: `_trial_id`, to act on a trial found with study.get_trials() (sweep/study.py): Optuna's
 # public API reaches a trial by its id only from inside study.ask().
 
-# Attributes of DeepSpeed's ZeRO optimizers read or set by backend/zero.py and checkpoint/zero_reshard.py.
+# Attributes of DeepSpeed's ZeRO optimizers read or set by backend/zero.py and backend/zero_reshard.py.
 ZERO_OPTIMIZER = {
     "stage 1/2": [
         "single_partition_of_fp32_groups",
@@ -128,6 +130,7 @@ def _get(package: str, entry: str):
 def zero_to_fp32():
     """DeepSpeed's zero_to_fp32 module (its merge functions are private)."""
     check("deepspeed")
+    # DeepSpeed is optional (pip install yoloscale[deepspeed]): imported only by the ZeRO backends
     from deepspeed.utils import zero_to_fp32 as module
 
     return module

@@ -1,3 +1,6 @@
+import re
+import sys
+
 """The one exception type for bad user input: the CLI prints its message and exits non-zero, with no traceback."""
 
 
@@ -10,13 +13,11 @@ class UserError(Exception):
 
 def plain(text: str) -> str:
     """Text without terminal colour codes (Ultralytics colours the messages we quote)."""
-    import re
 
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def warn(message: str) -> None:
     """A one-line warning on stderr (rank 0's and every other rank's: they see the same inputs)."""
-    import sys
 
     print(f"yoloscale: warning: {plain(message)}", file=sys.stderr, flush=True)

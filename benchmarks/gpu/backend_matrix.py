@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from yoloscale.bench import loop_and_bare, measure_bare, peak_memory, resident_batches
+from yoloscale.speed.step_timing import loop_and_bare, measure_bare, peak_memory, resident_batches
 from yoloscale.config import load_config
 
 WARMUP, WINDOW = 5, 4
@@ -99,7 +99,7 @@ def max_batch_estimate(trainer, resident: dict, batch: int) -> dict:
 
 
 def measure(out: Path, backend: str, data: dict, spec: str) -> tuple:
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     precision, ckpt, imgsz, batch, *loop = spec.split(":")
     model = os.environ.get("MATRIX_MODEL", "yolo11x.yaml")  # a small one for the CPU smoke test

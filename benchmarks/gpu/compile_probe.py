@@ -38,9 +38,9 @@ def main() -> None:
     a = p.parse_args()
 
     from yoloscale import backend
-    from yoloscale.bench import resident_batches
+    from yoloscale.speed.step_timing import resident_batches
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     wrap = backend.Backend.wrap
     if a.cl_params:
@@ -116,7 +116,7 @@ def profile(trainer, resident: dict, path: Path, steps: int = 4) -> float:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from yoloscale.bench import resident_batches
+    from yoloscale.speed.step_timing import resident_batches
 
     with resident_batches(trainer), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()

@@ -33,8 +33,8 @@ def child(out: Path, bench: int, det: int, cl: int, precision: str, overrides: l
     import torch
 
     from yoloscale.config import load_config
-    from yoloscale.synth import write_synthetic_dataset
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.synth import write_synthetic_dataset
+    from yoloscale.training.trainer import Trainer
 
     data = out / "data" / "data.yaml"
     if not data.exists():

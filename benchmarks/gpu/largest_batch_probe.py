@@ -20,7 +20,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import IterableSimpleNamespace
 from ultralytics.utils.autobatch import check_train_batch_size
 
-from yoloscale.plan_measure import _batch
+from yoloscale.memory.measure import _batch
 
 
 def fresh_model(name: str) -> DetectionModel:

@@ -17,8 +17,8 @@ import time
 import torch
 from time_model_probe import model_of, step_fn
 
-from yoloscale.grad_ckpt import apply_grad_ckpt, remove_grad_ckpt
-from yoloscale.plan_measure import _batch
+from yoloscale.memory.grad_ckpt import apply_grad_ckpt, remove_grad_ckpt
+from yoloscale.memory.measure import _batch
 
 CASES = ["yolo11x.yaml:640:16,32", "yolo11x.yaml:1280:4,8", "yolov8s.yaml:640:32,64"]
 

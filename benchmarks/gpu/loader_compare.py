@@ -15,7 +15,7 @@ import time
 from ultralytics.data.build import build_dataloader
 
 from yoloscale.config import load_config
-from yoloscale.data import build_dataset, build_train_loader, check_dataset, ultralytics_args
+from yoloscale.training.data import build_dataset, build_train_loader, check_dataset, ultralytics_args
 
 
 def epochs_of(loader, epochs: int, batch: int, main_ms: float) -> list[dict]:

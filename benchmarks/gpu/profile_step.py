@@ -47,7 +47,7 @@ def annotate_all() -> None:
     from ultralytics.utils import loss, tal
     from ultralytics.utils.torch_utils import ModelEMA
 
-    from yoloscale.ema import ShardedEMA
+    from yoloscale.training.ema import ShardedEMA
 
     annotate(BaseModel, "predict", "## forward")
     annotate(loss.v8DetectionLoss, "__call__", "## loss")
@@ -133,7 +133,7 @@ def run(side: str, out: Path, settings: dict) -> None:
             )
         else:
             from yoloscale.config import load_config
-            from yoloscale.trainer import Trainer
+            from yoloscale.training.trainer import Trainer
 
             cfg = load_config(
                 None, {**settings, "epochs": 1, "precision": "fp16", "project": tempfile.mkdtemp(), "name": "ys"}

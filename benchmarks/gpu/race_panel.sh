@@ -17,7 +17,7 @@ data=$work/data/data.yaml
 [ -f "$data" ] || python3 -m yoloscale data synth out="$work/data" mode=hard train=1600 val=320 size=640 >/dev/null
 python3 - "$case" >"$work/panel-$case.yaml" <<'PY'
 import sys, yaml
-from yoloscale.race_panel import DEFAULT
+from yoloscale.commands.race_panel import DEFAULT
 case = [c for c in DEFAULT["cases"] if c["name"] == sys.argv[1]]
 print(yaml.safe_dump({**DEFAULT, "cases": case}))
 PY

@@ -23,7 +23,7 @@ from ultralytics import YOLO
 m = YOLO('$model')
 first = []
 m.add_callback('on_train_batch_end', lambda t: first or first.append(time.time()))
-from yoloscale.run_log import seconds_since_start
+from yoloscale.training.run_log import seconds_since_start
 m.train(data='$data', imgsz=$imgsz, epochs=1, batch=32, workers=14, cache='ram', val=False, plots=False,
         project='$work/runs', name='ul', device=0)
 print('ultralytics first batch end %.1f s after the command started' % (seconds_since_start() - (time.time() - first[0])))

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from yoloscale.bench import resident_batches
+from yoloscale.speed.step_timing import resident_batches
 from yoloscale.config import load_config
-from yoloscale.trainer import Trainer
+from yoloscale.training.trainer import Trainer
 
 WARMUP, WINDOW, ROUNDS = 6, 8, 5
 

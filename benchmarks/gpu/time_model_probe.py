@@ -20,8 +20,8 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import IterableSimpleNamespace
 
-from yoloscale.grad_ckpt import apply_grad_ckpt, remove_grad_ckpt, select_layers
-from yoloscale.plan_measure import _batch, measure
+from yoloscale.memory.grad_ckpt import apply_grad_ckpt, remove_grad_ckpt, select_layers
+from yoloscale.memory.measure import _batch, measure
 
 CASES = [
     "yolo11x.yaml:640:8,16,32,48",

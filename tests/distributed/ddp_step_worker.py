@@ -12,8 +12,8 @@ import sys
 import torch
 
 from yoloscale.config import load_config
-from yoloscale.data import build_dataset
-from yoloscale.trainer import Trainer
+from yoloscale.training.data import build_dataset
+from yoloscale.training.trainer import Trainer
 
 data_yaml, out, project, weights = sys.argv[1:5]
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))

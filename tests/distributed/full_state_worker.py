@@ -1,4 +1,4 @@
-"""Checkpoints across backends and world sizes (checkpoint/full_state.py, zero_reshard.py), on the CPU over gloo, for
+"""Checkpoints across backends and world sizes (backend/full_state.py, zero_reshard.py), on the CPU over gloo, for
 test_full_state.py.
 usage: torchrun --nproc_per_node N full_state_worker.py ddp|fsdp|zero2|zero3[+OFFLOAD] SGD|AdamW save DIR
        torchrun --nproc_per_node N full_state_worker.py ddp|fsdp|zero2|zero3[+OFFLOAD] SGD|AdamW load DIR SAVED_BY
@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-from yoloscale.backend.fsdp import allow_fused_sgd, fsdp_plugin, shard_model
+from yoloscale.backend.fsdp import enable_fused_sgd, fsdp_plugin, shard_model
+from yoloscale.backend.full_state import load_foreign, optimizer_names, read_full_state, write_full_state
 from yoloscale.backend.zero import gather_whole_layers, render_ds_config
-from yoloscale.checkpoint.full_state import load_foreign, optimizer_names, read_full_state, write_full_state
 from yoloscale.config import load_config
-from yoloscale.data import ultralytics_args
-from yoloscale.model import build_model
-from yoloscale.optim import OptimizerChoice, build_optimizer
+from yoloscale.training.data import ultralytics_args
+from yoloscale.training.model import build_model
+from yoloscale.training.optim import OptimizerChoice, build_optimizer
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 spec, optimizer_name, phase, out = sys.argv[1:5]
@@ -57,7 +57,7 @@ if backend.startswith("zero"):
     wrapped = engine
 elif backend == "fsdp":
     wrapped = shard_model(model)
-    opt = build_optimizer(model, choice, 5e-4, fused=fused and allow_fused_sgd())
+    opt = build_optimizer(model, choice, 5e-4, fused=fused and enable_fused_sgd())
     names = optimizer_names(model, opt)
 else:
     from accelerate import Accelerator

@@ -21,10 +21,10 @@ import torch.distributed as dist
 
 from yoloscale import backend
 from yoloscale.config import load_config
-from yoloscale.data import ultralytics_args
-from yoloscale.ema import full_model_state
-from yoloscale.model import build_model
-from yoloscale.optim import OptimizerChoice, build_optimizer
+from yoloscale.training.data import ultralytics_args
+from yoloscale.training.ema import full_model_state
+from yoloscale.training.model import build_model
+from yoloscale.training.optim import OptimizerChoice, build_optimizer
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 backend_name, out = sys.argv[1], sys.argv[2]

@@ -7,7 +7,7 @@ grad_ckpt_recompute=cheap), each also with _compile (every layer compiled, compi
 GradScaler on DDP, our DeepSpeed loss scaler and aligned BatchNorm on ZeRO)
 
 Each rank trains on its own 4 of 8 fixed random images; the optimizer is ours (Ultralytics' groups, SGD: fused, on
-FSDP2's DTensors through fsdp.allow_fused_sgd; fsdp_ckpt keeps the foreach fallback); backward and step are the
+FSDP2's DTensors through fsdp.enable_fused_sgd; fsdp_ckpt keeps the foreach fallback); backward and step are the
 backend's own methods (base.Backend.backward/step), called as the trainer calls them but without an Accelerator.
 DeepSpeed runs on the CPU here (its CPU accelerator over our gloo group; Accelerate never selects it without GPUs):
 the engine is built the way Accelerate builds it, from our rendered JSON, with DeepSpeed clipping and stepping.
@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 
 from yoloscale import backend
-from yoloscale.backend.fsdp import allow_fused_sgd, shard_model
-from yoloscale.compile import compile_training_model
+from yoloscale.backend.fsdp import enable_fused_sgd, shard_model
 from yoloscale.config import load_config
-from yoloscale.data import ultralytics_args
-from yoloscale.ema import ShardedEMA, full_model_state
-from yoloscale.grad_ckpt import apply_grad_ckpt
-from yoloscale.model import build_model
-from yoloscale.optim import OptimizerChoice, build_optimizer, init_momentum_buffers
+from yoloscale.memory.grad_ckpt import apply_grad_ckpt
+from yoloscale.speed.compile import compile_training_model
+from yoloscale.training.data import ultralytics_args
+from yoloscale.training.ema import ShardedEMA, full_model_state
+from yoloscale.training.model import build_model
+from yoloscale.training.optim import OptimizerChoice, build_optimizer, init_momentum_buffers
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 SGD = OptimizerChoice("SGD", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1)
@@ -83,7 +83,7 @@ def run(mode: str, out: str) -> None:
     else:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     if opt is None:
-        opt = build_optimizer(model, SGD, 5e-4, fused=mode == "ddp" or (mode == "fsdp" and allow_fused_sgd()))
+        opt = build_optimizer(model, SGD, 5e-4, fused=mode == "ddp" or (mode == "fsdp" and enable_fused_sgd()))
         init_momentum_buffers(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=FP16_SCALE) if mode == "ddp_fp16" else None
     ema = ShardedEMA(model, tau=2.0)  # a short ramp so three updates move the EMA visibly

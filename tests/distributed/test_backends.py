@@ -11,12 +11,13 @@ import torch
 from helpers import ROOT, TINY, run_cli
 from yoloscale import backend
 from yoloscale.backend import check_launcher_agreement
+from yoloscale.commands.settings import training_config
 from yoloscale.config import load_config
 from yoloscale.errors import UserError
 
 
 def _cfg(*overrides):
-    return load_config(None, list(overrides))
+    return training_config(None, list(overrides))
 
 
 def _backend(*overrides):
@@ -218,7 +219,7 @@ def test_launcher_precision_disagreement():
 
 
 def test_deepspeed_launcher_flag_sets_or_checks_the_backend():
-    from yoloscale.cli import _with_deepspeed_file
+    from yoloscale.commands.train import _with_deepspeed_file
 
     ds = str(ROOT / "ds_configs/zero3.json")
     assert _with_deepspeed_file(None, ["epochs=1"], ds)[-2:] == ["backend=zero3", f"ds_config={ds}"]
@@ -243,8 +244,6 @@ def test_sharded_backends_need_gpus_and_bad_combinations_are_named():
 
 def test_load_state_uses_accelerate_where_it_can_and_whole_tensors_otherwise(monkeypatch):
     """Same layout: Accelerate's load_state (ZeRO: also the same world size); anything else: full_state.py."""
-    from yoloscale.backend import layout_of
-    from yoloscale.checkpoint import full_state
 
     class FakeAccelerator:
         num_processes = 2
@@ -254,7 +253,9 @@ def test_load_state_uses_accelerate_where_it_can_and_whole_tensors_otherwise(mon
             calls.append(("accelerate", ckpt))
 
     calls = []
-    monkeypatch.setattr(full_state, "load_foreign", lambda acc, ckpt, saved, *rest: calls.append((saved, ckpt)))
+    monkeypatch.setattr(
+        "yoloscale.backend.base.load_foreign", lambda acc, ckpt, saved, *rest: calls.append((saved, ckpt))
+    )
     monkeypatch.setattr("yoloscale.backend.zero.Zero.engine", lambda self, acc: None)
     acc = FakeAccelerator()
     for saved, world, now in [
@@ -265,9 +266,7 @@ def test_load_state_uses_accelerate_where_it_can_and_whole_tensors_otherwise(mon
         ("zero3", 2, "fsdp"),
         ("ddp", 2, "zero1"),
     ]:
-        _backend(f"backend={now}").load_state(
-            acc, "ck", layout_of(saved), world, model=None, optimizer=None, group_names=[]
-        )
+        _backend(f"backend={now}").load_state(acc, "ck", saved, world, model=None, optimizer=None, group_names=[])
     assert calls == [("accelerate", "ck")] * 3 + [("zero", "ck"), ("zero", "ck"), ("ddp", "ck")]
 
 
@@ -276,8 +275,7 @@ def test_whole_model_compile_trains_like_eager(tiny_data, tmp_path):
     as eager. On the CPU with aot_eager (dynamo's graph capture + AOTAutograd's joint graph, without inductor's
     2-minute C++ build); inductor itself is measured on the GPU (docs/benchmarks.md). compile_scope=layers:
     tests/unit/test_compile.py."""
-    from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     losses = {}
     for flag in (False, True):

@@ -57,7 +57,7 @@ def test_two_process_training_run(tiny_data, tmp_path, monkeypatch, capfd):
     """The whole loop under torchrun: sharded data, distributed validation, one checkpoint, rank 0 writes. Started
     as Ultralytics users start it, `yoloscale train device=0,1` from a plain command: the torchrun job it builds
     runs here with two gloo processes on the CPU (only the parent's check that two GPUs exist is skipped)."""
-    from yoloscale import devices
+    from yoloscale.distributed import devices
 
     args = [f"data={tiny_data}", "model=yolov8n.yaml", "imgsz=96", "batch=8", "nbs=16", "workers=0", "epochs=1"]
     args += [f"project={tmp_path}", "name=ddp", "plots=False", "device=0,1"]
@@ -168,7 +168,7 @@ AGREE_WORKER = """
 import sys
 from pathlib import Path
 import torch.distributed as dist
-from yoloscale.planner import _agree
+from yoloscale.memory.planner import _agree
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 batch, layers = _agree(40 + 7 * rank, [rank, 5], dist.get_world_size())  # the ranks measured different fits

@@ -1,4 +1,4 @@
-"""Resuming across backends and world sizes (checkpoint/full_state.py, zero_reshard.py), on the CPU over gloo: a
+"""Resuming across backends and world sizes (backend/full_state.py, zero_reshard.py), on the CPU over gloo: a
 checkpoint in each backend's own layout, loaded into another backend (or ZeRO on another world size), holds every
 weight and optimizer state of the run that saved it bit for bit; on the saving world size the next step is that
 run's next step."""
@@ -75,7 +75,7 @@ def test_every_tensor_arrives_whole(runs, saved_by, loads):
 def test_export_reads_the_weights_of_every_layout(runs, saved_by, loads):
     """full_state.read_weights (what `yoloscale export` uses without an EMA) on one process, without DeepSpeed or a
     process group running: DDP's safetensors, FSDP2's DCP shards, ZeRO-2/3 partitions."""
-    from yoloscale.checkpoint.full_state import read_weights
+    from yoloscale.backend.full_state import read_weights
 
     weights = read_weights(runs[saved_by[0]] / "ckpt", saved_by[0].partition("+")[0])
     saved = _load(runs[saved_by[0]] / "saved.pt")

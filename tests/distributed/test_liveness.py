@@ -99,9 +99,9 @@ def test_a_frozen_rank_ends_the_job_within_the_heartbeat_bound(tiny_data, tmp_pa
 
 def test_sigterm_to_the_whole_step_saves_and_ends_torchrun_cleanly(tiny_data, tmp_path):
     """As Slurm cancels a step: SIGTERM to every process of the step, torchrun started the way our
-    templates start it (launch.py's QUIET_LAUNCHER). The training processes save and exit 0; so does torchrun, with
+    templates start it (slurm_scripts.py's QUIET_LAUNCHER). The training processes save and exit 0; so does torchrun, with
     no traceback of its own."""
-    from yoloscale.launch import QUIET_LAUNCHER
+    from yoloscale.distributed.slurm_scripts import QUIET_LAUNCHER
 
     signals = QUIET_LAUNCHER.split("=", 1)[1].split()[0]
     wrapper = ("bash", "-c", 'trap "" USR1 TERM; exec "$@"', "launcher")

@@ -135,7 +135,7 @@ def test_a_node_lost_mid_epoch_ends_the_job_in_one_line_and_the_run_resumes_to_t
         assert survivor_s < 60, survivor_s  # not torch's 30-minute collective timeout
         lines = [line for line in survivor.splitlines() if line.startswith("yoloscale: error:")]
         assert lines and "lost contact with another process" in lines[0], survivor[-3000:]
-        assert "yoloscale/trainer.py" not in survivor  # our process ended with that line, not a traceback
+        assert "yoloscale/training/trainer.py" not in survivor  # our process ended with that line, not a traceback
 
         _on_both(nodes, lambda node: _torchrun_c10d(nodes, 29575, "b", [*args, "resume=auto"]), tmp_path)
     _assert_same_weights(_weights(tmp_path / "run"), _weights(reference / "run"))
@@ -205,7 +205,7 @@ def test_a_wrong_rendezvous_address_ends_both_nodes_in_bounded_time(tiny_data, t
     timeout (the templates set 300 s; 20 s here) instead of waiting for ever."""
     import time
 
-    from yoloscale.launch import JOIN_TIMEOUT_S
+    from yoloscale.distributed.slurm_scripts import JOIN_TIMEOUT_S
 
     assert JOIN_TIMEOUT_S <= 300
     args = [f"data={tiny_data}", *TRAIN, f"project={tmp_path}", "name=run"]
@@ -247,7 +247,7 @@ def test_the_multinode_slurm_templates_run_across_two_nodes(launcher, one_node, 
     """Where Slurm's daemons or munged are missing: the shipped multi-node sbatch template (rendered for CPU nodes,
     one process each) run on both nodes as Slurm would run its batch step there: `srun` and `scontrol` stand-ins give each node its SLURM_NODEID and the
     job's host list; the rendezvous is the template's own (first host, port from the job id)."""
-    from yoloscale.launch import render_generic
+    from yoloscale.distributed.slurm_scripts import render_generic
 
     script = tmp_path / "job.sbatch"
     script.write_text(render_generic(launcher, nodes=2, gpus_per_node=0, tasks_per_node=1))
@@ -298,7 +298,7 @@ def test_the_multinode_slurm_templates_run_on_a_two_node_slurm_cluster(launcher,
     """The shipped multi-node sbatch template submitted to a real Slurm cluster of the two nodes (slurmctld and a
     slurmd in each namespace): Slurm allocates both nodes, srun starts the template's launcher on each, and the
     run reaches the weights of one node."""
-    from yoloscale.launch import render_generic
+    from yoloscale.distributed.slurm_scripts import render_generic
 
     script = tmp_path / "job.sbatch"
     script.write_text(render_generic(launcher, nodes=2, gpus_per_node=0, tasks_per_node=1))

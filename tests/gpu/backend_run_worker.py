@@ -13,7 +13,7 @@ import time
 
 import torch
 
-import yoloscale.trainer
+import yoloscale.training.trainer
 from yoloscale.checkpoint import save_checkpoint
 from yoloscale.config import load_config
 
@@ -39,8 +39,8 @@ cfg = load_config(
         *overrides,
     ],
 )
-yoloscale.trainer.save_checkpoint = functools.partial(save_checkpoint, keep=10)
-trainer = yoloscale.trainer.Trainer(cfg)
+yoloscale.training.trainer.save_checkpoint = functools.partial(save_checkpoint, keep=10)
+trainer = yoloscale.training.trainer.Trainer(cfg)
 # Deterministic convolutions (the trainer turns autotuning on): with cuDNN's autotuned, non-deterministic kernels the
 # curves of identical runs parted after 2-3 steps (fsdp resumed vs uninterrupted: 1.25e-1 by step 8, 2026-11-24),
 # which hid real differences in the noise. Upsampling's backward still uses atomics, so not every bit repeats.

@@ -8,7 +8,7 @@ bf16 also with grad_ckpt_recompute=cheap), and bf16 with offload (FSDP2 and ZeRO
 offload=optimizer; each also resumed offloaded); ZeRO-2 fp16 also with offload=optimizer, and resumed.
 Each run's per-step losses are compared with DDP's in the same precision; then each backend resumes from its epoch-1
 checkpoint and must repeat the uninterrupted run's next losses, and so must a resume with another backend
-(checkpoint/full_state.py). With --gpus 2, DDP, FSDP, ZeRO-2 and ZeRO-3 checkpoints are also resumed on the other GPU
+(backend/full_state.py). With --gpus 2, DDP, FSDP, ZeRO-2 and ZeRO-3 checkpoints are also resumed on the other GPU
 count (2 -> 1, 1 -> 2). Runs that do not depend on each other run --parallel at a time. Prints a table, writes
 OUT_DIR/backends.json. Run by test_gpu_backends.py (skipped without CUDA).
 """
@@ -62,7 +62,7 @@ def run(out: Path, name: str, gpus: int, overrides: list[str]) -> dict:
 
 
 def other_world_resumes(out: Path, a, common: dict[str, list[str]], results: dict) -> list[tuple]:
-    """2 -> 1 and 1 -> 2 GPUs (DDP, FSDP2's DCP, ZeRO-2/3 through checkpoint/zero_reshard.py): the epoch-1 checkpoint
+    """2 -> 1 and 1 -> 2 GPUs (DDP, FSDP2's DCP, ZeRO-2/3 through backend/zero_reshard.py): the epoch-1 checkpoint
     of each run resumed on the other GPU count, as (name, gpus, overrides) jobs."""
     jobs = []
     for b in ("ddp", "fsdp", "zero2", "zero3"):
@@ -101,7 +101,7 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     backends = a.backends.split(",")
-    from yoloscale.synth import write_synthetic_dataset
+    from yoloscale.training.synth import write_synthetic_dataset
 
     data = write_synthetic_dataset(out / "shapes", 256, 64, 160, 0)
     common = {b: [f"data={data}", f"backend={b}", "precision=bf16", f"model={a.model}"] for b in BACKENDS}
@@ -137,7 +137,7 @@ def main() -> int:
             continue
         ckpt = sorted(Path(first["run_dir"], "checkpoints").glob("step-*"))[0]  # the epoch-1 end
         resumes.append((f"{b}-bf16-resume", a.gpus, [*common[b], f"resume={ckpt}"]))
-        # and with another backend (checkpoint/full_state.py): the continuation must follow the saving run's
+        # and with another backend (backend/full_state.py): the continuation must follow the saving run's
         other = {"ddp": "zero2", "fsdp": "ddp", "zero1": "fsdp", "zero2": "ddp", "zero3": "fsdp"}[b]
         resumes.append((f"{b}-bf16-resume-as-{other}", a.gpus, [*common[other], f"resume={ckpt}"]))
     if "run_dir" in results.get("zero2-fp16", {}):  # fp16 on DeepSpeed: the loss scale is restored with the rest

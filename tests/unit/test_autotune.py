@@ -10,9 +10,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("epochs, expected", [(4, False), (4000, True)])
 def test_auto_turns_autotuning_on_only_for_a_long_run(tiny_data, tmp_path, monkeypatch, epochs, expected):
-    from yoloscale import autotune
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.speed import cudnn as autotune
+    from yoloscale.training.trainer import Trainer
 
     cfg = load_config(None, [f"data={tiny_data}", *TINY, f"epochs={epochs}", "val=False", f"project={tmp_path}"])
     trainer = Trainer(cfg)

@@ -59,7 +59,7 @@ def test_existing_run_directory_is_never_touched(trained_run):
 
 def test_empty_name_picks_a_fresh_directory(tmp_path):
     from yoloscale.config import load_config
-    from yoloscale.run_dir import new_run_dir
+    from yoloscale.training.run_dir import new_run_dir
 
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "metrics.csv").write_text("x")
@@ -68,7 +68,7 @@ def test_empty_name_picks_a_fresh_directory(tmp_path):
 
 def test_a_taken_name_goes_to_the_next_free_one_as_in_ultralytics(tmp_path):
     from yoloscale.config import load_config
-    from yoloscale.run_dir import new_run_dir
+    from yoloscale.training.run_dir import new_run_dir
 
     for name in ("exp", "exp2"):
         (tmp_path / name).mkdir()
@@ -87,7 +87,7 @@ def test_a_taken_name_goes_to_the_next_free_one_as_in_ultralytics(tmp_path):
 def test_bad_labels_are_skipped_and_counted(tiny_data, tmp_path):
     """Malformed label lines and class ids >= nc: Ultralytics skips those images and reports the count."""
     from yoloscale.config import load_config
-    from yoloscale.data import build_dataset, check_dataset, ultralytics_args
+    from yoloscale.training.data import build_dataset, check_dataset, ultralytics_args
 
     root = tmp_path / "shapes"
     shutil.copytree(tiny_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
@@ -114,7 +114,7 @@ def test_export_of_a_non_run(argv, message):
 def test_an_empty_image_file_is_named_plainly(tiny_data, tmp_path):
     """Ultralytics reports a zero-byte image as a missing `pi_heif` module; one more line says what it is."""
     from yoloscale.config import load_config
-    from yoloscale.data import build_dataset, check_dataset, ultralytics_args
+    from yoloscale.training.data import build_dataset, check_dataset, ultralytics_args
 
     root = tmp_path / "shapes"
     shutil.copytree(tiny_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
@@ -157,7 +157,7 @@ def test_a_full_disk_while_writing_an_ultralytics_pt_is_one_line_and_leaves_no_t
 
     from ultralytics.nn.tasks import DetectionModel
 
-    from yoloscale import export
+    from yoloscale.training import export
 
     def full(obj, f):
         open(f, "wb").write(b"partial")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 
-from yoloscale.data import class_weights, largest_imgsz, rescale_batch
+from yoloscale.training.data import class_weights, largest_imgsz, rescale_batch
 
 
 @pytest.mark.parametrize("multi_scale", [0.25, 0.5])

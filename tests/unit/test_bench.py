@@ -5,8 +5,8 @@ import json
 import pytest
 
 from helpers import TINY, run_cli
-from yoloscale.bench import loop_and_bare, mfu, scaling_efficiency, steady_img_s
 from yoloscale.errors import UserError
+from yoloscale.speed.step_timing import loop_and_bare, mfu, scaling_efficiency, steady_img_s
 
 
 def test_steady_state_is_the_median_of_windows_after_warmup():
@@ -67,7 +67,7 @@ def test_flop_count_does_not_run_the_trained_model(tiny_data, tmp_path):
     """With compile=True the trained model's forward is compiled in place: Ultralytics' FLOP counter (hooks on every
     module, small proxy images) must not call it, or Dynamo recompiles module after module (minutes on a GPU)."""
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     trainer = Trainer(load_config(None, [f"data={tiny_data}", *TINY, f"project={tmp_path}"]))
     calls = []

@@ -49,7 +49,7 @@ def test_every_checkpoint_damaged_is_a_clear_error(trained_run, tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer, TrainingDiverged
+    from yoloscale.training.trainer import Trainer, TrainingDiverged
 
     cfg = load_config(None, [f"data={tiny_data}", *TINY, "max_bad_steps=2", "accumulate=1", f"project={tmp_path}"])
     trainer = Trainer(cfg)
@@ -75,7 +75,7 @@ def test_a_skipped_step_is_counted_and_the_schedule_moves_on_as_in_ultralytics(t
     """fp16 overflows and non-finite gradients skip the optimizer step and are counted; the schedule's position is
     the batch index, as in Ultralytics' trainer (whose GradScaler skips such a step the same way)."""
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     cfg = load_config(None, [f"data={tiny_data}", *TINY, "accumulate=1", f"project={tmp_path}"])
     trainer = Trainer(cfg)

@@ -19,7 +19,7 @@ NO_AUGMENTATION = ["mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0", "tra
 
 
 def _three_steps(data, tmp_path, *overrides):
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     name = "-".join(overrides).replace("=", "")
     cfg = load_config(
@@ -36,7 +36,7 @@ def _three_steps(data, tmp_path, *overrides):
 def test_compiled_layers_train_like_eager_also_inside_grad_ckpt(tiny_data, tmp_path):
     """The same losses, weights and BatchNorm statistics (updated once per step, also when a checkpointed compiled
     layer is recomputed) as eager after three steps; names unchanged; validation's copy is not compiled."""
-    from yoloscale.compile import is_compiled
+    from yoloscale.speed.compile import is_compiled
 
     eager = _three_steps(tiny_data, tmp_path)
     for grad_ckpt in ("off", "all"):
@@ -54,14 +54,14 @@ def test_compiled_layers_train_like_eager_also_inside_grad_ckpt(tiny_data, tmp_p
         assert mine.keys() == theirs.keys()
         for k, v in theirs.items():
             torch.testing.assert_close(mine[k], v, rtol=0, atol=0, msg=k)  # num_batches_tracked included
-        assert "compile: 23 layers, 6 layer classes (default, aot_eager)" in trainer._describe(0, 23)
+        assert "compile: 23 layers, 6 layer classes (default, aot_eager)" in trainer._describe(23)
 
 
 def test_a_copy_of_a_compiled_model_runs_its_own_layers():
     """The EMA and export copy the model: a copied layer's forward must call the copy, not the original."""
     from ultralytics.nn.tasks import DetectionModel
 
-    from yoloscale.compile import compile_training_model
+    from yoloscale.speed.compile import compile_training_model
 
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     compile_training_model(model, "default", "layers", backend="aot_eager")
@@ -86,7 +86,7 @@ def test_a_compiled_run_compiles_in_its_first_epoch_only(tiny_data, tmp_path, ca
 
 def test_a_recompilation_after_the_first_epoch_is_said(monkeypatch):
     from yoloscale import compat
-    from yoloscale.compile import CompileWatch
+    from yoloscale.speed.compile import CompileWatch
 
     graphs = iter([21, 21, 24])
     monkeypatch.setattr(compat, "compiled_graph_count", lambda: next(graphs))
@@ -107,10 +107,11 @@ def test_a_recompilation_after_the_first_epoch_is_said(monkeypatch):
     ],
 )
 def test_untested_combinations_are_refused(bad, message):
+    from yoloscale.commands.settings import training_config
     from yoloscale.errors import UserError
 
     with pytest.raises(UserError, match=message):
-        load_config(None, bad)
+        training_config(None, bad)
 
 
 def test_ultralytics_spellings_of_compile_are_accepted():

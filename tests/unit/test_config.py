@@ -126,8 +126,10 @@ def test_a_config_file_with_ultralytics_non_training_keys_loads_with_one_note(tm
     ],
 )
 def test_an_ultralytics_key_on_the_command_line_says_what_it_is_here(arg, says):
+    from yoloscale.commands.settings import training_config
+
     with pytest.raises(UserError, match=re.escape(says)):
-        load_config(None, arg.split())
+        training_config(None, arg.split())
 
 
 @pytest.mark.parametrize(
@@ -162,7 +164,7 @@ def test_amp_and_precision_that_disagree_are_one_line(tmp_path):
     ],
 )
 def test_ultralytics_device_forms(value, parsed):
-    from yoloscale.devices import parse_device
+    from yoloscale.distributed.devices import parse_device
 
     assert parse_device(value) == parsed
 

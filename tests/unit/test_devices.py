@@ -1,11 +1,11 @@
-"""Ultralytics' device= key: the GPUs a run sees, and the torchrun job several GPUs start (devices.py). The job
+"""Ultralytics' device= key: the GPUs a run sees, and the torchrun job several GPUs start (distributed/devices.py). The job
 itself runs in tests/distributed/test_ddp.py."""
 
 import sys
 
 import pytest
 
-from yoloscale import devices
+from yoloscale.distributed import devices
 from yoloscale.errors import UserError
 
 

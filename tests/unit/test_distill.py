@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import TINY
-from yoloscale.distill import PROJECTOR, Distillation, read_teacher
 from yoloscale.errors import UserError
+from yoloscale.training.distill import PROJECTOR, Distillation, read_teacher
 
 
 def _teacher_pt(path, model="yolov8s.yaml", nc=5):

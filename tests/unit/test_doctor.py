@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli
-from yoloscale.doctor import describe, parse_topo_matrix, recommend
+from yoloscale.commands.doctor import describe, parse_topo_matrix, recommend
 
 TOPO = Path(__file__).parent / "fixtures" / "topo"
 
@@ -67,7 +67,7 @@ def test_allreduce_bandwidth_arithmetic_over_gloo():
     """The bench's measuring code, on two CPU processes over gloo (the CLI itself needs 2 GPUs)."""
     import torch.multiprocessing as mp
 
-    from yoloscale.devices import free_port
+    from yoloscale.distributed.rendezvous import free_port
 
     mp.spawn(_gloo_worker, args=(2, free_port()), nprocs=2)
 
@@ -77,7 +77,7 @@ def _gloo_worker(rank, world, port):
 
     import torch.distributed as dist
 
-    from yoloscale.doctor import allreduce_busbw
+    from yoloscale.commands.doctor import allreduce_busbw
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -87,7 +87,7 @@ def _gloo_worker(rank, world, port):
 
 
 def test_link_peak_and_judgement():
-    from yoloscale.doctor import judge_busbw, link_peak
+    from yoloscale.commands.doctor import judge_busbw, link_peak
 
     assert link_peak(_load("dgx-h100-8gpu-nvswitch.txt"), "NVIDIA H100 80GB HBM3") == (
         450.0,
@@ -104,7 +104,7 @@ def test_link_peak_and_judgement():
 
 
 def test_export_lines_only_set_what_is_missing_and_quote_values():
-    from yoloscale.doctor import export_lines
+    from yoloscale.commands.doctor import export_lines
 
     recs = recommend(_load("h200x2-nvlink.txt"), [], ["ens5"], {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
     lines = export_lines(recs, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
@@ -121,7 +121,7 @@ def test_doctor_export_prints_only_shell_lines():
 def test_captured_matrix_with_underlined_header():
     """Captured on a 2 x H200 host (driver 580, 2026-11-23): nvidia-smi underlines the header with ANSI escapes,
     which hid every GPU from the parser before."""
-    from yoloscale.doctor import link_peak
+    from yoloscale.commands.doctor import link_peak
 
     topo = _load("captured-h200x2-driver580.txt")
     assert topo.gpus == ["GPU0", "GPU1"] and topo.links[("GPU0", "GPU1")] == "NV18"
@@ -130,7 +130,7 @@ def test_captured_matrix_with_underlined_header():
 
 
 def test_interface_lists_mean_what_they_mean_to_nccl_and_gloo():
-    from yoloscale.rendezvous import interface_matches
+    from yoloscale.distributed.rendezvous import interface_matches
 
     assert interface_matches("eth", "eth0") and interface_matches("ib,eth", "eth1")
     assert not interface_matches("=eth", "eth0") and interface_matches("=eth0", "eth0")
@@ -140,8 +140,7 @@ def test_interface_lists_mean_what_they_mean_to_nccl_and_gloo():
 def test_the_rendezvous_check_says_whether_it_is_reached_and_through_which_interface():
     import socket
 
-    from yoloscale.devices import free_port
-    from yoloscale.rendezvous import check
+    from yoloscale.distributed.rendezvous import check, free_port
 
     port = free_port()
     lines, route = check(f"localhost:{port}", {})

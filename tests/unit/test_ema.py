@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from yoloscale.ema import ShardedEMA
+from yoloscale.training.ema import ShardedEMA
 
 
 def test_matches_ultralytics_model_ema():

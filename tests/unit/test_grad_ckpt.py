@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from yoloscale.errors import UserError
-from yoloscale.grad_ckpt import apply_grad_ckpt, parse_selection, remove_grad_ckpt, select_layers
+from yoloscale.memory.grad_ckpt import apply_grad_ckpt, parse_selection, remove_grad_ckpt, select_layers
 
 
 def _model():

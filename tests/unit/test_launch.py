@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from yoloscale.commands.launch import LAUNCHERS, render_generic, render_sbatch
 from yoloscale.errors import UserError
-from yoloscale.launch import LAUNCHERS, render_generic, render_sbatch
 
 SHIPPED = Path(str(resources.files("yoloscale") / "templates" / "launch" / "slurm"))
 # the shipped templates (package data): `yoloscale launch slurm --generic --launcher L --nodes N --gpus-per-node 8 > FILE`
@@ -179,7 +179,7 @@ def test_bad_training_config_is_rejected_before_writing(tmp_path):
 
 
 def test_slurm_environment_maps_to_torch():
-    from yoloscale.backend import distributed_env_from_slurm
+    from yoloscale.distributed.devices import distributed_env_from_slurm
 
     env = dict(
         SLURM_PROCID="5",

@@ -51,7 +51,7 @@ def test_family_trains_and_opens_in_ultralytics(model, tiny_data, tmp_path):
 
 def test_yolo26_end2end_loss_is_updated_once_per_epoch(tiny_data, tmp_path):
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     cfg = load_config(
         None, [f"data={tiny_data}", *TINY, "epochs=3", "model=yolo26n.yaml", "val=False", f"project={tmp_path}"]
@@ -69,7 +69,7 @@ def test_pretrained_means_what_it_means_in_ultralytics(trained_run):
 
     from yoloscale.config import load_config
     from yoloscale.errors import UserError
-    from yoloscale.pretrained import initial_weights
+    from yoloscale.training.pretrained import initial_weights
 
     pt, safetensors = trained_run / "weights/last.pt", trained_run / "weights/best.safetensors"
     key = "model.0.conv.weight"
@@ -112,7 +112,7 @@ def test_fine_tuning_from_other_classes_transfers_as_ultralytics(pretrained_80, 
     keep the pretrained width, as in Ultralytics), and cls_remap copies the rows of the classes named alike."""
     from ultralytics.nn.tasks import DetectionModel
 
-    from yoloscale.pretrained import initial_weights
+    from yoloscale.training.pretrained import initial_weights
 
     path, source = pretrained_80
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)

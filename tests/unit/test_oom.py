@@ -16,7 +16,7 @@ PLAIN = ["mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0", "translate=0",
 
 def _trainer(tiny_data, tmp_path, name, *overrides):
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     cfg = load_config(None, [f"data={tiny_data}", *TINY, *PLAIN, *overrides, f"project={tmp_path}", f"name={name}"])
     return Trainer(cfg)
@@ -67,7 +67,7 @@ def test_oom_that_nothing_fixes_is_one_line_naming_the_batch(tiny_data, tmp_path
 
 
 def test_the_retry_batch_is_half_or_what_the_memory_model_fits_in_what_was_reached():
-    from yoloscale.memory import next_batch
+    from yoloscale.memory.oom import next_batch
 
     gib = 2**30
     assert next_batch(16, 6.0, None) == 8  # no model: half

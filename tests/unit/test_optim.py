@@ -4,14 +4,14 @@ import torch
 from torch import nn
 
 from yoloscale.config import load_config
-from yoloscale.optim import (
+from yoloscale.training.optim import (
     OptimizerChoice,
     Schedule,
     build_optimizer,
     choose_optimizer,
     init_momentum_buffers,
-    nominal_accumulate,
 )
+from yoloscale.training.run_plan import capped_accumulate
 
 
 @pytest.mark.parametrize(
@@ -21,7 +21,7 @@ from yoloscale.optim import (
 def test_accumulate_follows_ultralytics_rule_unless_explicit(batch, accumulate, batches, expected):
     """max(round(nbs / global batch), 1), capped at an epoch's batch count (so every epoch steps)."""
     cfg = load_config(None, [f"batch={batch}", f"accumulate={accumulate}", "nbs=64", "epochs=2"])
-    assert nominal_accumulate(cfg, batch, batches) == expected
+    assert capped_accumulate(cfg, batch, batches) == expected
 
 
 def test_optimizer_auto_follows_ultralytics_rule():

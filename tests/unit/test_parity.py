@@ -73,7 +73,7 @@ def _ultralytics(data, project, settings: dict, batches: int) -> list[dict]:
 
 def _ours(data, project, settings: dict, batches: int) -> list[dict]:
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     overrides = [f"{k}={v}" for k, v in settings.items()]
     # every other key at its default: the defaults are Ultralytics' own
@@ -156,7 +156,7 @@ def test_weight_decay_and_groups_match_ultralytics(tiny_data, tmp_path):
     from ultralytics.engine.trainer import BaseTrainer
     from ultralytics.nn.tasks import DetectionModel
 
-    from yoloscale.optim import OptimizerChoice, build_optimizer
+    from yoloscale.training.optim import OptimizerChoice, build_optimizer
 
     model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
     for name in ("SGD", "AdamW", "MuSGD"):

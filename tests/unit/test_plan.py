@@ -1,4 +1,4 @@
-"""The memory model (plan.py), its choices (planner.py), `yoloscale plan` and `batch=auto`/`grad_ckpt=auto`."""
+"""The memory model (memory/model.py), its choices (planner.py), `yoloscale plan` and `batch=auto`/`grad_ckpt=auto`."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from helpers import ROOT, TINY, run_cli
-from yoloscale.plan import LayerCost, MemoryModel, StepTime, checkpoint_order, layers_for_batch
-from yoloscale.plan import peak_report as plan_report
+from yoloscale.memory.model import LayerCost, MemoryModel, StepTime, checkpoint_order, layers_for_batch
+from yoloscale.memory.model import peak_report as plan_report
 
 GiB = 2**30
 
@@ -92,7 +92,7 @@ def test_grad_ckpt_auto_checkpoints_the_fastest_choice_that_fits_most_memory_per
 
 
 def test_batch_auto_with_grad_ckpt_auto_plans_for_speed_or_for_the_largest_batch():
-    from yoloscale.planner import best_selection
+    from yoloscale.memory.planner import best_selection
 
     fit = _fit()
     limit = 20 * GiB
@@ -106,7 +106,7 @@ def test_batch_auto_with_grad_ckpt_auto_plans_for_speed_or_for_the_largest_batch
 
 
 def test_a_fit_round_trips_through_the_cache(tmp_path, monkeypatch):
-    from yoloscale import plan
+    from yoloscale.memory import model as plan
 
     monkeypatch.setenv("YOLOSCALE_CACHE", str(tmp_path))
     plan.store("k", _fit())
@@ -115,10 +115,10 @@ def test_a_fit_round_trips_through_the_cache(tmp_path, monkeypatch):
 
 
 def test_a_fixed_batch_run_finds_the_cached_fit_of_its_own_model_and_settings_only(tmp_path, monkeypatch):
-    from yoloscale import plan
     from yoloscale.config import load_config
-    from yoloscale.model import model_spec
-    from yoloscale.planner import _fit_key, cached_fit
+    from yoloscale.memory import model as plan
+    from yoloscale.memory.planner import _fit_key, cached_fit
+    from yoloscale.training.model import model_spec
 
     monkeypatch.setenv("YOLOSCALE_CACHE", str(tmp_path))
     cfg = load_config(None, ["model=yolov8n.yaml", "imgsz=320", "optimizer=SGD"])
@@ -200,6 +200,9 @@ def test_batch_auto_and_grad_ckpt_auto_train_and_record_their_choice(tiny_data, 
     saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
     assert isinstance(saved["device_batch"], int) and 1 <= saved["device_batch"] <= 96  # at most the data set
     assert saved["grad_ckpt"] == "off" or all(c.isdigit() or c == "," for c in saved["grad_ckpt"])
+    plan = yaml.safe_load((tmp_path / "auto" / "plan.yaml").read_text())  # the run plan, beside the settings
+    assert plan["device_batch"] == plan["batch"] == saved["device_batch"] and plan["grad_ckpt"] == saved["grad_ckpt"]
+    assert plan["decided"] == {"device_batch": saved["device_batch"], "grad_ckpt": saved["grad_ckpt"]}
     # a fixed batch with grad_ckpt=auto: the fastest choice that fits (this CPU fits batch 8 without any)
     assert main(["train", *args, "grad_ckpt=auto", "name=fixed"]) == 0
     assert yaml.safe_load((tmp_path / "fixed" / "config.yaml").read_text())["grad_ckpt"] == "off"

@@ -1,5 +1,6 @@
 """`yoloscale race`: Ultralytics' trainer and ours on the same data, timed and compared."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,8 +11,8 @@ from helpers import run_cli
 def test_race_and_bench_default_to_the_cpu_where_there_is_no_gpu():
     import torch
 
-    from yoloscale.bench import _default_precisions
-    from yoloscale.race import split_args
+    from yoloscale.commands.bench import _default_precisions
+    from yoloscale.commands.race import split_args
 
     cuda = torch.cuda.is_available()
     assert split_args([])[2]["gpus"] == (1 if cuda else 0)
@@ -22,11 +23,10 @@ def test_race_and_bench_default_to_the_cpu_where_there_is_no_gpu():
 def test_our_side_trains_the_synthetic_set_at_the_settings_it_implies():
     """data=synthetic brings imgsz=160 and epochs=10 with it; our side gets a data.yaml path, so they are passed
     along, or it would train at 640 px against Ultralytics' 160 (unless given)."""
+    from yoloscale.commands.race import with_synthetic_defaults
     from yoloscale.config import load_config
-    from yoloscale.race import with_synthetic_defaults
 
-    cfg = load_config(None, ["epochs=2"])
-    cfg.data = "/x/data.yaml"
+    cfg = dataclasses.replace(load_config(None, ["epochs=2"]), data="/x/data.yaml")
     assert with_synthetic_defaults(cfg, ["epochs=2"]) == ["epochs=2", "data=/x/data.yaml", "imgsz=160"]
     assert load_config(None, with_synthetic_defaults(cfg, ["epochs=2"])).imgsz == 160
 
@@ -65,8 +65,8 @@ def test_race_on_the_cpu_reports_both_sides(tiny_data, tmp_path):
 
 
 def test_race_settings_reach_ultralytics_under_its_names():
+    from yoloscale.commands.race import split_args, ultralytics_settings
     from yoloscale.config import load_config
-    from yoloscale.race import split_args, ultralytics_settings
 
     cfg_file, given, race = split_args(
         ["model=yolo11x.yaml", "precision=bf16", "lr0=0.02", "grad_ckpt=highres", "gpus=2", "out=x"]

@@ -13,7 +13,7 @@ import pytest
 from helpers import TINY, run_cli
 from yoloscale.config import load_config
 from yoloscale.errors import UserError
-from yoloscale.run_dir import resolve_resume
+from yoloscale.training.run_dir import resolve_resume
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def sgd_run(tiny_data, tmp_path_factory):
 
 
 def _resumed_trainer(run, *overrides):
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     given = [f"resume={run}", *overrides]
     cfg, _, _ = resolve_resume(load_config(None, given), given)
@@ -89,7 +89,7 @@ def test_an_epoch_whose_checkpoint_failed_is_not_in_results_csv_twice(tiny_data,
 def test_ultralytics_resume_forms_continue_the_run(sgd_run, form):
     """resume=True and a bare `resume` (the project's latest run), and resume=RUN/weights/last.pt (that run), as in
     Ultralytics, all continue our checkpoint of the run."""
-    from yoloscale.cli import train_config
+    from yoloscale.commands.train import train_config
 
     args = [f"resume={sgd_run / 'weights' / 'last.pt'}"] if form == "last.pt" else form
     cfg = train_config([*args, f"project={sgd_run.parent}", "epochs=3"])
@@ -107,7 +107,7 @@ def test_a_file_that_is_not_a_runs_weights_is_refused_in_one_line(tmp_path):
 def test_an_earlier_runs_metrics_csv_becomes_results_csv(tmp_path):
     """A run written before results.csv took Ultralytics' names: its rows move to results.csv under today's columns
     when the run is opened again (a resume then appends to one file)."""
-    from yoloscale.run_log import convert_metrics_csv
+    from yoloscale.training.run_log import convert_metrics_csv
 
     (tmp_path / "metrics.csv").write_text(
         "epoch,time,train/box_loss,lr,val/mAP50-95,val/fitness\n1,9.5,2.0,0.01,0.4,0.41\n"

@@ -244,7 +244,7 @@ def test_a_model_pt_fine_tunes_with_its_weights(trained_run, tiny_data, tmp_path
 
 def test_a_data_set_smaller_than_its_accumulation_still_steps_every_epoch(tiny_data, tmp_path):
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     cfg = load_config(
         None,

@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import yaml
 
-from yoloscale.synth import _HUES, NAMES, make_image, write_synthetic_dataset
+from yoloscale.training.synth import _HUES, NAMES, make_image, write_synthetic_dataset
 
 
 def test_boxes_are_inside_and_tight_around_the_drawn_shape():
@@ -36,7 +36,7 @@ def test_dataset_layout_is_ultralytics(tmp_path):
 
 
 def test_hard_mode_boxes_are_exact_inside_and_span_the_size_range(tmp_path):
-    from yoloscale.synth import HARD_NAMES, make_hard_image
+    from yoloscale.training.synth import HARD_NAMES, make_hard_image
 
     rng = np.random.default_rng(3)
     shapes, sides, counts = set(), [], []
@@ -59,7 +59,7 @@ def test_hard_mode_boxes_are_exact_inside_and_span_the_size_range(tmp_path):
 
 def test_hard_mode_draws_each_box_tightly_for_an_unhidden_object():
     """A single object on a plain background: its box is the drawn pixels' extent (to a pixel)."""
-    from yoloscale.synth import _draw_hard
+    from yoloscale.training.synth import _draw_hard
 
     rng = np.random.default_rng(5)
     for cls in range(10):

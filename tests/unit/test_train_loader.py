@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from yoloscale.data import EpochBatches, ShardSampler, TrainLoader
+from yoloscale.training.data import EpochBatches, ShardSampler, TrainLoader
 
 
 class Numbers(Dataset):

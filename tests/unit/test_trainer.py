@@ -215,7 +215,7 @@ def test_fraction_and_single_cls_mean_what_they_mean_in_ultralytics(tiny_data, t
     from ultralytics import YOLO
 
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     args = [f"data={tiny_data}", *TINY, "epochs=1", f"project={tmp_path}"]
     full = Trainer(load_config(None, [*args, "name=full", "deterministic=False"]))
@@ -238,7 +238,7 @@ def test_time_ends_the_run_once_spent_and_stretches_the_schedule_to_the_epochs_i
     """Ultralytics' time= (hours): a budget spent at the first logging interval ends that epoch there, validated and
     saved as the final one; a resume of the finished run trains nothing more."""
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     args = [f"data={tiny_data}", *TINY, "epochs=5", "log_interval=1", f"project={tmp_path}", "name=t"]
     trainer = Trainer(load_config(None, [*args, "time=1e-9"]))  # 3.6 microseconds
@@ -247,7 +247,7 @@ def test_time_ends_the_run_once_spent_and_stretches_the_schedule_to_the_epochs_i
     assert len(rows) == 1 and rows[0]["metrics/mAP50(B)"] != ""
     assert trainer.progress.early_stopped and trainer.clock.seconds > 0
     assert (tmp_path / "t" / "weights" / "best.pt").exists()
-    from yoloscale.cli import train_config
+    from yoloscale.commands.train import train_config
 
     again = Trainer(train_config(["resume=auto", f"project={tmp_path}", "name=t"]))
     steps = again.progress.optimizer_steps
@@ -256,7 +256,7 @@ def test_time_ends_the_run_once_spent_and_stretches_the_schedule_to_the_epochs_i
 
 
 def test_time_re_estimates_the_epochs_from_the_mean_epoch_time():
-    from yoloscale.state import TrainingTime
+    from yoloscale.training.state import TrainingTime
 
     clock = TrainingTime(hours=0.5, epochs=100)
     clock.end_epoch(seconds=100.0, epochs_done=2)  # 50 s an epoch: 1,800 s hold 36
@@ -273,7 +273,7 @@ def test_freeze_keeps_the_named_layers_at_their_initial_weights(tiny_data, tmp_p
     """Ultralytics' freeze=: freeze=2 (the first two layers) and freeze=[4,9.cv1] (a layer and a module)."""
     from yoloscale.config import load_config
     from yoloscale.errors import UserError
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     args = [f"data={tiny_data}", *TINY, "epochs=1", "ema=False", f"project={tmp_path}"]
     for freeze, frozen, trained in (
@@ -300,7 +300,7 @@ def test_rect_trains_on_batches_of_one_shape_each(tiny_data, tmp_path):
     import cv2
 
     from yoloscale.config import load_config
-    from yoloscale.trainer import Trainer
+    from yoloscale.training.trainer import Trainer
 
     root = tmp_path / "shapes"
     shutil.copytree(tiny_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))

@@ -67,7 +67,7 @@ def test_weights_from_such_a_pt_are_read_as_tensors_only(tiny_data, tmp_path):
 
 
 def test_a_model_yaml_naming_a_function_or_code_is_refused():
-    from yoloscale.model import check_architecture
+    from yoloscale.training.model import check_architecture
 
     base = {"nc": 3, "backbone": [[-1, 1, "Conv", [16, 3, 2]]], "head": [[-1, 1, "Detect", ["nc"]]]}
     check_architecture(base, "ok")

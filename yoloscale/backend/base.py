@@ -1,16 +1,17 @@
 """The interface every backend implements, with the behaviour they share (DDP's, unless a backend says otherwise).
 
 A backend is built from the run's configuration and answers, in the order the trainer asks:
-  validate()                     configuration rules of this backend (called by config.load_config)
+  validate()                     configuration rules of this backend (checked when it is built)
   precision(use_cuda)            what the run computes in
   build_accelerator(batch)       an Accelerator with this backend's plugin
   wrap(accelerator, model)       before the optimizer exists: SyncBN, sharding, ...
-  fused_optimizer(), sharded     what the optimizer may be (optim.build_optimizer)
+  enable_fused_optimizer()       whether torch's fused kernels step it (readying them where needed)
+  sharded                        whether the optimizer sees pieces of the parameters
   prepare(accelerator, m, opt)   Accelerate's prepare, then what this backend still needs
   micro_step(model, sync)        one forward/backward, reducing gradients or not
   backward(loss, accelerator)    the backward (DeepSpeed steps inside it)
   step(model, opt, max_norm)     clip and step at the end of an accumulation window; 1.0 if skipped
-  layout, load_state(...)        the checkpoint layout it writes, and loading any layout into this run
+  layout, load_state(...)        the checkpoint layout it writes, and loading any backend's checkpoint into this run
 The micro-step, backward and step methods also work without an Accelerator (accelerator=None), on a model wrapped
 by `wrap`, so the distributed tests run this code, not a copy of it.
 """
@@ -21,12 +22,24 @@ import contextlib
 import math
 import os
 from datetime import timedelta
+from types import MethodType
 from typing import TYPE_CHECKING
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+)
 from torch import nn
 
+from yoloscale.backend.full_state import load_foreign
+from yoloscale.backend.registry import layout_of
+from yoloscale.compat import convert_outputs_to_fp32
 from yoloscale.errors import UserError
+from yoloscale.training.optim import init_momentum_buffers
 
 if TYPE_CHECKING:
     from yoloscale.config import TrainConfig
@@ -40,12 +53,16 @@ FP16_INIT_SCALE = 2.0**10
 class Backend:
     name = "ddp"
     accelerate_name: str | None = None  # what `accelerate launch --config_file` calls it (ACCELERATE_USE_*)
-    layout = "ddp"  # the checkpoint layout it writes (checkpoint/full_state.py reads every layout)
+    layout = "ddp"  # the checkpoint layout it writes (backend/full_state.py reads every layout)
     sharded = False  # each rank holds pieces of the weights (the optimizer sees pieces)
+    sharded_state = (False, False, False)  # whether each rank holds 1/world of the weights, gradients, optimizer state
+    replicates_model = True  # every device holds the whole model: what compile_scope=model and distillation need
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.precision_name = ""  # set by build_accelerator: what the run computes in
+        self.validate()  # a configuration this backend cannot honour is refused before anything is built
+        if not self.replicates_model:
+            self._refuse_whole_model_options()
 
     # --- configuration ---------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -57,6 +74,27 @@ class Backend:
                 f"ds_config='{self.cfg.ds_config}' is a DeepSpeed configuration, but backend={self.name}; "
                 "use backend=zero1/2/3."
             )
+
+    def _refuse_whole_model_options(self) -> None:
+        cfg = self.cfg
+        if cfg.compile != "off" and cfg.compile_scope == "model":
+            raise UserError(
+                f"compile_scope=model is supported with backend=ddp and grad_ckpt=off only (got backend={cfg.backend}, "
+                f"grad_ckpt={cfg.grad_ckpt}); compile_scope=layers works with both."
+            )
+        if cfg.distill_model:
+            raise UserError(
+                f"distill_model= trains with backend=ddp (each device holds the whole teacher), got backend={cfg.backend}."
+            )
+
+    def uses_cuda(self) -> bool:
+        """Whether the run trains on CUDA GPUs (cpu=True, or a machine without them: the CPU)."""
+        return torch.cuda.is_available() and not self.cfg.cpu
+
+    @property
+    def precision_name(self) -> str:
+        """What the run computes in on this machine: precision= resolved (auto: fp16 on a GPU, fp32 on the CPU)."""
+        return self.precision(self.uses_cuda())
 
     def precision(self, use_cuda: bool) -> str:
         """'auto' -> fp16 with dynamic loss scaling on a CUDA GPU (Ultralytics' AMP default, and the fastest setting
@@ -79,22 +117,15 @@ class Backend:
     def build_accelerator(self, device_batch: int):
         """An Accelerator for this backend and precision. Accumulation is ours (`micro_step`): Accelerate and
         DeepSpeed see one micro-step per step, and are told which micro-steps end an accumulation window."""
-        from accelerate import Accelerator
-        from accelerate.utils import (
-            DistributedDataParallelKwargs,
-            GradientAccumulationPlugin,
-            GradScalerKwargs,
-            InitProcessGroupKwargs,
-        )
 
         check_launcher_agreement(self)  # a backend= / accelerate config disagreement is an error
-        use_cuda = torch.cuda.is_available() and not self.cfg.cpu
+        use_cuda = self.uses_cuda()
         if self.name != "ddp" and not use_cuda:
             raise UserError(
                 f"backend={self.name} needs CUDA GPUs (Accelerate runs FSDP and DeepSpeed on GPUs only); "
                 "use backend=ddp on the CPU."
             )
-        self.precision_name = precision = self.precision(use_cuda)
+        precision = self.precision_name
         kwargs = [
             # YOLO uses every parameter in every step. Buffers (BN running stats) are broadcast from rank 0 at each
             # forward, as in Ultralytics' DDP, so every rank's EMA sees the same statistics.
@@ -127,13 +158,13 @@ class Backend:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
-    def fused_optimizer(self) -> bool:
-        """Whether torch's fused SGD/AdamW kernels can step this backend's parameters."""
+    def enable_fused_optimizer(self) -> bool:
+        """Whether torch's fused SGD/AdamW kernels step this backend's parameters; a backend whose parameters need an
+        op registered in torch for them (FSDP2's DTensors) registers it here."""
         return True
 
     def prepare(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
         """Accelerate's prepare, then SGD's momentum buffers zeroed (optim.init_momentum_buffers says why)."""
-        from yoloscale.optim import init_momentum_buffers
 
         model, optimizer = accelerator.prepare(model, optimizer)
         init_momentum_buffers(optimizer.optimizer)
@@ -183,15 +214,14 @@ class Backend:
 
     # --- checkpoints --------------------------------------------------------------------------------------------------
     def load_state(
-        self, accelerator, ckpt, saved_layout: str, saved_world: int, model, optimizer, group_names: list[list[str]]
+        self, accelerator, ckpt, saved_backend: str, saved_world: int, model, optimizer, group_names: list[list[str]]
     ) -> None:
-        """Model, optimizer and RNG states from a checkpoint of any layout and world size: Accelerate's own
-        load_state where it can, whole tensors otherwise (checkpoint/full_state.py)."""
+        """Model, optimizer and RNG states from a checkpoint any backend wrote on any world size: Accelerate's own
+        load_state where it can, whole tensors otherwise (full_state.py)."""
+        saved_layout = layout_of(saved_backend)
         if saved_layout == self.layout and self.can_load_own(saved_world, accelerator.num_processes):
             accelerator.load_state(str(ckpt))
         else:
-            from yoloscale.checkpoint.full_state import load_foreign
-
             load_foreign(
                 accelerator, ckpt, saved_layout, unwrap(model), optimizer, group_names, self.engine(accelerator)
             )
@@ -246,30 +276,7 @@ def check_launcher_agreement(backend: Backend, env: dict | None = None) -> None:
 def autocast_forward(model: nn.Module, autocast) -> None:
     """Run `model.forward` under `autocast` (a torch.autocast; None: the caller's) and return fp32 outputs, as
     Accelerate does for DDP."""
-    from types import MethodType
-
-    from yoloscale.compat import convert_outputs_to_fp32
 
     forward = model.forward.__func__
     model._original_forward = model.forward  # Accelerate's unwrap_model(keep_fp32_wrapper=False) restores it
     model.forward = MethodType(convert_outputs_to_fp32(autocast(forward) if autocast else forward), model)
-
-
-def distributed_env_from_slurm(env: dict | None = None) -> None:
-    """Inside an `srun` step of several tasks, give torch/Accelerate their variables from Slurm's (one task per
-    device): RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, and MASTER_ADDR/PORT (first node, port from the job id)
-    unless already set. Does nothing under torchrun/accelerate/deepspeed (they set RANK) or outside Slurm."""
-    env = os.environ if env is None else env
-    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
-        return
-    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
-    if "MASTER_ADDR" not in env:
-        import subprocess
-
-        hosts = subprocess.run(
-            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
-        ).stdout.split()
-        env["MASTER_ADDR"] = hosts[0]
-    env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))

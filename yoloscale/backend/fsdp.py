@@ -18,10 +18,16 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
+from accelerate.utils import FullyShardedDataParallelPlugin
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from yoloscale.backend.base import Backend, autocast_forward
+from yoloscale.backend.tensors import full_tensor, shard_like
+from yoloscale.compat import mixed_precision_context, register_fused_sgd_for_dtensor
 from yoloscale.errors import UserError
+from yoloscale.training.musgd import ShardedMuSGD
 
 if TYPE_CHECKING:
     from yoloscale.config import TrainConfig
@@ -32,6 +38,8 @@ class FSDP(Backend):
     accelerate_name = "fsdp"
     layout = "fsdp"
     sharded = True
+    sharded_state = (True, True, True)
+    replicates_model = False
 
     def validate(self) -> None:
         cfg = self.cfg
@@ -65,14 +73,12 @@ class FSDP(Backend):
         model.to(accelerator.device)
         return shard_model(model, self.cfg.reshard_after_forward, offload=self.cfg.offload == "params")
 
-    def fused_optimizer(self) -> bool:
+    def enable_fused_optimizer(self) -> bool:
         if self.cfg.offload == "params":
             return False  # the optimizer steps in CPU memory, where the skip flag (a GPU tensor) is not
-        return self.cfg.optimizer != "SGD" or allow_fused_sgd()
+        return self.cfg.optimizer != "SGD" or enable_fused_sgd()
 
     def prepare(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
-        from yoloscale.compat import mixed_precision_context
-        from yoloscale.musgd import ShardedMuSGD
 
         model, optimizer = super().prepare(accelerator, model, optimizer)
         if isinstance(optimizer.optimizer, ShardedMuSGD):
@@ -109,7 +115,6 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True, offload: b
 
     Works on any process group (NCCL on GPUs, gloo on the CPU for the tests). Parameters must be contiguous:
     FSDP2 refuses channels_last parameters (only the input batch is made channels_last)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kwargs = dict(
         mesh=mesh, mp_policy=MixedPrecisionPolicy(), offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy()
@@ -122,12 +127,11 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True, offload: b
     return model
 
 
-def allow_fused_sgd() -> bool:
+def enable_fused_sgd() -> bool:
     """Fused SGD on FSDP2's DTensors (compat.register_fused_sgd_for_dtensor): the foreach SGD that FSDP2 + SGD
     otherwise needs cost 15 ms of DTensor dispatch per step on yolo11x and a host sync to skip a
     non-finite step, which the fused kernel does on the device (`found_inf`). tests/distributed checks the fused
     FSDP2 step against DDP's."""
-    from yoloscale.compat import register_fused_sgd_for_dtensor
 
     return register_fused_sgd_for_dtensor()
 
@@ -135,8 +139,6 @@ def allow_fused_sgd() -> bool:
 def fsdp_plugin(cfg: TrainConfig):
     """Accelerate's FSDP2 plugin for a model we shard ourselves (`shard_model`): Accelerate then keeps our units
     and handles the optimizer, gradient clipping and sharded (DCP) checkpoints."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
@@ -155,7 +157,6 @@ def clip_grad_norm_offloaded(parameters, max_norm: float, device: torch.device) 
     total norm, on `device`. torch's clip_grad_norm_ all-reduces the norm where the shards are, and NCCL cannot
     communicate from CPU memory ("No backend type associated with device type cpu"). Every
     parameter is sharded on dim 0 of the one mesh, so the squared norms of the local shards add up to the whole."""
-    import torch.distributed as dist
 
     grads = [p.grad for p in parameters if p.grad is not None]
     local = [g._local_tensor for g in grads]
@@ -173,11 +174,9 @@ class DTensorLayout:
     """Whole matrices from FSDP2's DTensor shards, for ShardedMuSGD (musgd.py): one all-gather per parameter."""
 
     def whole(self, params: list, local: list[torch.Tensor]) -> list[torch.Tensor]:
-        from yoloscale.backend.tensors import full_tensor
 
         return [full_tensor(u, p) for p, u in zip(params, local)]
 
     def local(self, params: list, whole: list[torch.Tensor]) -> list[torch.Tensor]:
-        from yoloscale.backend.tensors import shard_like
 
         return [shard_like(w, p) for p, w in zip(params, whole)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,6 @@ def full_tensor(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         dist.all_gather(parts, local.contiguous())
         return torch.cat(parts)[: like.ds_numel].view(like.ds_shape)
     if hasattr(like, "_local_tensor"):
-        from torch.distributed.tensor import DTensor
-
         return DTensor.from_local(
             local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
         ).full_tensor()
@@ -60,7 +59,5 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         flat = torch.nn.functional.pad(full.flatten(), (0, n * dist.get_world_size() - full.numel()))
         return flat[rank * n : (rank + 1) * n].clone()
     if hasattr(like, "_local_tensor"):
-        from torch.distributed.tensor import distribute_tensor
-
         return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local().clone()
     return full.clone()

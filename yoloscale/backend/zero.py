@@ -26,10 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
+from accelerate.utils import DeepSpeedPlugin
 from torch import nn
 
 from yoloscale.backend.base import FP16_INIT_SCALE, Backend, autocast_forward
+from yoloscale.compat import check_zero_optimizer, dynamic_loss_scaler
 from yoloscale.errors import UserError
+from yoloscale.training.musgd import ShardedMuSGD
 
 if TYPE_CHECKING:
     from yoloscale.config import TrainConfig
@@ -50,6 +54,7 @@ class Zero(Backend):
     accelerate_name = "deepspeed"
     layout = "zero"
     sharded = True
+    replicates_model = False
 
     @property
     def name(self) -> str:
@@ -86,7 +91,6 @@ class Zero(Backend):
         return model
 
     def prepare(self, accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
-        from yoloscale.musgd import ShardedMuSGD
 
         model, optimizer = accelerator.prepare(model, optimizer)
         zero_optimizer = optimizer.optimizer  # DeepSpeed's, which wraps ours
@@ -131,14 +135,17 @@ class Zero(Backend):
 
 class Zero1(Zero):
     stage = 1
+    sharded_state = (False, False, True)
 
 
 class Zero2(Zero):
     stage = 2
+    sharded_state = (False, True, True)
 
 
 class Zero3(Zero):
     stage = 3
+    sharded_state = (True, True, True)
 
 
 def _template(cfg: TrainConfig, stage: int) -> tuple[dict, str]:
@@ -215,7 +222,6 @@ def render_ds_config(cfg: TrainConfig, precision: str, device_batch: int, world:
 
 
 def deepspeed_plugin(cfg: TrainConfig, precision: str, device_batch: int, world: int):
-    from accelerate.utils import DeepSpeedPlugin
 
     try:
         import deepspeed  # noqa: F401
@@ -237,6 +243,7 @@ def gather_whole_layers(model) -> list[int]:
       parameters have one, a frozen one never does, and the whole step's update came out wrong.
     Shared parameter-free modules are copied first (`unshare_stateless_modules`: the shared SiLU).
     Returns the indices of the layers gathered whole (tests/distributed/sharded_parity_worker.py checks the result against DDP)."""
+    # DeepSpeed is optional (pip install yoloscale[deepspeed]): imported only by the ZeRO backends
     from deepspeed.utils import set_z3_leaf_module
 
     unshare_stateless_modules(model)
@@ -276,7 +283,6 @@ def use_dynamic_loss_scaler(engine, init_scale: float, window: int = 2000) -> No
     step reads (scale_if_loss, the overflow check, update_scale, unscale_and_clip_grads), on ZeRO-1/2 and ZeRO-3
     alike. Set like DDP's GradScaler: halve on every overflow (no hysteresis), double after `window` clean steps.
     It is saved with the optimizer state, so a resume continues with the scale it reached."""
-    from yoloscale.compat import check_zero_optimizer, dynamic_loss_scaler
 
     optimizer = engine.optimizer
     check_zero_optimizer(optimizer, "fp16 under torch_autocast")  # else the repair could silently do nothing
@@ -346,9 +352,6 @@ class ZeroLayout:
     flat fp32 tensor; one all-gather of the flat tensors gives every partition of every parameter."""
 
     def __init__(self, zero_optimizer):
-        import torch.distributed as dist
-
-        from yoloscale.compat import check_zero_optimizer
 
         stage3 = hasattr(zero_optimizer, "fp32_partitioned_groups_flat")
         check_zero_optimizer(zero_optimizer, "stage 3" if stage3 else "stage 1/2")
@@ -374,7 +377,6 @@ class ZeroLayout:
                 self.by_flat[id(flat)] = ("gather", subgroups.get(sub, []), 0, zero_optimizer.dp_process_group)
 
     def whole(self, params: list[torch.Tensor], local: list[torch.Tensor]) -> list[torch.Tensor]:
-        import torch.distributed as dist
 
         (flat,), (u,) = params, local
         how, entries, total, group = self.by_flat[id(flat)]

@@ -28,7 +28,7 @@ from yoloscale.checkpoint import folder
 from yoloscale.checkpoint.background import BackgroundWriter
 from yoloscale.checkpoint.folder import KEEP, MARKER
 from yoloscale.checkpoint.trusted import check_folder
-from yoloscale.collective import any_rank
+from yoloscale.distributed.collective import any_rank
 from yoloscale.errors import UserError, warn
 
 STATE = "trainer_state.json"
@@ -217,7 +217,6 @@ def load_checkpoint(
     `check(progress_state)` runs before anything is loaded, so a checkpoint this run cannot take (e.g. saved
     mid-epoch with another per-device batch) is refused with its own message instead of failing inside the loader.
     No file is handed to a loader before every pickle in the folder was found harmless (trusted.py)."""
-    from yoloscale.backend import layout_of
 
     check_folder(ckpt, trust_pickle)
     saved = read_state(ckpt)
@@ -228,7 +227,7 @@ def load_checkpoint(
         backend.load_state(
             accelerator,
             ckpt,
-            layout_of(progress.get("backend", "ddp")),
+            progress.get("backend", "ddp"),
             progress.get("world_size", 1),
             model,
             optimizer,

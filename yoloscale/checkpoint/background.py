@@ -2,7 +2,7 @@
 
 A checkpoint's files are written by every rank on the training thread (Accelerate's save_state is collective under
 sharding). What follows on the main rank needs no collective and no GPU: fsync and hash every file, the manifest,
-the marker, the rename into place, the rotation (folder.py); and the exports of weights/ (export.py). Those run
+the marker, the rename into place, the rotation (folder.py); and the exports of weights/ (training/export.py). Those run
 here, on one thread, in the order they were handed over, while the next steps train. The training thread waits for
 them where it must: before it changes what a job reads (the eval model, at the next epoch's end), before a stop
 signal's save is announced, and before the run ends or its directory is unlocked. An error in a job (a full disk)

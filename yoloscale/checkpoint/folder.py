@@ -25,7 +25,7 @@ from pathlib import Path
 
 import xxhash
 
-from yoloscale.errors import UserError
+from yoloscale.errors import UserError, warn
 
 MARKER, MANIFEST, KEEP = "COMPLETE", "MANIFEST.json", "KEEP"
 _NAME = re.compile(r"^(?:\.tmp-|\.old-)?(step-\d{8}(?:-end)?)$")
@@ -162,7 +162,6 @@ _noted: set[Path] = set()
 def _note_foreign(path: Path) -> None:
     if path not in _noted:
         _noted.add(path)
-        from yoloscale.errors import warn
 
         warn(f"'{path}' is not a checkpoint this run wrote: left in place (old checkpoints are rotated around it)")
 

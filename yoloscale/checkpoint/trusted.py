@@ -16,8 +16,10 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from yoloscale.compat import accelerate_safe_globals
 from yoloscale.errors import UserError
 
 # Plain pickles: DCP's `.metadata` (its dataclasses, a PosixPath, torch's Size, dtypes and layouts).
@@ -58,9 +60,6 @@ def safe_globals(deepspeed: bool = False) -> tuple:
     """What torch's weights-only loader may build from our checkpoints besides its defaults: Accelerate's numpy
     list (the RNG states), and for files of a DeepSpeed layout its few classes (importing DeepSpeed takes seconds,
     so only then)."""
-    import numpy as np
-
-    from yoloscale.compat import accelerate_safe_globals
 
     allowed = [*accelerate_safe_globals(), np.dtype]
     if deepspeed:

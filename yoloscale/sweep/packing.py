@@ -1,6 +1,6 @@
 """`trials_per_gpu=auto`: as many trials side by side on each GPU as fit in its memory by the plan.
 
-One trial's peak is predicted by the memory model (plan.py) for the largest trial the search space can sample:
+One trial's peak is predicted by the memory model (memory/model.py) for the largest trial the search space can sample:
 its largest image size and batch, and of several models the one that needs the most. The GPU holds
 floor(usable / (peak + a CUDA context)) of them, at most one per two CPU cores and at most MAX_PER_GPU.
 """
@@ -10,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from yoloscale.errors import UserError
+from yoloscale.memory.grad_ckpt import select_layers
+from yoloscale.memory.planner import classes_of, fit_for
+from yoloscale.training.data import ultralytics_args
+from yoloscale.training.model import build_model, model_spec
+from yoloscale.training.run_plan import requested_device_batch
 
 MARGIN = 0.90  # of the GPU's memory the trials may fill together (the allocator's fragmentation, other processes)
 CUDA_CONTEXT = 0.6 * 2**30  # each process's CUDA context and cuDNN/cuBLAS handles (not in the allocator's peak)
@@ -28,6 +35,7 @@ def trials_that_fit(peak: float, gpu_memory: float, gpus: int, cores: int) -> in
 
 def largest_trial(base, distributions: dict[str, Any]) -> list:
     """The configurations whose peak bounds every trial's: the space's largest imgsz and batch, each model."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     from optuna.distributions import CategoricalDistribution
 
     def values(key: str) -> list:
@@ -60,13 +68,6 @@ def auto_trials_per_gpu(base, distributions: dict[str, Any], devices: list[str],
 def predicted_peak(cfg) -> tuple[float, float, str]:
     """(the peak of one trial of `cfg` on the first visible GPU, that GPU's memory, the model) from the memory
     model, measured there (or cached)."""
-    import torch
-
-    from yoloscale.data import ultralytics_args
-    from yoloscale.grad_ckpt import select_layers
-    from yoloscale.model import build_model, model_spec
-    from yoloscale.optim import device_batch_of
-    from yoloscale.planner import classes_of, fit_for
 
     if not torch.cuda.is_available():
         raise UserError("sweep: trials_per_gpu=auto plans on a GPU, and CUDA does not work here.")
@@ -79,6 +80,6 @@ def predicted_peak(cfg) -> tuple[float, float, str]:
     precision = {"auto": "fp16"}.get(cfg.precision, cfg.precision)
     fit = fit_for(cfg, spec, model, device, precision, nc, cfg.imgsz)
     layers = [] if cfg.grad_ckpt == "auto" else select_layers(model, cfg.grad_ckpt)
-    batch = device_batch_of(cfg, 1)
+    batch = requested_device_batch(cfg, 1)
     peak = fit.peak(batch, cfg.imgsz, layers, cfg.backend, 1, cfg.offload)
     return peak, float(torch.cuda.get_device_properties(device).total_memory), cfg.model

@@ -25,6 +25,7 @@ PLOTS = {  # Optuna's matplotlib visualisation: file -> function name
 
 def rows(study) -> list[dict[str, Any]]:
     """One row per trial that counts, finished ones first, sorted by the objective (best first)."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     from optuna.study import StudyDirection
 
     maximize = study.direction == StudyDirection.MAXIMIZE
@@ -58,6 +59,7 @@ def rows(study) -> list[dict[str, Any]]:
 
 def best_trial(study):
     """The best COMPLETE trial (a pruned one stopped early: its value is not comparable), or None."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
@@ -108,11 +110,12 @@ def write_best_yaml(best, run_dir: Path, path: Path, study, base_workers: int) -
 
 def write_plots(study, out: Path) -> list[str]:
     """Optuna's matplotlib plots; one that cannot be drawn yet (too few trials) is left out with a note."""
+    # matplotlib where a chart is drawn: its Agg backend is chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
+    import optuna  # where a sweep uses it (see above)
     import optuna.visualization.matplotlib as vis
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" and the like: said below, once

@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from yoloscale.compat import optuna_trial
 from yoloscale.errors import UserError
 from yoloscale.sweep.study import HEARTBEAT_S, STALE_S, counted, is_stale, requeue, this_worker
 from yoloscale.sweep.trial import TRIAL_ENV, Outcome, read_outcome
+from yoloscale.training.run_dir import in_use
 
 POLL_S = 1.0
 RECOVER_S = 60.0  # how often a worker looks for trials of dead workers
@@ -47,7 +51,6 @@ class Slot:
 def visible_gpus() -> list[str]:
     """The GPUs trials may use: CUDA_VISIBLE_DEVICES' (Slurm's allocation, or the user's choice), else every one; none
     where CUDA does not work (a variable left set on a machine without a GPU names none)."""
-    import torch
 
     if not torch.cuda.is_available():
         return []
@@ -99,7 +102,6 @@ class TrialProcess:
 
     def poll(self) -> int | None:
         """The exit code once the process has ended; starts it first when the run directory is free."""
-        from yoloscale.run_dir import in_use
 
         if self.process is None:
             if in_use(self.run_dir) and time.time() - self.started < STALE_S:  # then it fails, saying by whom
@@ -129,6 +131,7 @@ class TrialProcess:
 def _die_with_parent() -> None:
     """In the child: SIGTERM (checkpoint and exit) when the sweep process dies, even of kill -9 (Linux)."""
     try:
+        # prctl is Linux's: elsewhere the child does without
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -178,6 +181,7 @@ class Scheduler:
 
     def budget_left(self) -> int:
         """Trials still to start here or anywhere: queued ones are started first (ask() takes them)."""
+        # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
         from optuna.trial import TrialState
 
         return self.budget - sum(1 for t in counted(self.study) if t.state != TrialState.WAITING)
@@ -193,6 +197,7 @@ class Scheduler:
             trial.set_user_attr("worker", self.worker)
             trial.set_user_attr("heartbeat", time.time())
             if sum(1 for t in counted(self.study) if t.number < trial.number) >= self.budget:  # another worker's
+                # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
                 from optuna.trial import TrialState
 
                 trial.set_user_attr("surplus", True)
@@ -225,6 +230,7 @@ class Scheduler:
 
     def recover_stale(self) -> None:
         """Trials of dead workers: recorded if their run finished, else queued to continue from their checkpoint."""
+        # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
         from optuna.trial import TrialState
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -233,8 +239,6 @@ class Scheduler:
             run_dir = t.user_attrs.get("run_dir")
             outcome = read_outcome(Path(run_dir) if run_dir else None, None, Path(os.devnull), self._objective())
             if outcome.state != "interrupted":
-                from yoloscale.compat import optuna_trial
-
                 self.record(optuna_trial(self.study, t), outcome)
             elif requeue(self.study, t, run_dir, t.user_attrs.get("lost", 0)):
                 self.print(f"trial {t.number} was running when its worker stopped: queued to continue")

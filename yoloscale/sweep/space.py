@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from yoloscale.config import FIELDS, coerce, suggest
 from yoloscale.errors import UserError
 
 # what a trial's run directory and the sweep itself decide; a search space cannot vary them
@@ -37,6 +38,7 @@ class SearchSpace:
 
     def grid(self, where: str) -> dict[str, list]:
         """Every value of every key, for Optuna's GridSampler."""
+        # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
         from optuna.distributions import CategoricalDistribution
 
         grid = {}
@@ -76,9 +78,8 @@ def _key_lines(text: str) -> dict[str, int]:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and check `space.yaml`: every key a training key, every bound or choice a valid value of it."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    from yoloscale.config import FIELDS, coerce, suggest
 
     path = Path(path)
     where = f"search space '{path}'"
@@ -154,6 +155,7 @@ def load_space(path: str | Path) -> SearchSpace:
 
 def check_with_base(space: SearchSpace, optimizer: str, where: str) -> None:
     """Refuse a space whose values the base configuration would ignore."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     from optuna.distributions import CategoricalDistribution
 
     opt = space.distributions.get("optimizer")

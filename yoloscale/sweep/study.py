@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from yoloscale.compat import optuna_trial
 from yoloscale.errors import UserError
 
 HEARTBEAT_S = 30.0
@@ -31,6 +34,7 @@ RDB_PREFIXES = ("sqlite:", "postgresql", "mysql", "oracle", "mssql")
 def open_storage(spec: str):
     """`storage=`: an Optuna RDB URL (sqlite:///..., postgresql://...) or the path of a journal file (the default:
     the sweep folder's study.journal; on a shared filesystem it serves any number of nodes)."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     import optuna
 
     if spec.startswith(RDB_PREFIXES):
@@ -38,6 +42,7 @@ def open_storage(spec: str):
             return optuna.storages.RDBStorage(spec)
         except Exception as e:  # a bad URL, a missing driver, an unreachable server
             raise UserError(f"storage={spec}: cannot open the database ({type(e).__name__}: {e}).") from None
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     path = Path(spec)
@@ -49,6 +54,7 @@ def open_storage(spec: str):
 
 
 def build_sampler(name: str, seed: int, grid: dict[str, list] | None):
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     import optuna
 
     if name == "grid":
@@ -70,6 +76,7 @@ def build_sampler(name: str, seed: int, grid: dict[str, list] | None):
 def build_pruner(name: str, after: int, startup: int):
     """`pruner=median`: stop a trial whose best objective so far is worse than the median of the finished trials at
     the same epoch; `halving`: successive halving (asynchronous, ASHA); `none`."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     import optuna
 
     if name == "median":
@@ -82,6 +89,7 @@ def build_pruner(name: str, after: int, startup: int):
 def open_study(storage, name: str, direction: str, identity: dict[str, Any], sampler, pruner, where: str):
     """Create the study, or continue it: then it must be the same sweep (search space, base configuration and
     objective: `identity`), so that a rerun never mixes two experiments. Changing the budget or the GPUs is fine."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
@@ -110,7 +118,6 @@ def counted(study) -> list:
 
 
 def this_worker() -> dict[str, Any]:
-    import psutil
 
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     return {
@@ -123,7 +130,6 @@ def this_worker() -> dict[str, Any]:
 
 def is_stale(trial, now: float | None = None) -> bool:
     """A RUNNING trial whose worker is gone (see the module's docstring)."""
-    import psutil
 
     now = time.time() if now is None else now
     worker = trial.user_attrs.get("worker")
@@ -140,9 +146,8 @@ def is_stale(trial, now: float | None = None) -> bool:
 def requeue(study, trial, run_dir: str | None, lost: int = 0) -> bool:
     """Mark a trial that did not end as interrupted and queue its continuation (which resumes `run_dir` when it
     holds a checkpoint). False when another worker did it first: finishing the trial is the atomic claim."""
+    # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
     from optuna.trial import TrialState
-
-    from yoloscale.compat import optuna_trial
 
     try:
         optuna_trial(study, trial).set_user_attr("interrupted", True)

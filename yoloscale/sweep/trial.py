@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from yoloscale.compat import optuna_trial
+from yoloscale.sweep.study import build_pruner, open_storage
+from yoloscale.training.validate import RESULT_COLUMNS
+
 TRIAL_ENV = (
     "YOLOSCALE_SWEEP_TRIAL"  # JSON: storage, study, trial number, objective, pruner, tie_break (set by the sweep)
 )
@@ -34,10 +38,8 @@ class TrialReporter:
     intermediate value, and the study's pruner says whether the trial stops here."""
 
     def __init__(self, link: dict[str, Any]):
+        # optuna is imported where a sweep uses it: the trainer imports sweep/trial.py, and a plain run never loads it
         import optuna
-
-        from yoloscale.compat import optuna_trial
-        from yoloscale.sweep.study import build_pruner, open_storage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.objective = link["objective"]
@@ -85,7 +87,6 @@ class Outcome:
 
 def last_value(run_dir: Path, objective: str) -> tuple[float | None, int]:
     """(the objective of the last row of results.csv that has it, the number of epochs in results.csv)."""
-    from yoloscale.validate import RESULT_COLUMNS
 
     path = Path(run_dir) / "results.csv"
     if not path.is_file():

@@ -9,11 +9,11 @@ import sys
 import torch
 
 from yoloscale.config import load_config
-from yoloscale.data import ultralytics_args
-from yoloscale.grad_ckpt import apply_grad_ckpt
-from yoloscale.model import build_model
-from yoloscale.optim import OptimizerChoice, build_optimizer
-from yoloscale.plan_measure import _batch, _peak, _reset_peak, measure
+from yoloscale.memory.grad_ckpt import apply_grad_ckpt
+from yoloscale.memory.measure import _batch, _peak, _reset_peak, measure
+from yoloscale.training.data import ultralytics_args
+from yoloscale.training.model import build_model
+from yoloscale.training.optim import OptimizerChoice, build_optimizer
 
 torch.set_num_threads(1)
 name, imgsz, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
