@@ -1,7 +1,9 @@
 """Distributed backends: one class per backend, one module each (ddp.py, fsdp.py, zero.py), behind the interface of
-base.Backend. `get(cfg)` is the one place that maps the configuration's `backend=` to its class; the rest of
-yoloscale talks to a backend only through that interface. tensors.py gives the sharded EMA and MuSGD each rank's
-piece of every tensor, whatever the backend.
+base.Backend. registry.py maps the configuration's `backend=` to its class (`get(cfg)` builds it, which checks the
+backend's rules); the rest of yoloscale talks to a backend only through that interface. Each backend owns its
+checkpoint layout: it saves through Accelerate's save_state and loads its own layout back; full_state.py and
+zero_reshard.py read any backend's layout into any run as whole tensors (another backend, another world size).
+tensors.py gives the sharded EMA and MuSGD each rank's piece of every tensor, whatever the backend.
 """
 
 from __future__ import annotations
