@@ -328,3 +328,22 @@ def test_autocast_forward_computes_in_low_precision_and_returns_fp32():
     out = model(torch.rand(2, 3, 8, 8))
     assert seen == [torch.bfloat16] and out.dtype == torch.float32
     assert model._original_forward(torch.rand(2, 3, 8, 8)).dtype == torch.float32 and seen[-1] == torch.float32
+
+
+def test_one_zero_process_without_a_launcher_gets_the_variables_of_a_one_process_group(monkeypatch):
+    """`yoloscale train backend=zero2` on one GPU, no torchrun: DeepSpeed needs a process group, which Accelerate makes
+    only from a launcher's variables (without them its first barrier failed with a traceback, found on an H100)."""
+    from yoloscale.backend.base import Backend
+    from yoloscale.backend.zero import Zero
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", env)
+    seen = {}
+    monkeypatch.setattr(Backend, "build_accelerator", lambda self, batch: seen.update(os.environ))
+    monkeypatch.setattr(Zero, "uses_cuda", lambda self: True)
+    _backend("backend=zero2").build_accelerator(4)
+    assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"]) == ("0", "0", "1") and seen["MASTER_PORT"].isdigit()
+    launched = {**env, "RANK": "3", "WORLD_SIZE": "8"}  # under a launcher: its variables stay
+    monkeypatch.setattr(os, "environ", launched)
+    _backend("backend=zero2").build_accelerator(4)
+    assert (seen["RANK"], seen["WORLD_SIZE"]) == ("3", "8")

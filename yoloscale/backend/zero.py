@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from torch import nn
 
 from yoloscale.backend.base import FP16_INIT_SCALE, Backend, autocast_forward
 from yoloscale.compat import check_zero_optimizer, dynamic_loss_scaler
+from yoloscale.distributed.rendezvous import free_port
 from yoloscale.errors import UserError
 from yoloscale.training.musgd import ShardedMuSGD
 
@@ -74,6 +76,14 @@ class Zero(Backend):
 
     def plugins(self, precision: str, device_batch: int, world: int) -> dict:
         return {"deepspeed_plugin": deepspeed_plugin(self.cfg, precision, device_batch, world)}
+
+    def build_accelerator(self, device_batch: int):
+        if "RANK" not in os.environ and self.uses_cuda():
+            # one process started without a launcher (`yoloscale train backend=zero2` on one GPU): DeepSpeed still
+            # needs a process group, which Accelerate makes only from a launcher's variables; they are set here
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        return super().build_accelerator(device_batch)
 
     def set_device_batch(self, accelerator, device_batch: int, world: int) -> None:
         config = accelerator.state.deepspeed_plugin.deepspeed_config  # read by Accelerate's prepare
