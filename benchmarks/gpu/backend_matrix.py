@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from yoloscale.speed.step_timing import loop_and_bare, measure_bare, peak_memory, resident_batches
 from yoloscale.config import load_config
+from yoloscale.speed.step_timing import loop_and_bare, measure_bare, peak_memory, resident_batches
 
 WARMUP, WINDOW = 5, 4
 

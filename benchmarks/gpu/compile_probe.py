@@ -38,8 +38,8 @@ def main() -> None:
     a = p.parse_args()
 
     from yoloscale import backend
-    from yoloscale.speed.step_timing import resident_batches
     from yoloscale.config import load_config
+    from yoloscale.speed.step_timing import resident_batches
     from yoloscale.training.trainer import Trainer
 
     wrap = backend.Backend.wrap

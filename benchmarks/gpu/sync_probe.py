@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from yoloscale.speed.step_timing import resident_batches
 from yoloscale.config import load_config
+from yoloscale.speed.step_timing import resident_batches
 from yoloscale.training.trainer import Trainer
 
 WARMUP, WINDOW, ROUNDS = 6, 8, 5
