@@ -332,7 +332,7 @@ def test_autocast_forward_computes_in_low_precision_and_returns_fp32():
 
 def test_one_zero_process_without_a_launcher_gets_the_variables_of_a_one_process_group(monkeypatch):
     """`yoloscale train backend=zero2` on one GPU, no torchrun: DeepSpeed needs a process group, which Accelerate makes
-    only from a launcher's variables (without them its first barrier failed with a traceback, found on an H100)."""
+    only from a launcher's variables (without them its first barrier fails with a traceback)."""
     from yoloscale.backend.base import Backend
     from yoloscale.backend.zero import Zero
 

@@ -20,9 +20,12 @@ def launcher(processes: int, torchrun: bool) -> list[str]:
     """The start of a child's command line: `python`, or torchrun with `processes` processes on a free port."""
     if not torchrun:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] + [
-        "--master_port",
-        str(free_port()),
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}",
     ]
 
 

@@ -137,6 +137,7 @@ class MemoryPlan:
     device_batch: int
     grad_ckpt: str
     fit: MemoryModel | None
+    planned: bool = False  # batch and layers chosen here (config.yaml records them), not given
     note: str = ""
 
 
@@ -166,7 +167,7 @@ def plan_memory(
         f"batch={cfg.batch}: device_batch {batch}, grad_ckpt={grad_ckpt} ({len(layers)} layers); "
         f"predicted peak {peak / 2**30:.1f} GiB on {device}"
     )
-    return MemoryPlan(batch, grad_ckpt, fit, note)
+    return MemoryPlan(batch, grad_ckpt, fit, planned=True, note=note)
 
 
 def never_fits(fit: MemoryModel, batch: int, limit: float, cfg: TrainConfig) -> str:

@@ -140,9 +140,8 @@ class Trainer:
                 cfg, self.args, self.data, memory.device_batch, not requested, self.world, stride
             )
         train_loader = self._train_loader(device_batch)
-        decided = {"device_batch": device_batch, "grad_ckpt": memory.grad_ckpt} if memory.note else {}
-        if device_batch != memory.device_batch:  # batch=auto, cut to a small data set
-            decided["device_batch"] = device_batch
+        # what the run chose itself (batch=auto, cut to a small data set if need be): config.yaml records it
+        decided = {"device_batch": device_batch, "grad_ckpt": memory.grad_ckpt} if memory.planned else {}
         self.plan = make_plan(
             cfg,
             self.backend.precision_name,
@@ -585,7 +584,7 @@ class Trainer:
 
     def _validate(self, plots: bool = False) -> dict[str, float]:
         """Collective: the eval model on the val set, in fp16 where the run uses AMP (as Ultralytics validates)."""
-        half = self.use_cuda and self.backend.precision_name != "fp32"
+        half = self.use_cuda and self.plan.precision != "fp32"
         return self.validator(self.eval_model, self.device, self.epoch_losses.names, half=half, plots=plots)
 
     def _finish(self, metrics: dict[str, float]) -> None:
